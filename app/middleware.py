@@ -1,0 +1,100 @@
+"""ASGI middleware: bearer-token auth and a cap on request bodies."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mergeprobe.problems import PROBLEM_MEDIA_TYPE, Problem
+
+# The one route a load balancer or orchestrator probes without credentials.
+PUBLIC_PATHS = frozenset({"/healthz"})
+UPLOAD_PATH = "/v1/models"
+
+
+async def send_problem(send: Send, problem: Problem, path: str) -> None:
+    body = json.dumps(problem.to_dict(path)).encode()
+    headers = [(b"content-type", PROBLEM_MEDIA_TYPE.encode()), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in problem.headers.items()]
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BearerAuth:
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    def _authorized(self, scope: Scope) -> bool:
+        for name, value in scope.get("headers", []):
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                token = value[7:].strip()
+                # Compare against every key so timing does not reveal which one matched.
+                return any([hmac.compare_digest(token, key) for key in self.keys])
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in PUBLIC_PATHS or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        problem = Problem(
+            401,
+            "unauthorized",
+            "Unauthorized",
+            "this service requires 'Authorization: Bearer <key>' (MERGEPROBE_API_KEYS)",
+            field="Authorization",
+            headers={"WWW-Authenticate": 'Bearer realm="mergeprobe"'},
+        )
+        await send_problem(send, problem, scope["path"])
+
+
+class BodyLimit:
+    """Refuses JSON bodies over the cap, by Content-Length up front or while they stream.
+    Model uploads have their own, much larger, cap in the library."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["path"] == UPLOAD_PATH and scope["method"] == "POST"):
+            await self.app(scope, receive, send)
+            return
+        too_large = Problem(
+            413,
+            "request-too-large",
+            "Request body too large",
+            f"request bodies are limited to {self.max_bytes} bytes",
+            field="body",
+        )
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await send_problem(send, too_large, scope["path"])
+                return
+        received = 0
+        response_started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # A Problem, so that the app's own handler answers if the route is reading the body.
+                    raise too_large
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except Problem as problem:
+            if response_started or problem is not too_large:
+                raise
+            await send_problem(send, too_large, scope["path"])

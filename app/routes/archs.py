@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.schemas import ArchInfo, ArchList, BlockList, ProblemModel
+from mergeprobe.archs import ARCHITECTURES, Architecture
+from mergeprobe.problems import Problem
+
+router = APIRouter(prefix="/v1/archs", tags=["architectures"])
+
+
+def _arch(name: str) -> Architecture:
+    arch = ARCHITECTURES.get(name)
+    if arch is None:
+        raise Problem(404, "unknown-architecture", "Unknown architecture", f"no architecture {name!r}; known: {', '.join(ARCHITECTURES)}", field="arch")
+    return arch
+
+
+@router.get("", response_model=ArchList, summary="Supported architectures and their blocks")
+def list_archs() -> ArchList:
+    return ArchList(
+        archs=[
+            ArchInfo(name=a.name, title=a.title, blocks=list(a.unet_blocks), textless_blocks=sorted(a.textless_blocks))
+            for a in ARCHITECTURES.values()
+        ]
+    )
+
+
+@router.get(
+    "/{arch}/blocks",
+    response_model=BlockList,
+    summary="Block names of an architecture in U-Net order",
+    responses={404: {"model": ProblemModel}},
+)
+def arch_blocks(arch: str) -> BlockList:
+    return BlockList(arch=arch, blocks=list(_arch(arch).unet_blocks))

@@ -1,0 +1,153 @@
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from app.schemas import Job, JobList, JobStatus, ProblemModel
+from app.state import AppState, get_state
+from mergeprobe.jobs import FINAL_STATUSES, body_fingerprint
+from mergeprobe.kinds import KINDS, JobKind
+from mergeprobe.problems import Problem
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ProblemModel, "description": "Invalid request (field and position named)"},
+    404: {"model": ProblemModel},
+    409: {"model": ProblemModel, "description": "Idempotency-Key reused with another body"},
+    422: {"model": ProblemModel, "description": "Request does not match the schema"},
+}
+_SSE_POLL = 0.25
+_SSE_KEEPALIVE = 15.0
+
+
+def _submit_handler(kind: JobKind):
+    model: type[BaseModel] = kind.request_model
+
+    def submit(
+        body: model,  # type: ignore[valid-type]
+        response: Response,
+        idempotency_key: str | None = Header(
+            default=None,
+            max_length=255,
+            description="Repeat a submission safely: the same key and body return the first job; another body is a 409.",
+        ),
+        state: AppState = Depends(get_state),
+    ) -> dict:
+        request = body.model_dump(mode="json")
+        idempotency = (idempotency_key, body_fingerprint(kind.name, request)) if idempotency_key else None
+        inputs = kind.prepare(body, state.library)
+        job, created = state.store.create(kind.name, request, inputs, idempotency)
+        response.status_code = 202 if created else 200
+        response.headers["Location"] = f"/v1/jobs/{job['id']}"
+        return job
+
+    submit.__name__ = f"submit_{kind.name}"
+    return submit
+
+
+for _kind in KINDS.values():
+    router.add_api_route(
+        f"/{_kind.name}",
+        _submit_handler(_kind),
+        methods=["POST"],
+        status_code=202,
+        response_model=Job,
+        summary=_kind.summary,
+        description=_kind.description
+        + "\n\nAnswers 202 with `Location: /v1/jobs/{id}`; 200 when an Idempotency-Key replays an earlier submission.",
+        responses=_ERRORS,
+        operation_id=f"submit_{_kind.name}_job",
+    )
+
+
+@router.get("", response_model=JobList, summary="Jobs, newest first")
+def list_jobs(
+    kind: str | None = Query(default=None, description="Only jobs of this kind.", examples=["inspect"]),
+    status: JobStatus | None = Query(default=None, description="Only jobs in this status."),
+    cursor: str | None = Query(default=None, pattern="^[0-9a-f]{24}$", description="`next_cursor` of the previous page."),
+    limit: int = Query(default=50, ge=1, le=500),
+    state: AppState = Depends(get_state),
+) -> dict:
+    jobs, next_cursor = state.store.list(kind=kind, status=status, cursor=cursor, limit=limit)
+    return {"jobs": jobs, "next_cursor": next_cursor}
+
+
+@router.get("/{id}", response_model=Job, summary="One job", responses={404: {"model": ProblemModel}})
+def get_job(id: str, state: AppState = Depends(get_state)) -> dict:
+    return state.store.require(id)
+
+
+@router.delete(
+    "/{id}",
+    response_model=Job,
+    status_code=202,
+    summary="Cancel a job",
+    description="A queued job is canceled at once; a running one is asked to stop and ends within about a "
+    "second, its partial files removed. Finished jobs are returned unchanged.",
+    responses={404: {"model": ProblemModel}},
+)
+def cancel_job(id: str, state: AppState = Depends(get_state)) -> dict:
+    return state.store.cancel(id)
+
+
+@router.get(
+    "/{id}/events",
+    summary="Progress as Server-Sent Events",
+    description="An `event: job` carrying the job JSON whenever it changes, then `event: end` once it is "
+    "succeeded, failed or canceled. Comments keep the connection alive.",
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, 404: {"model": ProblemModel}},
+    response_class=StreamingResponse,
+)
+async def job_events(id: str, request: Request, state: AppState = Depends(get_state)) -> StreamingResponse:
+    await run_in_threadpool(state.store.require, id)
+
+    async def stream() -> AsyncIterator[str]:
+        last = None
+        idle = 0.0
+        while not await request.is_disconnected():
+            job = await run_in_threadpool(state.store.get, id)
+            if job is None:
+                return
+            encoded = json.dumps(job)
+            if encoded != last:
+                last, idle = encoded, 0.0
+                yield f"event: job\ndata: {encoded}\n\n"
+            if job["status"] in FINAL_STATUSES:
+                yield "event: end\ndata: {}\n\n"
+                return
+            await asyncio.sleep(_SSE_POLL)
+            idle += _SSE_POLL
+            if idle >= _SSE_KEEPALIVE:
+                idle = 0.0
+                yield ": keepalive\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@router.get(
+    "/{id}/artifacts/{name}",
+    summary="Download an artifact",
+    description="Supports Range requests; the ETag is the artifact's sha256 (If-None-Match answers 304).",
+    responses={
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        206: {"description": "Partial content"},
+        304: {"description": "Not modified"},
+        404: {"model": ProblemModel},
+    },
+    response_class=FileResponse,
+)
+def get_artifact(id: str, name: str, request: Request, state: AppState = Depends(get_state)) -> Response:
+    job = state.store.require(id)
+    record = next((a for a in job["artifacts"] if a["name"] == name), None)
+    path = state.artifacts.path_of(id, name)
+    if record is None or not path.is_file():
+        raise Problem(404, "unknown-artifact", "Unknown artifact", f"job {id} has no artifact {name!r}", field="name")
+    etag = f'"{record["sha256"]}"'
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(path, media_type=record["media_type"], headers={"ETag": etag}, filename=name)

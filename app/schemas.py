@@ -1,0 +1,107 @@
+"""Response schemas of the HTTP API (request schemas live with their job kinds)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+
+class ProblemModel(BaseModel):
+    """RFC 9457 problem details. `field` names the request field at fault and,
+    inside a spec string, `position` is the 0-based character offset."""
+
+    type: str = Field(examples=["https://mergeprobe.dev/problems/unknown-model"])
+    title: str = Field(examples=["Unknown model"])
+    status: int = Field(examples=[404])
+    detail: str | None = Field(default=None, examples=["no model 'foo' in the library"])
+    instance: str | None = Field(default=None, examples=["/v1/jobs/inspect"])
+    field: str | None = Field(default=None, examples=["model"])
+    position: int | None = Field(default=None, examples=[7])
+    errors: list[dict[str, Any]] | None = Field(default=None, description="Every validation error, when several.")
+
+
+class Progress(BaseModel):
+    completed: int = Field(description="Units done (tensors, sampler steps, images).", examples=[412])
+    total: int = Field(description="Units in all; 0 while unknown.", examples=[1131])
+    stage: str = Field(description="What the job is doing now.", examples=["reading tensors"])
+
+
+class Artifact(BaseModel):
+    name: str = Field(examples=["blocks.csv"])
+    url: str = Field(examples=["/v1/jobs/0190f2a1b2c3d4e5f6a7b8c9/artifacts/blocks.csv"])
+    media_type: str = Field(examples=["text/csv"])
+    size_bytes: int = Field(examples=[1532])
+    sha256: str = Field(description="Also the download's ETag.", examples=["9f2c" + "0" * 60])
+
+
+class Job(BaseModel):
+    id: str = Field(description="24 hex digits, time-ordered.", examples=["0190f2a1b2c3d4e5f6a7b8c9"])
+    kind: str = Field(examples=["inspect"])
+    status: JobStatus
+    progress: Progress
+    created_at: str = Field(examples=["2026-11-21T05:00:00.000Z"])
+    started_at: str | None = None
+    finished_at: str | None = None
+    request: dict[str, Any] = Field(description="The request body as validated.", examples=[{"model": "tiny-sd1-a"}])
+    inputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="What the request resolved to when it was accepted (model file names, architecture).",
+        examples=[{"model": "tiny-sd1-a.safetensors", "arch": "sd1"}],
+    )
+    artifacts: list[Artifact] = Field(default_factory=list)
+    result: dict[str, Any] | None = Field(
+        default=None, description="Kind-specific; see the `*Result` schemas (InspectResult for inspect jobs)."
+    )
+    error: ProblemModel | None = None
+    warnings: list[str] = Field(default_factory=list)
+    worker: str | None = Field(default=None, description="The worker that ran it.")
+    cancel_requested: bool | None = Field(default=None, description="Set on a DELETE of a running job.")
+
+
+class JobList(BaseModel):
+    jobs: list[Job]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class ModelInfoModel(BaseModel):
+    id: str = Field(description="The file name without its extension.", examples=["tiny-sd1-a"])
+    name: str = Field(description="The file name in the library.", examples=["tiny-sd1-a.safetensors"])
+    arch: Literal["sd1", "sd2", "sdxl", "unknown"] = Field(description="Detected from key names and shapes.")
+    format: Literal["safetensors", "ckpt"]
+    size_bytes: int = Field(examples=[2132625894])
+    sha256: str = Field(description="Of the whole file; cached by size and mtime.", examples=["6ce0161689" + "0" * 54])
+    short_hash: str = Field(description="First 10 hex of sha256 (AUTOMATIC1111's hash).", examples=["6ce0161689"])
+    legacy_hash: str = Field(description="AUTOMATIC1111's old 8-hex hash of 64 KiB at 1 MiB.", examples=["7460a6fa"])
+    key_count: int = Field(examples=[1131])
+    dtypes: dict[str, int] = Field(description="Tensor count per dtype.", examples=[{"F16": 1130, "I64": 1}])
+    metadata: dict[str, str] = Field(description="The safetensors `__metadata__`.", examples=[{"format": "pt"}])
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfoModel]
+
+
+class ArchInfo(BaseModel):
+    name: str = Field(examples=["sd1"])
+    title: str = Field(examples=["Stable Diffusion 1.x"])
+    blocks: list[str] = Field(description="U-Net blocks in U-Net order.", examples=[["IN00", "M00", "OUT00"]])
+    base: str = Field(default="BASE", description="The block of every key outside the U-Net (text encoders, VAE).")
+    textless_blocks: list[str] = Field(description="Blocks with no cross-attention (they read no prompt).")
+
+
+class ArchList(BaseModel):
+    archs: list[ArchInfo]
+
+
+class BlockList(BaseModel):
+    arch: str = Field(examples=["sdxl"])
+    blocks: list[str] = Field(description="U-Net blocks in U-Net order (BASE not included).")
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+    workers: int | None = Field(default=None, description="Live workers (readyz only).")
+    queued: int | None = Field(default=None, description="Jobs waiting in the queue (readyz only).")

