@@ -62,9 +62,7 @@ def spec_problem(detail: str, *, field: str, position: int | None = None) -> Pro
 
 def describe_blocks(arch: Architecture, *, with_base: bool = False) -> str:
     """`IN00–IN08, M00, OUT00–OUT08` (with `BASE, ` in front when asked)."""
-    text = (
-        f"IN00–IN{arch.input_blocks - 1:02d}, {MIDDLE}, OUT00–OUT{arch.output_blocks - 1:02d}"
-    )
+    text = f"IN00–IN{arch.input_blocks - 1:02d}, {MIDDLE}, OUT00–OUT{arch.output_blocks - 1:02d}"
     return f"{BASE}, {text}" if with_base else text
 
 
@@ -158,7 +156,9 @@ def _scan_item(
             raise fail(f"unclosed `(` in `{item}`", i)
         sm = _STEP.fullmatch(text, i + 1, close)
         if not sm or int(sm.group(1)) == 0:
-            raise fail(f"step must be `(+N)` with N a whole number of 1 or more, got `{text[i : close + 1]}`", i)
+            raise fail(
+                f"step must be `(+N)` with N a whole number of 1 or more, got `{text[i : close + 1]}`", i
+            )
         step = int(sm.group(1))
         i = _skip_ws(text, close + 1, end)
     if i != end:
@@ -175,11 +175,15 @@ def _normalize_block(word: str) -> str | None:
     return MIDDLE if m.group(3) else BASE
 
 
-def _resolve_block(word: str, pos: int, arch: Architecture, *, allow_base: bool, field: str, offset: int) -> str:
+def _resolve_block(
+    word: str, pos: int, arch: Architecture, *, allow_base: bool, field: str, offset: int
+) -> str:
     name = _normalize_block(word)
     listing = describe_blocks(arch, with_base=allow_base)
     if name is None or (name != BASE and name not in _ANY_ARCH_BLOCKS):
-        raise spec_problem(f"unknown block {word} ({arch.name} blocks: {listing})", field=field, position=pos + offset)
+        raise spec_problem(
+            f"unknown block {word} ({arch.name} blocks: {listing})", field=field, position=pos + offset
+        )
     if name == BASE and not allow_base:
         raise spec_problem(
             f"BASE (text encoders, VAE) is not a U-Net block; this field takes U-Net blocks only ({listing})",
@@ -191,8 +195,12 @@ def _resolve_block(word: str, pos: int, arch: Architecture, *, allow_base: bool,
     return name
 
 
-def _expand_blocks(item: _Item, arch: Architecture, *, allow_base: bool, field: str, offset: int) -> list[str]:
-    first = _resolve_block(item.first, item.first_pos, arch, allow_base=allow_base, field=field, offset=offset)
+def _expand_blocks(
+    item: _Item, arch: Architecture, *, allow_base: bool, field: str, offset: int
+) -> list[str]:
+    first = _resolve_block(
+        item.first, item.first_pos, arch, allow_base=allow_base, field=field, offset=offset
+    )
     if item.last is None:
         return [first]
     last = _resolve_block(item.last, item.last_pos, arch, allow_base=allow_base, field=field, offset=offset)
@@ -267,7 +275,9 @@ def parse_steps(spec: str | None, total_steps: int, *, field: str) -> list[int]:
     chosen: set[int] = set()
     for start, end in _segments(spec, ","):
         item = _scan_item(spec, start, end, _INT, what="step", field=field, offset=0)
-        bounds = [(item.first, item.first_pos)] + ([(item.last, item.last_pos)] if item.last is not None else [])
+        bounds = [(item.first, item.first_pos)] + (
+            [(item.last, item.last_pos)] if item.last is not None else []
+        )
         values = []
         for token, pos in bounds:
             value = int(token)
@@ -283,7 +293,9 @@ def parse_steps(spec: str | None, total_steps: int, *, field: str) -> list[int]:
             continue
         a, b = values
         if a > b:
-            raise spec_problem(f"reversed range {a}-{b} (write {b}-{a})", field=field, position=item.first_pos)
+            raise spec_problem(
+                f"reversed range {a}-{b} (write {b}-{a})", field=field, position=item.first_pos
+            )
         chosen.update(range(a, b + 1, item.step))
     return sorted(chosen)
 
@@ -383,7 +395,9 @@ def _weights_from_string(text: str, arch: Architecture, *, field: str) -> dict[s
     preset = find_preset(stripped, arch)
     if preset is not None:
         return _weights(arch, list(preset[1]), None)
-    if ":" in text:
+    head = _WORD.match(stripped)
+    if ":" in text or (head and _normalize_block(head.group()) is not None):
+        # A spec, or a block name that lacks its `:RATIO` (the spec parser says so).
         return _weights_from_spec(text, arch, field=field)
     if "," not in text and not _NUMBER.match(stripped):
         detail = (
@@ -418,10 +432,14 @@ def _weights_from_spec(text: str, arch: Architecture, *, field: str) -> dict[str
         pos = _skip_ws(text, start, end)
         entry = text[start:end].strip()
         if not entry:
-            raise spec_problem("empty entry: write `BLOCKS:RATIO` between the commas", field=field, position=pos)
+            raise spec_problem(
+                "empty entry: write `BLOCKS:RATIO` between the commas", field=field, position=pos
+            )
         colon = text.find(":", start, end)
         if colon == -1:
-            raise spec_problem(f"entry `{entry}` has no `:RATIO` (write `BLOCKS:RATIO`)", field=field, position=pos)
+            raise spec_problem(
+                f"entry `{entry}` has no `:RATIO` (write `BLOCKS:RATIO`)", field=field, position=pos
+            )
         extra = text.find(":", colon + 1, end)
         if extra != -1:
             raise spec_problem(f"entry `{entry}` has more than one `:`", field=field, position=extra)

@@ -153,7 +153,7 @@ def _int_text(value: int) -> str:
 
 
 def sniff_format(first_bytes: bytes) -> str | None:
-    """"safetensors", "ckpt" or None, from the first bytes of a file (16 are plenty).
+    """The format the first bytes of a file (16 are plenty) show: "safetensors", "ckpt" or None.
 
     safetensors: a JSON header that starts with "{" right after the 8-byte length.
     ckpt: a zip archive (torch.save since 1.6) or a raw pickle (PROTO opcode, legacy torch.save).
@@ -168,7 +168,9 @@ def sniff_format(first_bytes: bytes) -> str | None:
     return None
 
 
-def read_checkpoint_header(path: str | os.PathLike[str], max_header_bytes: int = MAX_HEADER_BYTES) -> CheckpointHeader:
+def read_checkpoint_header(
+    path: str | os.PathLike[str], max_header_bytes: int = MAX_HEADER_BYTES
+) -> CheckpointHeader:
     """The header of a .safetensors, .ckpt, .pt or .pth file, chosen by extension; the first
     bytes of the file must not contradict the extension."""
     name = os.fsdecode(path)
@@ -176,7 +178,9 @@ def read_checkpoint_header(path: str | os.PathLike[str], max_header_bytes: int =
     expected = _EXTENSIONS.get(ext)
     if expected is None:
         shown = f"extension {_q(ext)}" if ext else "no extension"
-        raise CheckpointFormatError(f"unsupported file type ({shown}); expected .safetensors, .ckpt, .pt or .pth")
+        raise CheckpointFormatError(
+            f"unsupported file type ({shown}); expected .safetensors, .ckpt, .pt or .pth"
+        )
     with open(path, "rb") as f:
         head = f.read(16)
     found = sniff_format(head)
@@ -329,7 +333,9 @@ def _safetensors_entry(key: str, entry: Any) -> TensorInfo:
         raise CheckpointFormatError(f"{where}: shape is {_kind(shape)}, not an array")
     for i, dim in enumerate(shape):
         if type(dim) is not int or dim < 0 or dim > _MAX_U64:
-            raise CheckpointFormatError(f"{where}: shape[{i}] is {_describe(dim)}, not a non-negative integer")
+            raise CheckpointFormatError(
+                f"{where}: shape[{i}] is {_describe(dim)}, not a non-negative integer"
+            )
     numel = _checked_numel(shape, where)
 
     offsets = entry["data_offsets"]
@@ -359,7 +365,9 @@ def _checked_numel(shape: list[int] | tuple[int, ...], where: str) -> int:
     for dim in shape:
         numel *= dim
         if numel > _MAX_U64:
-            raise CheckpointFormatError(f"{where}: shape {_clip(str(list(shape)))} has more than 2**64 elements")
+            raise CheckpointFormatError(
+                f"{where}: shape {_clip(str(list(shape)))} has more than 2**64 elements"
+            )
     return numel
 
 
@@ -401,7 +409,9 @@ def _check_zip_directory(f: Any) -> None:
     except Exception as exc:
         raise CheckpointFormatError(f"corrupt zip archive: {_clip(str(exc))}") from None
     if record is None:
-        raise CheckpointFormatError("corrupt zip archive: no end of central directory record (truncated file?)")
+        raise CheckpointFormatError(
+            "corrupt zip archive: no end of central directory record (truncated file?)"
+        )
     size = record[getattr(zipfile, "_ECD_SIZE", 5)]
     if size > _MAX_CENTRAL_DIRECTORY:
         raise CheckpointFormatError(
@@ -414,7 +424,9 @@ def _read_torch_zip(archive: zipfile.ZipFile, file_size: int) -> dict[str, Tenso
     members = {info.filename: info for info in archive.infolist()}
     pickles = [name for name in members if re.fullmatch(r"[^/]+/data\.pkl", name)]
     if not pickles:
-        raise CheckpointFormatError("the zip archive has no <archive>/data.pkl record; it is not a PyTorch checkpoint")
+        raise CheckpointFormatError(
+            "the zip archive has no <archive>/data.pkl record; it is not a PyTorch checkpoint"
+        )
     if len(pickles) > 1:
         raise CheckpointFormatError(
             f"the zip archive has {len(pickles)} data.pkl records ({', '.join(_clip(p) for p in pickles[:3])}); expected one"
@@ -464,7 +476,9 @@ def _read_torch_zip(archive: zipfile.ZipFile, file_size: int) -> dict[str, Tenso
             )
 
     if not isinstance(root, dict):
-        raise CheckpointFormatError(f"the pickle in {member} holds a {_standin_kind(root)}, not a dict of tensors")
+        raise CheckpointFormatError(
+            f"the pickle in {member} holds a {_standin_kind(root)}, not a dict of tensors"
+        )
     nested = root.get("state_dict")
     state = nested if isinstance(nested, dict) else root
     tensors: dict[str, TensorInfo] = {}
@@ -472,7 +486,9 @@ def _read_torch_zip(archive: zipfile.ZipFile, file_size: int) -> dict[str, Tenso
         if type(value) is not _TensorRef:
             continue  # global_step, epoch, nested config dicts, ...
         if type(key) is not str:
-            raise CheckpointFormatError(f"the state dict in {member} has a tensor under a {type(key).__name__} key")
+            raise CheckpointFormatError(
+                f"the state dict in {member} has a tensor under a {type(key).__name__} key"
+            )
         tensors[key] = value.info(key)
     return tensors
 
@@ -492,6 +508,13 @@ def _prescan_pickle(data: bytes, member: str) -> None:
                 raise CheckpointFormatError(
                     f"the pickle in {member} uses the {opcode.name} opcode (at byte {pos}), which is not "
                     f"allowed; {_NOTHING_RUN}"
+                )
+            if opcode.name == "PROTO" and arg > 2:
+                # torch.save writes protocol 2, and torch's weights_only loader (what the worker
+                # uses) reads nothing newer: refuse here rather than fail later in a job.
+                raise CheckpointFormatError(
+                    f"the pickle in {member} uses pickle protocol {arg}; only protocol 2 (what torch.save "
+                    "writes by default) is supported"
                 )
             if opcode.name == "GLOBAL":
                 module, _, name = str(arg).partition(" ")
@@ -574,7 +597,9 @@ class _TensorRef(_StandIn):
         shape = _int_tuple(self.size, where, "size")
         stride = _int_tuple(self.stride, where, "stride")
         if len(stride) != len(shape):
-            raise CheckpointFormatError(f"{where}: size has {len(shape)} dimensions but stride has {len(stride)}")
+            raise CheckpointFormatError(
+                f"{where}: size has {len(shape)} dimensions but stride has {len(stride)}"
+            )
         numel = _checked_numel(shape, where)
         if numel:
             capacity = self.storage.nbytes // DTYPE_SIZES[self.dtype]
@@ -627,7 +652,9 @@ class _Callable(_StandIn):
 def _arity(name: str, args: tuple, *counts: int) -> None:
     if len(args) not in counts:
         want = " or ".join(str(c) for c in counts)
-        raise CheckpointFormatError(f"{name} is called with {len(args)} arguments in the pickle; expected {want}")
+        raise CheckpointFormatError(
+            f"{name} is called with {len(args)} arguments in the pickle; expected {want}"
+        )
 
 
 def _storage_arg(name: str, value: Any) -> _StorageRef:
@@ -682,10 +709,14 @@ def _ordered_dict(*args: Any) -> _PickleDict:
     result = _PickleDict()
     if args:
         if type(args[0]) is not list:
-            raise CheckpointFormatError("collections.OrderedDict is given something other than a list of pairs")
+            raise CheckpointFormatError(
+                "collections.OrderedDict is given something other than a list of pairs"
+            )
         for pair in args[0]:
             if type(pair) not in (list, tuple) or len(pair) != 2:
-                raise CheckpointFormatError("collections.OrderedDict is given something other than a list of pairs")
+                raise CheckpointFormatError(
+                    "collections.OrderedDict is given something other than a list of pairs"
+                )
             result[pair[0]] = pair[1]  # keys checked by the caller (_load_reduce)
     return result
 
@@ -781,14 +812,18 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
 
     def persistent_load(self, pid: Any) -> _StorageRef:
         if type(pid) is not tuple or len(pid) != 5:
-            raise CheckpointFormatError(f"the pickle in {self.member} has a persistent id that is not a storage record")
+            raise CheckpointFormatError(
+                f"the pickle in {self.member} has a persistent id that is not a storage record"
+            )
         tag, storage_type, key, _location, numel = pid
         if isinstance(tag, bytes):
             tag = tag.decode("ascii", "replace")
         if isinstance(key, bytes):
             key = key.decode("ascii", "replace")
         if tag != "storage" or type(storage_type) is not _StorageTypeRef or type(key) is not str:
-            raise CheckpointFormatError(f"the pickle in {self.member} has a persistent id that is not a storage record")
+            raise CheckpointFormatError(
+                f"the pickle in {self.member} has a persistent id that is not a storage record"
+            )
         if type(numel) is not int or not 0 <= numel <= _MAX_INT64:
             raise CheckpointFormatError(f"storage {_q(key)} in {self.member} has an invalid element count")
         seen = self.storages.get(key)
@@ -854,7 +889,9 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
                 f"the pickle in {self.member} calls a {_standin_kind(func)}, which is not allowed; {_NOTHING_RUN}"
             )
         if type(args) is not tuple:
-            raise CheckpointFormatError(f"the pickle in {self.member} calls {func.name} without an argument tuple")
+            raise CheckpointFormatError(
+                f"the pickle in {self.member} calls {func.name} without an argument tuple"
+            )
         if func.fn is _ordered_dict and args and type(args[0]) is list:
             for pair in args[0]:
                 if type(pair) in (list, tuple) and len(pair) == 2:
@@ -894,7 +931,9 @@ class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         items = self.pop_mark()
         target = self._target((dict, _PickleDict), "SETITEMS")
         if len(items) % 2:
-            raise CheckpointFormatError(f"the pickle in {self.member} has SETITEMS with an odd number of items")
+            raise CheckpointFormatError(
+                f"the pickle in {self.member} has SETITEMS with an odd number of items"
+            )
         for i in range(0, len(items), 2):
             self._check_key(items[i])
             target[items[i]] = items[i + 1]

@@ -305,8 +305,11 @@ class JobStore:
         return self.queue.count
 
     def purge_namespace(self) -> None:
-        """Delete every key of this store's prefix (tests use a prefix of their own)."""
-        for pattern in (f"{self.prefix}:*", f"rq:queue:{self.prefix}-jobs*"):
-            keys = list(self.redis.scan_iter(match=pattern, count=1000))
-            if keys:
-                self.redis.delete(*keys)
+        """Delete every key this store owns: its prefix, its rq queue and registries, and
+        the rq records of its jobs (tests use a prefix of their own and clean up with this)."""
+        job_ids = [i.decode() if isinstance(i, bytes) else i for i in self.redis.zrange(self._index_key, 0, -1)]
+        keys = [k for i in job_ids for k in (f"rq:job:{i}", f"rq:results:{i}", f"rq:job:{i}:dependents")]
+        for pattern in (f"{self.prefix}:*", f"rq:*{self.prefix}-jobs*"):
+            keys.extend(self.redis.scan_iter(match=pattern, count=1000))
+        for start in range(0, len(keys), 500):
+            self.redis.delete(*keys[start : start + 500])

@@ -37,7 +37,7 @@ def test_unknown_model_and_schema_errors(client):
     assert_problem(client.post("/v1/jobs/inspect", json={"model": "x", "extra": 1}), 422, "extra")
     body = assert_problem(client.post("/v1/jobs/inspect", content=b"{not json", headers={"content-type": "application/json"}), 400, "body")
     assert "JSON" in body["detail"]
-    assert_problem(client.post("/v1/jobs/teleport", json={}), 404)
+    assert_problem(client.post("/v1/jobs/teleport", json={}), 404, "kind")
     assert_problem(client.get("/v1/jobs/0123456789abcdef01234567"), 404, "id")
     assert_problem(client.get("/v1/archs/sd9/blocks"), 404, "arch")
 

@@ -8,7 +8,7 @@ import time
 
 from tests.conftest import install_model, wait_for, wait_for_job
 
-SLOW = {"MERGEPROBE_DEBUG_TENSOR_DELAY": "0.05"}
+SLOW = {"MERGEPROBE_DEBUG_TENSOR_DELAY": "0.015"}
 
 
 def _running(client, job_id):

@@ -65,6 +65,11 @@ for _kind in KINDS.values():
     )
 
 
+@router.post("/{kind}", include_in_schema=False)
+def submit_unknown_kind(kind: str) -> None:
+    raise Problem(404, "unknown-job-kind", "Unknown job kind", f"no job kind {kind!r}; known: {', '.join(KINDS)}", field="kind")
+
+
 @router.get("", response_model=JobList, summary="Jobs, newest first")
 def list_jobs(
     kind: str | None = Query(default=None, description="Only jobs of this kind.", examples=["inspect"]),
