@@ -12,7 +12,7 @@ from fastapi.openapi.utils import get_openapi
 
 from app.errors import install_error_handlers
 from app.middleware import BearerAuth, BodyLimit
-from app.routes import archs, health, jobs, models
+from app.routes import archs, health, jobs, models, plans
 from app.state import AppState
 from mergeprobe.kinds import KINDS
 from mergeprobe.settings import Settings
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="mergeprobe", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.mergeprobe = state
     install_error_handlers(app)
-    for router in (health.router, archs.router, models.router, jobs.router):
+    for router in (health.router, archs.router, models.router, jobs.router, plans.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(BearerAuth, keys=settings.api_key_list)

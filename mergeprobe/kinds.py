@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergeprobe.archs import UNKNOWN, detect_arch
 from mergeprobe.library import ModelLibrary
+from mergeprobe.merge_methods import MERGE_METHODS
+from mergeprobe.merge_plan import ElementalRequest, MergeRequest, plan_merge
 from mergeprobe.problems import Problem
 
 
@@ -57,6 +59,56 @@ def prepare_inspect(request: InspectRequest, library: ModelLibrary) -> dict[str,
     return {"model": path.name, "arch": arch}
 
 
+class MergedModel(BaseModel):
+    id: str = Field(examples=["blend"])
+    name: str = Field(examples=["blend.safetensors"])
+    sha256: str
+    short_hash: str
+    url: str = Field(examples=["/v1/models/blend"])
+
+
+class MergeResult(BaseModel):
+    model: MergedModel = Field(description="The result, registered in the model library (so merges chain).")
+    arch: str = Field(examples=["sd1"])
+    mode: str = Field(examples=["weighted_sum"])
+    device: str = Field(examples=["cuda"])
+    keys: int = Field(description="Tensors written.", examples=[1131])
+    actions: dict[str, int] = Field(description="Keys per plan action.", examples=[{"merge": 1100, "keep_a": 1}])
+    size_bytes: int
+    data_sha256: str = Field(description="sha256 of the tensor data (also modelspec.hash_sha256).")
+    torch: str = Field(description="torch version that computed it.")
+
+
+def prepare_merge(request: MergeRequest, library: ModelLibrary) -> dict[str, Any]:
+    plan = plan_merge(request, library)
+    library.check_name_free(plan.output_name)
+    return plan.inputs()
+
+
+def _merge_description() -> str:
+    lines = [
+        "A block-weighted merge, streamed tensor by tensor into a new .safetensors in the model library.",
+        "α and β are per key, after block weights and elemental overrides; α is model B's share.",
+        "Computed in fp32 per tensor and cast to `output.dtype`. Non-float tensors and `position_ids` stay "
+        "as in A; a key only in B is copied from B; conv_in of an inpainting model (9 channels) merges its "
+        "shared channels with a 4-channel one and keeps A's others; any other shape mismatch, and an "
+        "architecture mismatch, is a 400 before any tensor is read.",
+        "",
+        "Modes:",
+    ]
+    for method in MERGE_METHODS.values():
+        beta = f" β: {method.beta}." if method.beta else ""
+        models = "A, B, C" if method.needs_c else "A, B"
+        lines.append(f"- `{method.name}` ({models}): {method.formula}.{beta}")
+    lines += [
+        "",
+        "The output's `__metadata__` holds `sd_merge_recipe` (the request as run, with each input's sha256), "
+        "`sd_merge_models` (sha256 → name, legacy hash and that parent's own `sd_merge_models`), `modelspec.*` "
+        "and `format: pt`. Dry run first with POST /v1/plans/merge.",
+    ]
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class JobKind:
     name: str
@@ -81,6 +133,28 @@ KINDS: dict[str, JobKind] = {
             request_model=InspectRequest,
             result_model=InspectResult,
             prepare=prepare_inspect,
+        ),
+        JobKind(
+            name="merge",
+            summary="Merge two or three checkpoints block by block",
+            description=_merge_description(),
+            request_model=MergeRequest,
+            result_model=MergeResult,
+            prepare=prepare_merge,
+        ),
+        JobKind(
+            name="elemental",
+            summary="Merge with per-element overrides (Elemental Merge)",
+            description=(
+                "The same as a merge, with `elemental` required: entries `blocks:elements:ratio` separated by "
+                "commas or newlines; blocks are space-separated names or ranges (empty = all, leading NOT "
+                "inverts), elements are substrings of the key relative to its block (empty = all, leading NOT "
+                "inverts; for BASE the full key); later entries win. Also writes the plan as `plan.csv`. "
+                "Entries that match no key are warnings. Element names per block: GET /v1/archs/{arch}/elements."
+            ),
+            request_model=ElementalRequest,
+            result_model=MergeResult,
+            prepare=prepare_merge,
         ),
     )
 }

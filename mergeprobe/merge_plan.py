@@ -47,6 +47,7 @@ CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 
 Action = Literal["merge", "copy_a", "copy_b", "keep_a", "copy_vae"]
 WeightValue = float | list[float] | str
+MergeMode = Literal[tuple(MERGE_METHODS)]  # type: ignore[valid-type]
 
 _WEIGHT_DOC = (
     "A number; a list of per-block numbers (sd1/sd2: 25 values IN00…OUT11 or 26 with BASE first; sdxl: 19 "
@@ -94,7 +95,7 @@ class MergeRequest(BaseModel):
     model_a: str = Field(description="Model id or name from the library: the base.", examples=["tiny-sd1-a"])
     model_b: str = Field(description="Model id or name: α is its share.", examples=["tiny-sd1-b"])
     model_c: str | None = Field(default=None, description="Third model, only for modes that use one.", examples=["tiny-sd1-c"])
-    mode: str = Field(default="weighted_sum", description="Merge method (see the description for formulas).", examples=["weighted_sum"])
+    mode: MergeMode = Field(default="weighted_sum", description="Merge method (see the description for formulas).", examples=["weighted_sum"])
     alpha: WeightValue = Field(default=0.5, description="α per block. " + _WEIGHT_DOC, examples=[0.5, "GRAD_V"])
     beta: WeightValue | None = Field(default=None, description="β per block, for modes that use it. " + _WEIGHT_DOC)
     base_alpha: float | None = Field(default=None, description="BASE's α (text encoders and VAE). Default: alpha when it is a number, else 0.")

@@ -41,7 +41,9 @@ class Built:
         self.components = build_tiny_pipeline_components(arch, seed=SEED)
         self.sd = tiny_checkpoint_state_dict(arch, seed=SEED)
         self.fp32 = write_tiny_checkpoint(arch, root / f"tiny-{arch}-fp32.safetensors", seed=SEED)
-        self.fp16 = write_tiny_checkpoint(arch, root / f"tiny-{arch}-fp16.safetensors", seed=SEED, dtype="fp16")
+        self.fp16 = write_tiny_checkpoint(
+            arch, root / f"tiny-{arch}-fp16.safetensors", seed=SEED, dtype="fp16"
+        )
         self._pipe = None
 
     @property
@@ -52,7 +54,9 @@ class Built:
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
         cls = StableDiffusionXLPipeline if self.arch == "sdxl" else StableDiffusionPipeline
-        pipe = cls.from_single_file(str(path), config=str(tiny_config_dir(self.arch)), local_files_only=True, **kwargs)
+        pipe = cls.from_single_file(
+            str(path), config=str(tiny_config_dir(self.arch)), local_files_only=True, **kwargs
+        )
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -229,7 +233,7 @@ def test_sdxl_topology(built):
     assert _indices(sd, re.escape(U) + r"input_blocks\.7\.1\.transformer_blocks\.(\d+)\.") == {0, 1}
     assert _indices(sd, re.escape(U) + r"middle_block\.1\.transformer_blocks\.(\d+)\.") == {0, 1}
     assert sd[U + "input_blocks.4.1.proj_in.weight"].ndim == 2
-    clip_l = sd["conditioner.embedders.0.transformer.text_model.embeddings.position_embedding.weight"].shape[1]
+    clip_l = sd["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"].shape[1]
     big_g = sd["conditioner.embedders.1.model.positional_embedding"].shape[1]
     assert clip_l != big_g  # diffusers tells the two text encoders apart by width
     for key in _keys_matching(sd, re.escape(U) + r".*attn2\.to_[kv]\.weight"):
@@ -316,10 +320,10 @@ def test_same_key_names_as_the_full_size_model(built, arch):
     unexplained = sorted(k for k in set(full) - set(tiny) if not deeper.fullmatch(k))
     assert not unexplained
     # Same blocks, same modules in each block.
-    def modules(sd):
-        return {m.group(0) for k in sd if (m := re.match(re.escape(U) + r"(input_blocks|output_blocks|middle_block)\.\d+(\.\d+)?", k))}
-
-    assert modules(tiny) == modules(full)
+    module = re.compile(re.escape(U) + r"(input_blocks|output_blocks|middle_block)\.\d+(\.\d+)?")
+    assert {m.group(0) for k in tiny if (m := module.match(k))} == {
+        m.group(0) for k in full if (m := module.match(k))
+    }
     for key in tiny:
         assert tiny[key].ndim == full[key].ndim, key
 
@@ -352,7 +356,9 @@ def test_bf16_and_format_choice(tmp_path):
         write_tiny_checkpoint("sd1", tmp_path / "z.safetensors", dtype="fp8")
     with pytest.raises(ValueError, match="unknown tiny architecture"):
         write_tiny_checkpoint("sd3", tmp_path / "z.safetensors")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.weights", "y.bin"], "no partial files left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.weights", "y.bin"], (
+        "no partial files left behind"
+    )
 
 
 def test_deterministic_per_seed(built, tmp_path):
@@ -367,7 +373,9 @@ def test_deterministic_per_seed(built, tmp_path):
         assert len(floats) == len(first) - (arch != "sd2")
         unchanged = [k for k in floats if torch.equal(other[k], first[k])]
         assert not unchanged, "different seeds must differ in every float tensor"
-        norm = re.compile(r".*\.(norm\w*|layer_norm\d|final_layer_norm|ln_\w+|in_layers\.0|out_layers\.0|out\.0)\.weight")
+        norm = re.compile(
+            r".*\.(norm\w*|layer_norm\d|final_layer_norm|ln_\w+|in_layers\.0|out_layers\.0|out\.0)\.weight"
+        )
         norms = [k for k in floats if norm.fullmatch(k)]
         assert norms and all(0.5 < first[k].mean() < 1.5 for k in norms), "norm weights stay near 1"
     # different archs with the same seed are different models, not reshaped copies
@@ -403,6 +411,11 @@ def test_write_demo_models(tmp_path):
     ]
     assert all(p.parent == tmp_path / "demo" and p.stat().st_size < 10 * MB for p in paths)
     assert len({p.read_bytes() for p in paths}) == len(paths)
+    reference = tmp_path / "demo" / "reference"
+    reference.write_bytes(b"")
+    assert {p.stat().st_mode & 0o777 for p in paths} == {reference.stat().st_mode & 0o777}, (
+        "umask-based permissions"
+    )
     with safe_open(paths[0], framework="pt") as f:
         assert f.get_tensor(U + "out.2.weight").dtype == torch.float16
 
@@ -487,14 +500,19 @@ def test_shipped_config_dirs(arch):
     root = tiny_config_dir(arch)
     assert root == TINY_CONFIG_ROOT / arch and root.is_dir()
     files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    weights = [f for f in files if f.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5"))]
+    weights = [
+        f for f in files if f.endswith((".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5"))
+    ]
     assert not weights
     tokenizers = ["tokenizer", "tokenizer_2"] if arch == "sdxl" else ["tokenizer"]
     encoders = ["text_encoder", "text_encoder_2"] if arch == "sdxl" else ["text_encoder"]
     expected = {"model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"}
     expected |= {f"{e}/config.json" for e in encoders}
     for t in tokenizers:
-        expected |= {f"{t}/{n}" for n in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")}
+        expected |= {
+            f"{t}/{n}"
+            for n in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+        }
     assert files == expected
 
     vocab, merges = tiny_tokenizer_vocab_and_merges()

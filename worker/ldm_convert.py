@@ -112,7 +112,9 @@ def _unet_prefix_tables(keys) -> tuple[list[tuple[str, str]], list[tuple[str, st
             resnets.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{n}.0."))
             others.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{n}.1."))
         if i < levels - 1:
-            others.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{per_level * (i + 1)}.0.op."))
+            others.append(
+                (f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{per_level * (i + 1)}.0.op.")
+            )
         up_has_attention = any(k.startswith(f"up_blocks.{i}.attentions.") for k in keys)
         for j in range(layers + 1):
             n = per_level * i + j
@@ -167,7 +169,13 @@ _VAE_FIXED = {
     "quant_conv.": "quant_conv.",
     "post_quant_conv.": "post_quant_conv.",
 }
-_VAE_RESNET_PARTS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_VAE_RESNET_PARTS = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "conv_shortcut": "nin_shortcut",
+}
 # diffusers Attention (current names and the pre-0.14 ones) -> LDM AttnBlock (1x1 convs).
 _VAE_ATTENTION_PARTS = {
     "group_norm": "norm",
@@ -264,7 +272,9 @@ def clip_l_to_ldm(
         weight = out.get(prefix + "text_model.embeddings.position_embedding.weight")
         if weight is None:
             raise KeyError("CLIP state dict without embeddings.position_embedding.weight")
-        out[prefix + "text_model.embeddings.position_ids"] = torch.arange(weight.shape[0], dtype=torch.int64)[None]
+        out[prefix + "text_model.embeddings.position_ids"] = torch.arange(weight.shape[0], dtype=torch.int64)[
+            None
+        ]
     return out
 
 
@@ -325,10 +335,14 @@ def open_clip_to_ldm(
     for (layer, param), parts in sorted(qkv.items()):
         if set(parts) != {"q", "k", "v"}:
             raise KeyError(f"layer {layer}: q/k/v {param} incomplete ({sorted(parts)})")
-        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat([parts["q"], parts["k"], parts["v"]], 0)
+        out[f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}"] = torch.cat(
+            [parts["q"], parts["k"], parts["v"]], 0
+        )
     if text_projection is not None:
         if prefix + "text_projection" in out:
-            raise ValueError("text_projection given twice (the state dict already has text_projection.weight)")
+            raise ValueError(
+                "text_projection given twice (the state dict already has text_projection.weight)"
+            )
         out[prefix + "text_projection"] = text_projection
     if logit_scale is not None:
         out[prefix + "logit_scale"] = torch.as_tensor(logit_scale, dtype=torch.float32).reshape(())

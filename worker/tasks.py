@@ -16,12 +16,15 @@ from mergeprobe.jobs import problem_dict
 from mergeprobe.problems import Problem
 from worker.context import JobCanceled, JobContext
 from worker.engines.inspect import run_inspect
+from worker.engines.merge import run_elemental, run_merge
 from worker.runtime import get_runtime
 
 log = logging.getLogger("mergeprobe.worker")
 
 ENGINES: dict[str, Callable[[JobContext], dict[str, Any]]] = {
     "inspect": run_inspect,
+    "merge": run_merge,
+    "elemental": run_elemental,
 }
 
 

@@ -1,7 +1,7 @@
 """Tiny random Stable Diffusion checkpoints with the real key names and block topology.
 
 Stand-ins for 2-7 GB checkpoints in tests and for ``mergeprobe demo-models``: sd1, sd2 and sdxl
-single-file checkpoints in the original LDM ("A1111") layout, a few MB each, with every key
+single-file checkpoints in the original LDM ("A1111") layout, about 8 MB each in fp16, with every key
 name real files have (``model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight``,
 ``first_stage_model.encoder.mid.attn_1.q.weight``, ``cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight``,
 ``conditioner.embedders.1.model.text_projection`` ...) and the real block topology
@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,15 @@ TINY_ARCHS = ("sd1", "sd2", "sdxl")
 TINY_CONFIG_ROOT = Path(mergeprobe.__file__).resolve().parent / "configs" / "tiny"
 
 DTYPES = ("fp32", "fp16", "bf16")
-DEMO_MODELS = (("sd1", "a"), ("sd1", "b"), ("sd1", "c"), ("sd2", "a"), ("sd2", "b"), ("sdxl", "a"), ("sdxl", "b"))
+DEMO_MODELS = (
+    ("sd1", "a"),
+    ("sd1", "b"),
+    ("sd1", "c"),
+    ("sd2", "a"),
+    ("sd2", "b"),
+    ("sdxl", "a"),
+    ("sdxl", "b"),
+)
 
 
 def tiny_config_dir(arch: str) -> Path:
@@ -71,7 +78,11 @@ _TOKENIZER_WORDS = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP/GPT-2's reversible byte -> printable unicode character table."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -120,7 +131,12 @@ def tiny_tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, s
                     i += 1
             words[word] = merged
     base = list(b2u.values())
-    tokens = base + [s + "</w>" for s in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = (
+        base
+        + [s + "</w>" for s in base]
+        + ["".join(m) for m in merges]
+        + ["<|startoftext|>", "<|endoftext|>"]
+    )
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
@@ -159,10 +175,8 @@ def _randomize_(module: Any, generator: Any) -> None:
                 param.copy_(value.to(param.dtype))
 
 
-@cache
-def _load_json(path: str) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def _load_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def build_tiny_pipeline_components(arch: str, seed: int = 0) -> dict[str, Any]:
@@ -173,14 +187,13 @@ def build_tiny_pipeline_components(arch: str, seed: int = 0) -> dict[str, Any]:
     ``StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
     requires_safety_checker=False)`` / ``StableDiffusionXLPipeline(**components)`` work.
     """
+    import diffusers
     import torch
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    import diffusers
-
     root = tiny_config_dir(arch)
-    index = _load_json(str(root / "model_index.json"))
+    index = _load_json(root / "model_index.json")
     components: dict[str, Any] = {}
     # Construction draws from the global CPU generator; fork it so callers' random state is left alone.
     # The values drawn there do not matter: _randomize_ overwrites every parameter from our own generator.
@@ -192,15 +205,19 @@ def build_tiny_pipeline_components(arch: str, seed: int = 0) -> dict[str, Any]:
             folder = root / name
             if class_name in ("UNet2DConditionModel", "AutoencoderKL"):
                 cls = UNet2DConditionModel if class_name == "UNet2DConditionModel" else AutoencoderKL
-                model = cls.from_config(_load_json(str(folder / "config.json")))
+                model = cls.from_config(_load_json(folder / "config.json"))
             elif library == "transformers" and class_name.startswith("CLIPTextModel"):
                 cls = getattr(transformers, class_name)
                 model = cls(transformers.CLIPTextConfig.from_pretrained(folder, local_files_only=True))
             elif library == "transformers":
-                components[name] = getattr(transformers, class_name).from_pretrained(folder, local_files_only=True)
+                components[name] = getattr(transformers, class_name).from_pretrained(
+                    folder, local_files_only=True
+                )
                 continue
             else:  # scheduler
-                components[name] = getattr(diffusers, class_name).from_pretrained(root, subfolder=name, local_files_only=True)
+                components[name] = getattr(diffusers, class_name).from_pretrained(
+                    root, subfolder=name, local_files_only=True
+                )
                 continue
             generator = torch.Generator().manual_seed(_seed_for(arch, name, seed))
             _randomize_(model, generator)
@@ -285,9 +302,11 @@ def write_tiny_checkpoint(
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         if fmt == "safetensors":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file(sd, str(partial), metadata={"format": "pt"})
+            # save() gives the bytes save_file() would write; writing them ourselves keeps the
+            # usual umask-based permissions (save_file creates 0600 files).
+            partial.write_bytes(save(sd, metadata={"format": "pt"}))
         else:
             torch.save({"state_dict": sd}, partial)
         os.replace(partial, path)
@@ -304,6 +323,11 @@ def write_demo_models(directory: str | os.PathLike[str]) -> list[Path]:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     return [
-        write_tiny_checkpoint(arch, directory / f"tiny-{arch}-{letter}.safetensors", seed=ord(letter) - ord("a") + 1, dtype="fp16")
+        write_tiny_checkpoint(
+            arch,
+            directory / f"tiny-{arch}-{letter}.safetensors",
+            seed=ord(letter) - ord("a") + 1,
+            dtype="fp16",
+        )
         for arch, letter in DEMO_MODELS
     ]

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from app.schemas import ProblemModel
+from app.state import AppState, get_state
+from mergeprobe.archs import ARCHITECTURES
+from mergeprobe.merge_plan import MergeRequest, plan_merge
+from mergeprobe.presets import presets_for
+
+router = APIRouter(tags=["plans"])
+
+
+class KeyPlanModel(BaseModel):
+    key: str = Field(examples=["model.diffusion_model.output_blocks.5.1.transformer_blocks.0.attn2.to_k.weight"])
+    block: str = Field(examples=["OUT05"])
+    element: str = Field(examples=["1.transformer_blocks.0.attn2.to_k.weight"])
+    alpha: float | None = Field(description="α for this key; null when no arithmetic happens.", examples=[0.2])
+    beta: float | None = Field(examples=[None])
+    action: str = Field(
+        description="`merge`, `copy_a` (A's tensor as is, also when α makes the result exactly A), `copy_b`, "
+        "`keep_a` (non-float tensors and position_ids) or `copy_vae` (from output.bake_vae).",
+        examples=["merge"],
+    )
+
+
+class MergePlanModel(BaseModel):
+    arch: str = Field(examples=["sd1"])
+    mode: str = Field(examples=["weighted_sum"])
+    output: str = Field(description="The output's file name.", examples=["blend.safetensors"])
+    keys: list[KeyPlanModel]
+    warnings: list[str] = Field(description="Elemental entries that match no key, keys missing in model_c…")
+
+
+class PresetList(BaseModel):
+    presets: dict[str, dict[str, list[float]]] = Field(
+        description="arch → preset name → per-block values in U-Net order (IN00 … OUTnn).",
+        examples=[{"sd1": {"FLAT_25": [0.25] * 25}}],
+    )
+
+
+@router.post(
+    "/v1/plans/merge",
+    response_model=MergePlanModel,
+    summary="Dry run of a merge: what each key would get",
+    description="Answers at once from the safetensors headers alone, with the same validation as a merge job.",
+    responses={400: {"model": ProblemModel}, 404: {"model": ProblemModel}, 422: {"model": ProblemModel}},
+)
+def plan(body: MergeRequest, state: AppState = Depends(get_state)) -> dict[str, Any]:
+    return plan_merge(body, state.library).to_json()
+
+
+@router.get("/v1/presets", response_model=PresetList, summary="Block-weight presets")
+def presets() -> dict[str, Any]:
+    return {"presets": {name: {k: list(v) for k, v in presets_for(arch).items()} for name, arch in ARCHITECTURES.items()}}

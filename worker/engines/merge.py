@@ -1,0 +1,77 @@
+"""merge and elemental jobs: plan from the headers, stream the merge, register the result."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import Counter
+
+import torch
+
+from mergeprobe.merge_metadata import merge_metadata
+from mergeprobe.merge_plan import ElementalRequest, MergePlan, MergeRequest, plan_merge
+from worker.context import JobContext
+from worker.stream_merge import pick_device, stream_merge
+
+PLAN_COLUMNS = ("key", "block", "element", "alpha", "beta", "action")
+
+
+def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
+    plan = plan_merge(request, ctx.library, output_name=ctx.inputs["output"])
+    for warning in plan.warnings:
+        ctx.warn(warning)
+    ctx.progress(0, len(plan.keys), "hashing inputs")
+    hashes = {slot: ctx.library.hashes(path) for slot, path in plan.paths.items()}
+    metadata = merge_metadata(plan, ctx.request, hashes, request.output.metadata)
+    library = ctx.library
+    library.check_name_free(plan.output_name)
+    tmp = library.temp_path(plan.output_name)
+    device = pick_device(request.device)
+    try:
+        data_sha256 = stream_merge(
+            plan,
+            tmp,
+            metadata,
+            device=device,
+            seed=request.seed,
+            threads=max(2, min(4, os.cpu_count() or 2)),
+            check_cancel=ctx.check_cancel,
+            progress=lambda done, total: ctx.progress(done, total, "merging tensors"),
+        )
+        final = library.commit(tmp, plan.output_name)
+    finally:
+        tmp.unlink(missing_ok=True)
+    info = library.info(final)
+    result = {
+        "model": {"id": info.id, "name": info.name, "sha256": info.sha256, "short_hash": info.short_hash, "url": f"/v1/models/{info.id}"},
+        "arch": plan.arch.name,
+        "mode": plan.method.name,
+        "device": str(device),
+        "keys": len(plan.keys),
+        "actions": dict(sorted(Counter(k.action for k in plan.keys).items())),
+        "size_bytes": info.size_bytes,
+        "data_sha256": data_sha256,
+        "torch": torch.__version__,
+    }
+    return plan, result
+
+
+def run_merge(ctx: JobContext) -> dict:
+    _, result = _execute(ctx, MergeRequest.model_validate(ctx.request))
+    return result
+
+
+def run_elemental(ctx: JobContext) -> dict:
+    plan, result = _execute(ctx, ElementalRequest.model_validate(ctx.request))
+    ctx.write_artifact("plan.csv", plan_csv(plan), "text/csv")
+    return result
+
+
+def plan_csv(plan: MergePlan) -> bytes:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(PLAN_COLUMNS)
+    for k in plan.keys:
+        writer.writerow([k.key, k.block, k.element, "" if k.alpha is None else k.alpha, "" if k.beta is None else k.beta, k.action])
+    return out.getvalue().encode()
