@@ -32,12 +32,22 @@ def _field_path(loc: tuple) -> str:
 
 def _validation_problem(exc: RequestValidationError) -> Problem:
     errors = [
-        {"field": _field_path(tuple(e.get("loc", ()))), "message": e.get("msg", ""), "type": e.get("type", "")}
+        {
+            "field": _field_path(tuple(e.get("loc", ()))),
+            "message": e.get("msg", ""),
+            "type": e.get("type", ""),
+        }
         for e in exc.errors()
     ]
     first = errors[0] if errors else {"field": None, "message": "invalid request", "type": ""}
     if first["type"] == "json_invalid":
-        return Problem(400, "invalid-json", "Invalid JSON", f"the request body is not valid JSON: {first['message']}", field="body")
+        return Problem(
+            400,
+            "invalid-json",
+            "Invalid JSON",
+            f"the request body is not valid JSON: {first['message']}",
+            field="body",
+        )
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
     return Problem(422, "validation-error", "Invalid request", detail, field=first["field"], errors=errors)
 
@@ -54,18 +64,26 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
-        problem = Problem(exc.status_code, slug, str(exc.detail), str(exc.detail), headers=dict(exc.headers or {}))
+        problem = Problem(
+            exc.status_code, slug, str(exc.detail), str(exc.detail), headers=dict(exc.headers or {})
+        )
         return problem_response(problem, request)
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         problem = Problem(
-            503, "redis-unavailable", "Queue unavailable", f"Redis is not reachable: {exc}", headers={"Retry-After": "5"}
+            503,
+            "redis-unavailable",
+            "Queue unavailable",
+            f"Redis is not reachable: {exc}",
+            headers={"Retry-After": "5"},
         )
         return problem_response(problem, request)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(Problem(500, "internal-error", "Internal server error", type(exc).__name__), request)
+        return problem_response(
+            Problem(500, "internal-error", "Internal server error", type(exc).__name__), request
+        )

@@ -65,7 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for kind in KINDS.values():
                 components[kind.result_model.__name__] = kind.result_model.model_json_schema(
@@ -74,7 +76,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 for name, sub in components[kind.result_model.__name__].pop("$defs", {}).items():
                     components.setdefault(name, sub)
             schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer", "description": "Required when MERGEPROBE_API_KEYS is set."}
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "Required when MERGEPROBE_API_KEYS is set.",
+                }
             }
             schema["security"] = [{"bearer": []}, {}]
             app.openapi_schema = schema

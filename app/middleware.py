@@ -36,7 +36,12 @@ class BearerAuth:
         return False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in PUBLIC_PATHS or self._authorized(scope):
+        if (
+            scope["type"] != "http"
+            or not self.keys
+            or scope["path"] in PUBLIC_PATHS
+            or self._authorized(scope)
+        ):
             await self.app(scope, receive, send)
             return
         problem = Problem(

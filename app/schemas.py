@@ -20,7 +20,9 @@ class ProblemModel(BaseModel):
     instance: str | None = Field(default=None, examples=["/v1/jobs/inspect"])
     field: str | None = Field(default=None, examples=["model"])
     position: int | None = Field(default=None, examples=[7])
-    errors: list[dict[str, Any]] | None = Field(default=None, description="Every validation error, when several.")
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="Every validation error, when several."
+    )
 
 
 class Progress(BaseModel):
@@ -45,7 +47,9 @@ class Job(BaseModel):
     created_at: str = Field(examples=["2026-11-21T05:00:00.000Z"])
     started_at: str | None = None
     finished_at: str | None = None
-    request: dict[str, Any] = Field(description="The request body as validated.", examples=[{"model": "tiny-sd1-a"}])
+    request: dict[str, Any] = Field(
+        description="The request body as validated.", examples=[{"model": "tiny-sd1-a"}]
+    )
     inputs: dict[str, Any] = Field(
         default_factory=dict,
         description="What the request resolved to when it was accepted (model file names, architecture).",
@@ -72,12 +76,20 @@ class ModelInfoModel(BaseModel):
     arch: Literal["sd1", "sd2", "sdxl", "unknown"] = Field(description="Detected from key names and shapes.")
     format: Literal["safetensors", "ckpt"]
     size_bytes: int = Field(examples=[2132625894])
-    sha256: str = Field(description="Of the whole file; cached by size and mtime.", examples=["6ce0161689" + "0" * 54])
-    short_hash: str = Field(description="First 10 hex of sha256 (AUTOMATIC1111's hash).", examples=["6ce0161689"])
-    legacy_hash: str = Field(description="AUTOMATIC1111's old 8-hex hash of 64 KiB at 1 MiB.", examples=["7460a6fa"])
+    sha256: str = Field(
+        description="Of the whole file; cached by size and mtime.", examples=["6ce0161689" + "0" * 54]
+    )
+    short_hash: str = Field(
+        description="First 10 hex of sha256 (AUTOMATIC1111's hash).", examples=["6ce0161689"]
+    )
+    legacy_hash: str = Field(
+        description="AUTOMATIC1111's old 8-hex hash of 64 KiB at 1 MiB.", examples=["7460a6fa"]
+    )
     key_count: int = Field(examples=[1131])
     dtypes: dict[str, int] = Field(description="Tensor count per dtype.", examples=[{"F16": 1130, "I64": 1}])
-    metadata: dict[str, str] = Field(description="The safetensors `__metadata__`.", examples=[{"format": "pt"}])
+    metadata: dict[str, str] = Field(
+        description="The safetensors `__metadata__`.", examples=[{"format": "pt"}]
+    )
 
 
 class ModelList(BaseModel):
@@ -88,7 +100,9 @@ class ArchInfo(BaseModel):
     name: str = Field(examples=["sd1"])
     title: str = Field(examples=["Stable Diffusion 1.x"])
     blocks: list[str] = Field(description="U-Net blocks in U-Net order.", examples=[["IN00", "M00", "OUT00"]])
-    base: str = Field(default="BASE", description="The block of every key outside the U-Net (text encoders, VAE).")
+    base: str = Field(
+        default="BASE", description="The block of every key outside the U-Net (text encoders, VAE)."
+    )
     textless_blocks: list[str] = Field(description="Blocks with no cross-attention (they read no prompt).")
 
 

@@ -24,7 +24,9 @@ class AppState:
     @classmethod
     def build(cls, settings: Settings) -> AppState:
         if not settings.redis_url:
-            raise RuntimeError("REDIS_URL is not set (`mergeprobe serve` starts an embedded Redis when it is unset)")
+            raise RuntimeError(
+                "REDIS_URL is not set (`mergeprobe serve` starts an embedded Redis when it is unset)"
+            )
         connection = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=15
         )

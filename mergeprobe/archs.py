@@ -125,14 +125,16 @@ def detect_arch(tensors: Mapping[str, _HasShape]) -> str:
     unet_inputs = {
         int(m.group(2))
         for key in tensors
-        if key.startswith(UNET_PREFIX) and (m := _UNET_KEY.match(key[len(UNET_PREFIX) :]))
+        if key.startswith(UNET_PREFIX)
+        and (m := _UNET_KEY.match(key[len(UNET_PREFIX) :]))
         and m.group(1) == "input_blocks"
     }
     if not unet_inputs:
         return UNKNOWN
     depth = max(unet_inputs) + 1
     if depth == SDXL.input_blocks and (
-        f"{UNET_PREFIX}label_emb.0.0.weight" in tensors or any(k.startswith("conditioner.embedders.") for k in tensors)
+        f"{UNET_PREFIX}label_emb.0.0.weight" in tensors
+        or any(k.startswith("conditioner.embedders.") for k in tensors)
     ):
         return SDXL.name
     if depth != SD1.input_blocks:
@@ -142,7 +144,9 @@ def detect_arch(tensors: Mapping[str, _HasShape]) -> str:
     if any(k.startswith("cond_stage_model.transformer.") for k in tensors):
         return SD1.name
     # U-Net only: SD2 replaced the transformers' 1x1 conv proj_in with a linear layer.
-    proj_in = next((t for k, t in tensors.items() if k.startswith(UNET_PREFIX) and k.endswith("proj_in.weight")), None)
+    proj_in = next(
+        (t for k, t in tensors.items() if k.startswith(UNET_PREFIX) and k.endswith("proj_in.weight")), None
+    )
     if proj_in is None:
         return UNKNOWN
     return SD2.name if len(proj_in.shape) == 2 else SD1.name

@@ -46,7 +46,9 @@ class ArtifactStore:
 
     def path_of(self, job_id: str, name: str) -> Path:
         if ".." in name or not _ARTIFACT_NAME.match(name):
-            raise Problem(404, "unknown-artifact", "Unknown artifact", f"no artifact {name!r} in job {job_id}")
+            raise Problem(
+                404, "unknown-artifact", "Unknown artifact", f"no artifact {name!r} in job {job_id}"
+            )
         return self.job_dir(job_id) / name
 
     @contextmanager

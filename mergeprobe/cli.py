@@ -129,7 +129,9 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeprobe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the API (and, without REDIS_URL, an embedded Redis and workers)")
+    serve = sub.add_parser(
+        "serve", help="run the API (and, without REDIS_URL, an embedded Redis and workers)"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(func=cmd_serve)

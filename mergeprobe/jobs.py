@@ -40,7 +40,9 @@ def new_job_id() -> str:
 
 
 def body_fingerprint(kind: str, body: Any) -> str:
-    return hashlib.sha256(json.dumps([kind, body], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(
+        json.dumps([kind, body], sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 def problem_dict(status: int, slug: str, title: str, detail: str) -> dict[str, Any]:
@@ -90,7 +92,9 @@ class JobStore:
         if idempotency is not None:
             key, fingerprint = idempotency
             idem_key = f"{self.prefix}:idem:{hashlib.sha256(key.encode()).hexdigest()}"
-            claimed = self.redis.set(idem_key, json.dumps({"fp": fingerprint, "job": job_id}), nx=True, ex=IDEMPOTENCY_TTL)
+            claimed = self.redis.set(
+                idem_key, json.dumps({"fp": fingerprint, "job": job_id}), nx=True, ex=IDEMPOTENCY_TTL
+            )
             if not claimed:
                 seen = json.loads(self.redis.get(idem_key) or "{}")
                 if seen.get("fp") != fingerprint:
@@ -179,7 +183,9 @@ class JobStore:
         return jobs, None
 
     # -- transitions --------------------------------------------------------
-    def _transition(self, job_id: str, allowed: set[str] | frozenset[str], patch: dict[str, Any]) -> dict | None:
+    def _transition(
+        self, job_id: str, allowed: set[str] | frozenset[str], patch: dict[str, Any]
+    ) -> dict | None:
         """Apply `patch` if the job's status is in `allowed`; atomic against other writers."""
         key = self._job_key(job_id)
         with self.redis.pipeline() as pipe:
@@ -226,7 +232,9 @@ class JobStore:
         self.redis.set(self.heartbeat_key(job_id), "1", ex=self.settings.worker_ttl)
 
     def set_progress(self, job_id: str, completed: int, total: int, stage: str) -> None:
-        self._transition(job_id, {"running"}, {"progress": {"completed": completed, "total": total, "stage": stage}})
+        self._transition(
+            job_id, {"running"}, {"progress": {"completed": completed, "total": total, "stage": stage}}
+        )
 
     def finish(
         self,
@@ -294,7 +302,9 @@ class JobStore:
                 f"worker lost: the worker running this job stopped sending heartbeats for "
                 f"{self.settings.worker_ttl} s (killed, out of memory or its host went down)",
             )
-            job = self._transition(job_id, {"running"}, {"status": "failed", "finished_at": now_iso(), "error": error})
+            job = self._transition(
+                job_id, {"running"}, {"status": "failed", "finished_at": now_iso(), "error": error}
+            )
             if job is not None:
                 lost.append(job_id)
             else:
@@ -307,7 +317,9 @@ class JobStore:
     def purge_namespace(self) -> None:
         """Delete every key this store owns: its prefix, its rq queue and registries, and
         the rq records of its jobs (tests use a prefix of their own and clean up with this)."""
-        job_ids = [i.decode() if isinstance(i, bytes) else i for i in self.redis.zrange(self._index_key, 0, -1)]
+        job_ids = [
+            i.decode() if isinstance(i, bytes) else i for i in self.redis.zrange(self._index_key, 0, -1)
+        ]
         keys = [k for i in job_ids for k in (f"rq:job:{i}", f"rq:results:{i}", f"rq:job:{i}:dependents")]
         for pattern in (f"{self.prefix}:*", f"rq:*{self.prefix}-jobs*"):
             keys.extend(self.redis.scan_iter(match=pattern, count=1000))

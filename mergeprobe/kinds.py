@@ -26,14 +26,18 @@ class InspectRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "tiny-sd1-a"}]})
 
-    model: str = Field(description="Model id, file name, short hash or sha256 from the library.", examples=["tiny-sd1-a"])
+    model: str = Field(
+        description="Model id, file name, short hash or sha256 from the library.", examples=["tiny-sd1-a"]
+    )
 
 
 class BlockStats(BaseModel):
     block: str = Field(description="BASE, INnn, M00 or OUTnn.", examples=["IN04"])
     params: int = Field(description="Number of parameters (elements) in the block.", examples=[1234])
     tensors: int = Field(description="Number of tensors in the block.", examples=[12])
-    mean_abs: float | None = Field(description="Mean |w| over the block's floating-point parameters.", examples=[0.021])
+    mean_abs: float | None = Field(
+        description="Mean |w| over the block's floating-point parameters.", examples=[0.021]
+    )
     dtypes: dict[str, int] = Field(description="Tensor count per safetensors dtype.", examples=[{"F16": 12}])
 
 
@@ -73,7 +77,9 @@ class MergeResult(BaseModel):
     mode: str = Field(examples=["weighted_sum"])
     device: str = Field(examples=["cuda"])
     keys: int = Field(description="Tensors written.", examples=[1131])
-    actions: dict[str, int] = Field(description="Keys per plan action.", examples=[{"merge": 1100, "keep_a": 1}])
+    actions: dict[str, int] = Field(
+        description="Keys per plan action.", examples=[{"merge": 1100, "keep_a": 1}]
+    )
     size_bytes: int
     data_sha256: str = Field(description="sha256 of the tensor data (also modelspec.hash_sha256).")
     torch: str = Field(description="torch version that computed it.")

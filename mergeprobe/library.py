@@ -115,23 +115,43 @@ class ModelLibrary:
         """The resolved path, refusing symlinks that lead out of the library."""
         resolved = path.resolve()
         if resolved.parent != self.root.resolve() and self.root.resolve() not in resolved.parents:
-            raise Problem(400, "invalid-model-name", "Invalid model name", f"{ref!r} leads outside the model library", field=field)
+            raise Problem(
+                400,
+                "invalid-model-name",
+                "Invalid model name",
+                f"{ref!r} leads outside the model library",
+                field=field,
+            )
         return resolved
 
     def resolve(self, ref: str, *, field: str = "model") -> Path:
         """A model id, file name, short hash or sha256 → its path in the library."""
-        if not isinstance(ref, str) or not ref or len(ref) > _MAX_NAME or ".." in ref or not _NAME_RE.match(ref):
+        if (
+            not isinstance(ref, str)
+            or not ref
+            or len(ref) > _MAX_NAME
+            or ".." in ref
+            or not _NAME_RE.match(ref)
+        ):
             raise Problem(
-                400, "invalid-model-name", "Invalid model reference", f"{ref!r} is not a model id or name", field=field
+                400,
+                "invalid-model-name",
+                "Invalid model reference",
+                f"{ref!r} is not a model id or name",
+                field=field,
             )
         ids = self._ids()
         path = ids.get(ref)
         if path is None and ref.endswith(MODEL_EXTENSIONS) and (self.root / ref).is_file():
             path = self.root / ref
         if path is None and re.fullmatch(r"[0-9a-f]{10}|[0-9a-f]{64}", ref):
-            path = next((p for p in ids.values() if self._cached_hashes(p).get("sha256", "").startswith(ref)), None)
+            path = next(
+                (p for p in ids.values() if self._cached_hashes(p).get("sha256", "").startswith(ref)), None
+            )
         if path is None:
-            raise Problem(404, "unknown-model", "Unknown model", f"no model {ref!r} in the library", field=field)
+            raise Problem(
+                404, "unknown-model", "Unknown model", f"no model {ref!r} in the library", field=field
+            )
         return self._contained(path, ref, field)
 
     def id_of(self, path: Path) -> str:
@@ -235,7 +255,13 @@ class ModelLibrary:
                 os.link(tmp, final)  # atomic create-if-absent
             except FileExistsError:
                 tmp.unlink(missing_ok=True)
-                raise Problem(409, "model-exists", "Model exists", f"a model named {name!r} already exists", field="name") from None
+                raise Problem(
+                    409,
+                    "model-exists",
+                    "Model exists",
+                    f"a model named {name!r} already exists",
+                    field="name",
+                ) from None
             tmp.unlink()
         if sha256:
             self._store_hashes(final, sha256, legacy_hash_of(final))
@@ -244,9 +270,13 @@ class ModelLibrary:
     def check_name_free(self, name: str) -> None:
         stem = name.rsplit(".", 1)[0]
         if (self.root / name).exists() or stem in self._ids():
-            raise Problem(409, "model-exists", "Model exists", f"a model named {name!r} already exists", field="name")
+            raise Problem(
+                409, "model-exists", "Model exists", f"a model named {name!r} already exists", field="name"
+            )
 
-    async def store_upload(self, name: str, chunks: AsyncIterator[bytes], declared_length: int | None) -> ModelInfo:
+    async def store_upload(
+        self, name: str, chunks: AsyncIterator[bytes], declared_length: int | None
+    ) -> ModelInfo:
         """Stream an upload to disk while hashing it; validate it; then move it into place."""
         validate_model_name(name)
         self.check_name_free(name)
@@ -267,7 +297,9 @@ class ModelLibrary:
             try:
                 read_checkpoint_header(tmp)
             except CheckpointFormatError as exc:
-                raise Problem(400, "invalid-checkpoint", "Invalid checkpoint", f"{name}: {exc}", field="body") from exc
+                raise Problem(
+                    400, "invalid-checkpoint", "Invalid checkpoint", f"{name}: {exc}", field="body"
+                ) from exc
             final = self.commit(tmp, name, sha256=digest.hexdigest())
         finally:
             tmp.unlink(missing_ok=True)

@@ -12,7 +12,11 @@ from mergeprobe.merge_plan import MergePlan
 # the header carries this placeholder of the same length and is rewritten at the end.
 HASH_PLACEHOLDER = "0x" + "0" * 64
 
-_MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+_MODELSPEC_ARCH = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-512",
+    "sdxl": "stable-diffusion-xl-v1-base",
+}
 _MODELSPEC_IMPL = {
     "sd1": "https://github.com/Stability-AI/stablediffusion",
     "sd2": "https://github.com/Stability-AI/stablediffusion",

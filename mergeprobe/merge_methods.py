@@ -111,7 +111,9 @@ def train_difference(a, b, c, alpha, beta, rng):
     diff = b - c
     dist_ba = (b - a).abs_()
     total = diff.abs() + dist_ba
-    scale = torch.where(total != 0, dist_ba / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total))
+    scale = torch.where(
+        total != 0, dist_ba / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total)
+    )
     return a.add_(diff.mul_(scale), alpha=1.8 * alpha)
 
 
@@ -190,4 +192,6 @@ def slerp(a, b, c, alpha, beta, rng):
         return a.lerp_(b, alpha)
     omega = math.acos(cos)
     sin_omega = math.sin(omega)
-    return a.mul_(math.sin((1.0 - alpha) * omega) / sin_omega).add_(b, alpha=math.sin(alpha * omega) / sin_omega)
+    return a.mul_(math.sin((1.0 - alpha) * omega) / sin_omega).add_(
+        b, alpha=math.sin(alpha * omega) / sin_omega
+    )

@@ -66,11 +66,20 @@ class MergeOutput(BaseModel):
         examples=["my-merge.safetensors"],
     )
     dtype: Literal["fp16", "bf16", "fp32", "keep"] = Field(
-        default="fp16", description="Output dtype of floating-point tensors; `keep` keeps each input tensor's dtype."
+        default="fp16",
+        description="Output dtype of floating-point tensors; `keep` keeps each input tensor's dtype.",
     )
-    prune: bool = Field(default=False, description="Drop EMA and training-only keys (everything outside the U-Net, VAE and text encoders).")
-    bake_vae: str | None = Field(default=None, description="A model (full checkpoint or standalone VAE) whose VAE replaces the result's.")
-    metadata: dict[str, str] = Field(default_factory=dict, description="Extra string pairs for the output's `__metadata__`.")
+    prune: bool = Field(
+        default=False,
+        description="Drop EMA and training-only keys (everything outside the U-Net, VAE and text encoders).",
+    )
+    bake_vae: str | None = Field(
+        default=None,
+        description="A model (full checkpoint or standalone VAE) whose VAE replaces the result's.",
+    )
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="Extra string pairs for the output's `__metadata__`."
+    )
 
 
 class MergeRequest(BaseModel):
@@ -94,12 +103,27 @@ class MergeRequest(BaseModel):
 
     model_a: str = Field(description="Model id or name from the library: the base.", examples=["tiny-sd1-a"])
     model_b: str = Field(description="Model id or name: α is its share.", examples=["tiny-sd1-b"])
-    model_c: str | None = Field(default=None, description="Third model, only for modes that use one.", examples=["tiny-sd1-c"])
-    mode: MergeMode = Field(default="weighted_sum", description="Merge method (see the description for formulas).", examples=["weighted_sum"])
-    alpha: WeightValue = Field(default=0.5, description="α per block. " + _WEIGHT_DOC, examples=[0.5, "GRAD_V"])
-    beta: WeightValue | None = Field(default=None, description="β per block, for modes that use it. " + _WEIGHT_DOC)
-    base_alpha: float | None = Field(default=None, description="BASE's α (text encoders and VAE). Default: alpha when it is a number, else 0.")
-    base_beta: float | None = Field(default=None, description="BASE's β. Default: beta when it is a number, else the mode's default.")
+    model_c: str | None = Field(
+        default=None, description="Third model, only for modes that use one.", examples=["tiny-sd1-c"]
+    )
+    mode: MergeMode = Field(
+        default="weighted_sum",
+        description="Merge method (see the description for formulas).",
+        examples=["weighted_sum"],
+    )
+    alpha: WeightValue = Field(
+        default=0.5, description="α per block. " + _WEIGHT_DOC, examples=[0.5, "GRAD_V"]
+    )
+    beta: WeightValue | None = Field(
+        default=None, description="β per block, for modes that use it. " + _WEIGHT_DOC
+    )
+    base_alpha: float | None = Field(
+        default=None,
+        description="BASE's α (text encoders and VAE). Default: alpha when it is a number, else 0.",
+    )
+    base_beta: float | None = Field(
+        default=None, description="BASE's β. Default: beta when it is a number, else the mode's default."
+    )
     elemental: str | None = Field(
         default=None,
         description="Per-element overrides of α, applied last: `blocks:elements:ratio` entries separated by commas or newlines.",
@@ -177,18 +201,32 @@ class MergePlan:
 
     def inputs(self) -> dict[str, Any]:
         """What the job record keeps, so the worker re-plans from the same files."""
-        return {"arch": self.arch.name, "models": {k: p.name for k, p in self.paths.items()}, "output": self.output_name}
+        return {
+            "arch": self.arch.name,
+            "models": {k: p.name for k, p in self.paths.items()},
+            "output": self.output_name,
+        }
 
 
-def _resolve_models(request: MergeRequest, library: ModelLibrary) -> tuple[dict[str, Path], dict[str, CheckpointHeader]]:
+def _resolve_models(
+    request: MergeRequest, library: ModelLibrary
+) -> tuple[dict[str, Path], dict[str, CheckpointHeader]]:
     method = MERGE_METHODS[request.mode]
     refs = {"a": ("model_a", request.model_a), "b": ("model_b", request.model_b)}
     if method.needs_c:
         if not request.model_c:
-            raise Problem(400, "missing-model", "Invalid request", f"mode {method.name} needs model_c", field="model_c")
+            raise Problem(
+                400, "missing-model", "Invalid request", f"mode {method.name} needs model_c", field="model_c"
+            )
         refs["c"] = ("model_c", request.model_c)
     elif request.model_c and request.mode not in ("ties", "dare"):
-        raise Problem(400, "unused-model", "Invalid request", f"mode {method.name} does not use model_c", field="model_c")
+        raise Problem(
+            400,
+            "unused-model",
+            "Invalid request",
+            f"mode {method.name} does not use model_c",
+            field="model_c",
+        )
     elif request.model_c:
         refs["c"] = ("model_c", request.model_c)
     if request.output.bake_vae:
@@ -203,7 +241,13 @@ def _resolve_models(request: MergeRequest, library: ModelLibrary) -> tuple[dict[
 def _arch_of(headers: dict[str, CheckpointHeader]) -> Architecture:
     archs = {slot: detect_arch(h.tensors) for slot, h in headers.items() if slot != "vae"}
     if archs["a"] == UNKNOWN:
-        raise Problem(400, "unknown-architecture", "Unknown architecture", "model_a matches none of sd1, sd2, sdxl", field="model_a")
+        raise Problem(
+            400,
+            "unknown-architecture",
+            "Unknown architecture",
+            "model_a matches none of sd1, sd2, sdxl",
+            field="model_a",
+        )
     for slot, arch in archs.items():
         if arch != archs["a"]:
             raise Problem(
@@ -216,12 +260,16 @@ def _arch_of(headers: dict[str, CheckpointHeader]) -> Architecture:
     return get_arch(archs["a"])
 
 
-def _weights(value: Any, base: float | None, arch: Architecture, field_name: str, default_base: float | None) -> dict[str, float | None]:
+def _weights(
+    value: Any, base: float | None, arch: Architecture, field_name: str, default_base: float | None
+) -> dict[str, float | None]:
     weights = resolve_block_weights(value, arch, field=field_name)
     if base is not None:
         weights[BASE] = base
     elif weights[BASE] is None:
-        weights[BASE] = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default_base
+        weights[BASE] = (
+            float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default_base
+        )
     return weights
 
 
@@ -236,9 +284,15 @@ def _vae_tensors(header: CheckpointHeader) -> dict[str, str]:
     full = {k: k for k in header.tensors if k.startswith(VAE_PREFIX)}
     if full:
         return full
-    standalone = {VAE_PREFIX + k: k for k in header.tensors if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
+    standalone = {
+        VAE_PREFIX + k: k
+        for k in header.tensors
+        if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+    }
     if not standalone:
-        raise Problem(400, "not-a-vae", "Invalid request", "output.bake_vae has no VAE keys", field="output.bake_vae")
+        raise Problem(
+            400, "not-a-vae", "Invalid request", "output.bake_vae has no VAE keys", field="output.bake_vae"
+        )
     return standalone
 
 
@@ -250,7 +304,11 @@ def default_output_name(request: MergeRequest, paths: dict[str, Path]) -> str:
 def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str | None = None) -> MergePlan:
     if request.mode not in MERGE_METHODS:
         raise Problem(
-            400, "unknown-mode", "Invalid request", f"unknown mode {request.mode!r}; known: {', '.join(MERGE_METHODS)}", field="mode"
+            400,
+            "unknown-mode",
+            "Invalid request",
+            f"unknown mode {request.mode!r}; known: {', '.join(MERGE_METHODS)}",
+            field="mode",
         )
     method = MERGE_METHODS[request.mode]
     paths, headers = _resolve_models(request, library)
@@ -258,23 +316,49 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
     name = output_name or request.output.name or default_output_name(request, paths)
     validate_model_name(name, field="output.name")
     if not name.endswith(".safetensors"):
-        raise Problem(400, "invalid-model-name", "Invalid request", "the output is written as .safetensors", field="output.name")
+        raise Problem(
+            400,
+            "invalid-model-name",
+            "Invalid request",
+            "the output is written as .safetensors",
+            field="output.name",
+        )
 
     alphas = _weights(request.alpha, request.base_alpha, arch, "alpha", 0.0)
     if request.beta is None and request.base_beta is None:
         if method.beta_required:
-            raise Problem(400, "missing-beta", "Invalid request", f"mode {method.name} needs beta ({method.beta})", field="beta")
+            raise Problem(
+                400,
+                "missing-beta",
+                "Invalid request",
+                f"mode {method.name} needs beta ({method.beta})",
+                field="beta",
+            )
         betas: dict[str, float | None] = dict.fromkeys(arch.blocks)
     else:
         if method.beta is None:
-            raise Problem(400, "unused-beta", "Invalid request", f"mode {method.name} does not use beta", field="beta")
-        betas = _weights(request.beta if request.beta is not None else 0.0, request.base_beta, arch, "beta", None)
+            raise Problem(
+                400, "unused-beta", "Invalid request", f"mode {method.name} does not use beta", field="beta"
+            )
+        betas = _weights(
+            request.beta if request.beta is not None else 0.0, request.base_beta, arch, "beta", None
+        )
         if betas[BASE] is None:
             betas[BASE] = None if method.name == "scaled_sum" else 0.0
     rules_a = parse_elemental(request.elemental, arch, field="elemental") if request.elemental else []
-    rules_b = parse_elemental(request.elemental_beta, arch, field="elemental_beta") if request.elemental_beta else []
+    rules_b = (
+        parse_elemental(request.elemental_beta, arch, field="elemental_beta")
+        if request.elemental_beta
+        else []
+    )
     if rules_b and method.beta is None:
-        raise Problem(400, "unused-beta", "Invalid request", f"mode {method.name} does not use beta", field="elemental_beta")
+        raise Problem(
+            400,
+            "unused-beta",
+            "Invalid request",
+            f"mode {method.name} does not use beta",
+            field="elemental_beta",
+        )
 
     a, b = headers["a"].tensors, headers["b"].tensors
     c = headers["c"].tensors if "c" in headers else None
@@ -289,11 +373,17 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
         try:
             block, element = block_of_key(arch, key), element_of_key(arch, key)
         except ValueError as exc:
-            raise Problem(400, "unknown-key", "Invalid checkpoint", str(exc), field="model_a" if key in a else "model_b") from None
+            raise Problem(
+                400, "unknown-key", "Invalid checkpoint", str(exc), field="model_a" if key in a else "model_b"
+            ) from None
         alpha = alphas[block]
         beta = betas[block]
         if rules_a:
-            alpha = elemental_ratio(rules_a, block, element) if elemental_ratio(rules_a, block, element) is not None else alpha
+            alpha = (
+                elemental_ratio(rules_a, block, element)
+                if elemental_ratio(rules_a, block, element) is not None
+                else alpha
+            )
         if rules_b:
             over = elemental_ratio(rules_b, block, element)
             beta = over if over is not None else beta
@@ -301,10 +391,32 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
             src = headers["vae"].tensors[vae[key]]
             if key in a and a[key].shape != src.shape:
                 raise _shape_problem(key, a[key], src, "output.bake_vae")
-            keys.append(KeyPlan(key, block, element, None, None, "copy_vae", _out_dtype(request.output.dtype, src), src.shape))
+            keys.append(
+                KeyPlan(
+                    key,
+                    block,
+                    element,
+                    None,
+                    None,
+                    "copy_vae",
+                    _out_dtype(request.output.dtype, src),
+                    src.shape,
+                )
+            )
             continue
         if key not in a:
-            keys.append(KeyPlan(key, block, element, None, None, "copy_b", _out_dtype(request.output.dtype, b[key]), b[key].shape))
+            keys.append(
+                KeyPlan(
+                    key,
+                    block,
+                    element,
+                    None,
+                    None,
+                    "copy_b",
+                    _out_dtype(request.output.dtype, b[key]),
+                    b[key].shape,
+                )
+            )
             continue
         ta = a[key]
         out = _out_dtype(request.output.dtype, ta)
@@ -326,11 +438,19 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
             if other[key].shape != ta.shape and not _conv_in_channels_differ(key, ta, other[key]):
                 raise _shape_problem(key, ta, other[key], f"model_{slot}")
         else:
-            keys.append(KeyPlan(key, block, element, alpha, beta, _shortcut(method, alpha, beta), out, ta.shape))
+            keys.append(
+                KeyPlan(key, block, element, alpha, beta, _shortcut(method, alpha, beta), out, ta.shape)
+            )
     if method.name == "dare":
         for k in keys:
             if k.action == "merge" and not 0.0 <= (k.beta or 0.0) < 1.0:
-                raise Problem(400, "invalid-beta", "Invalid request", f"dare's β (drop probability) must be in [0, 1); {k.key} has {k.beta}", field="beta")
+                raise Problem(
+                    400,
+                    "invalid-beta",
+                    "Invalid request",
+                    f"dare's β (drop probability) must be in [0, 1); {k.key} has {k.beta}",
+                    field="beta",
+                )
     for rules, field_name in ((rules_a, "elemental"), (rules_b, "elemental_beta")):
         if rules:
             grouped = elements_by_block(arch, [k.key for k in keys])
@@ -354,7 +474,12 @@ def _shortcut(method: MergeMethod, alpha: float | None, beta: float | None) -> A
 
 def _conv_in_channels_differ(key: str, ta: TensorInfo, tb: TensorInfo) -> bool:
     """Inpainting (9 input channels) vs normal (4): the shared channels merge, A's others stay."""
-    return key == CONV_IN and len(ta.shape) == len(tb.shape) == 4 and ta.shape[0] == tb.shape[0] and ta.shape[2:] == tb.shape[2:]
+    return (
+        key == CONV_IN
+        and len(ta.shape) == len(tb.shape) == 4
+        and ta.shape[0] == tb.shape[0]
+        and ta.shape[2:] == tb.shape[2:]
+    )
 
 
 def _shape_problem(key: str, ta: TensorInfo, other: TensorInfo, field_name: str) -> Problem:

@@ -18,7 +18,9 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
     return count * DTYPE_SIZES[dtype]
 
 
-def build_header(entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+def build_header(
+    entries: Iterable[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
+) -> tuple[bytes, dict[str, tuple[int, int]]]:
     """(the 8-byte length + JSON header, key → [begin, end) in the data section),
     tensors laid out back to back in the order given."""
     table: dict[str, object] = {"__metadata__": metadata}

@@ -29,12 +29,16 @@ class Settings(BaseSettings):
     # REDIS_URL is the conventional name, so it carries no MERGEPROBE_ prefix.
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     api_keys: str = Field(default="", description="Comma-separated bearer tokens; empty disables auth.")
-    workers: int = Field(default=1, ge=0, description="Worker subprocesses started by `serve` in embedded mode.")
+    workers: int = Field(
+        default=1, ge=0, description="Worker subprocesses started by `serve` in embedded mode."
+    )
     max_upload_bytes: int = Field(default=16 * 1024**3, gt=0)
     max_request_bytes: int = Field(default=1024**2, gt=0, description="Cap on JSON request bodies.")
     key_prefix: str = Field(default="mergeprobe", description="Prefix of every Redis key and rq queue name.")
     job_timeouts: dict[str, int] = Field(default_factory=dict, description="JSON object kind -> seconds.")
-    worker_ttl: int = Field(default=20, ge=3, description="Seconds without a heartbeat before a worker is lost.")
+    worker_ttl: int = Field(
+        default=20, ge=3, description="Seconds without a heartbeat before a worker is lost."
+    )
     heartbeat_interval: float = Field(default=2.0, gt=0)
 
     @field_validator("job_timeouts", mode="before")

@@ -70,7 +70,13 @@ class Service:
     def settings(self, **overrides):
         from mergeprobe.settings import Settings
 
-        keys = ("REDIS_URL", "MERGEPROBE_DATA_DIR", "MERGEPROBE_KEY_PREFIX", "MERGEPROBE_WORKER_TTL", "MERGEPROBE_HEARTBEAT_INTERVAL")
+        keys = (
+            "REDIS_URL",
+            "MERGEPROBE_DATA_DIR",
+            "MERGEPROBE_KEY_PREFIX",
+            "MERGEPROBE_WORKER_TTL",
+            "MERGEPROBE_HEARTBEAT_INTERVAL",
+        )
         saved = {k: os.environ.get(k) for k in keys}
         os.environ.update({k: self.env[k] for k in keys})
         try:
@@ -142,7 +148,9 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):
         time.sleep(interval)
 
 
-def wait_for_job(client, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout: float = 60.0) -> dict:
+def wait_for_job(
+    client, job_id: str, statuses=("succeeded", "failed", "canceled"), timeout: float = 60.0
+) -> dict:
     def done():
         job = client.get(f"/v1/jobs/{job_id}").json()
         return job if job["status"] in statuses else None
@@ -156,7 +164,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from worker.tiny_models import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-models")
-    paths = {arch: write_tiny_checkpoint(arch, root / f"tiny-{arch}-a.safetensors", seed=1, dtype="fp16") for arch in ("sd1", "sd2", "sdxl")}
+    paths = {
+        arch: write_tiny_checkpoint(arch, root / f"tiny-{arch}-a.safetensors", seed=1, dtype="fp16")
+        for arch in ("sd1", "sd2", "sdxl")
+    }
     paths["sd1-b"] = write_tiny_checkpoint("sd1", root / "tiny-sd1-b.safetensors", seed=2, dtype="fp16")
     paths["sd1-ckpt"] = write_tiny_checkpoint("sd1", root / "tiny-sd1-c.ckpt", seed=3, dtype="fp32")
     return paths

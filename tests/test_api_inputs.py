@@ -35,14 +35,20 @@ def test_unknown_model_and_schema_errors(client):
     assert_problem(client.post("/v1/jobs/inspect", json={"model": "nope"}), 404, "model")
     assert_problem(client.post("/v1/jobs/inspect", json={}), 422, "model")
     assert_problem(client.post("/v1/jobs/inspect", json={"model": "x", "extra": 1}), 422, "extra")
-    body = assert_problem(client.post("/v1/jobs/inspect", content=b"{not json", headers={"content-type": "application/json"}), 400, "body")
+    body = assert_problem(
+        client.post("/v1/jobs/inspect", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "body",
+    )
     assert "JSON" in body["detail"]
     assert_problem(client.post("/v1/jobs/teleport", json={}), 404, "kind")
     assert_problem(client.get("/v1/jobs/0123456789abcdef01234567"), 404, "id")
     assert_problem(client.get("/v1/archs/sd9/blocks"), 404, "arch")
 
 
-@pytest.mark.parametrize("ref", ["../secret.safetensors", "..", "a/b.safetensors", ".hidden.safetensors", "x" * 300])
+@pytest.mark.parametrize(
+    "ref", ["../secret.safetensors", "..", "a/b.safetensors", ".hidden.safetensors", "x" * 300]
+)
 def test_path_traversal_in_model_refs(client, ref):
     response = client.post("/v1/jobs/inspect", json={"model": ref})
     assert response.status_code in (400, 404)
@@ -104,22 +110,30 @@ def test_upload_validation_and_cap(service, client, tiny_models, tmp_path):
     from app.main import create_app
 
     before = tree(service.data_dir)
-    assert_problem(client.post("/v1/models", params={"name": "../x.safetensors"}, content=b"abc"), 400, "name")
+    assert_problem(
+        client.post("/v1/models", params={"name": "../x.safetensors"}, content=b"abc"), 400, "name"
+    )
     assert_problem(client.post("/v1/models", params={"name": "x.exe"}, content=b"abc"), 400, "name")
-    assert_problem(client.post("/v1/models", params={"name": "junk.safetensors"}, content=b"not a model"), 400, "body")
+    assert_problem(
+        client.post("/v1/models", params={"name": "junk.safetensors"}, content=b"not a model"), 400, "body"
+    )
     assert tree(service.data_dir) == before
 
     small = create_app(service.settings(max_upload_bytes=1000))
     with TestClient(small) as capped:
         big = tiny_models["sd1"].read_bytes()
-        body = assert_problem(capped.post("/v1/models", params={"name": "big.safetensors"}, content=big), 413, "body")
+        body = assert_problem(
+            capped.post("/v1/models", params={"name": "big.safetensors"}, content=big), 413, "body"
+        )
         assert "1000" in body["detail"]
 
         def chunks():  # no Content-Length: the cap applies while streaming
             for i in range(0, len(big), 256):
                 yield big[i : i + 256]
 
-        assert_problem(capped.post("/v1/models", params={"name": "big.safetensors"}, content=chunks()), 413, "body")
+        assert_problem(
+            capped.post("/v1/models", params={"name": "big.safetensors"}, content=chunks()), 413, "body"
+        )
     assert tree(service.data_dir) == before
 
     data = tiny_models["sd1-b"].read_bytes()
@@ -131,11 +145,17 @@ def test_upload_validation_and_cap(service, client, tiny_models, tmp_path):
 
     assert info["sha256"] == hashlib.sha256(data).hexdigest() and info["short_hash"] == info["sha256"][:10]
     assert info["arch"] == "sd1" and info["size_bytes"] == len(data)
-    assert_problem(client.post("/v1/models", params={"name": "uploaded.safetensors"}, content=data), 409, "name")
+    assert_problem(
+        client.post("/v1/models", params={"name": "uploaded.safetensors"}, content=data), 409, "name"
+    )
 
 
 def test_json_body_over_cap(client):
-    response = client.post("/v1/jobs/inspect", content=b"[" + b"1," * 700_000 + b"1]", headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/jobs/inspect",
+        content=b"[" + b"1," * 700_000 + b"1]",
+        headers={"content-type": "application/json"},
+    )
     assert_problem(response, 413, "body")
 
 

@@ -37,7 +37,9 @@ def test_inspect_job_end_to_end_with_range_and_etag(service, client, sd1):
     result = job["result"]
     assert result["arch"] == "sd1"
     blocks = [b["block"] for b in result["blocks"]]
-    assert blocks == ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+    assert blocks == ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["M00"] + [
+        f"OUT{i:02d}" for i in range(12)
+    ]
     # Every parameter of the file is counted in exactly one block.
     from mergeprobe.checkpoint_headers import read_checkpoint_header
 

@@ -44,7 +44,11 @@ def test_merge_job_writes_a_loadable_model_that_chains(service, client, library)
     out = load_file(library / "blend.safetensors")
     a = load_file(library / "tiny-sd1-a.safetensors")
     b = load_file(library / "tiny-sd1-b.safetensors")
-    for key, alpha in ((IN04_CONV, 0.25), (CROSS_ATTN_K, 0.75), ("first_stage_model.decoder.conv_in.weight", 0.1)):
+    for key, alpha in (
+        (IN04_CONV, 0.25),
+        (CROSS_ATTN_K, 0.75),
+        ("first_stage_model.decoder.conv_in.weight", 0.1),
+    ):
         expected = a[key].float() * (1 - alpha) + b[key].float() * alpha
         torch.testing.assert_close(out[key], expected, rtol=0, atol=1e-6)
     with safe_open(library / "blend.safetensors", "pt") as fh:
@@ -56,7 +60,15 @@ def test_merge_job_writes_a_loadable_model_that_chains(service, client, library)
     assert recipe["models"]["a"] == {"name": "tiny-sd1-a.safetensors", "sha256": info_a["sha256"]}
     # The result is in the library, with its arch detected: merges chain.
     assert client.get("/v1/models/blend").json()["arch"] == "sd1"
-    chained = client.post("/v1/jobs/merge", json={"model_a": "blend", "model_b": "tiny-sd1-a", "alpha": 0.5, "output": {"name": "second.safetensors"}}).json()
+    chained = client.post(
+        "/v1/jobs/merge",
+        json={
+            "model_a": "blend",
+            "model_b": "tiny-sd1-a",
+            "alpha": 0.5,
+            "output": {"name": "second.safetensors"},
+        },
+    ).json()
     chained = wait_for_job(client, chained["id"], timeout=120)
     assert chained["status"] == "succeeded", chained
     with safe_open(library / "second.safetensors", "pt") as fh:
@@ -77,7 +89,12 @@ def test_merge_job_writes_a_loadable_model_that_chains(service, client, library)
 
 def test_elemental_job_writes_plan_csv(service, client, library):
     service.start_worker()
-    body = {"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "alpha": 0.5, "elemental": "OUT05:attn2:0.2\nOUT05:attn2.to_k:0,IN99:x:1"}
+    body = {
+        "model_a": "tiny-sd1-a",
+        "model_b": "tiny-sd1-b",
+        "alpha": 0.5,
+        "elemental": "OUT05:attn2:0.2\nOUT05:attn2.to_k:0,IN99:x:1",
+    }
     bad = client.post("/v1/jobs/elemental", json=body)
     assert bad.status_code == 400 and bad.headers["content-type"] == PROBLEM
     problem = bad.json()
@@ -95,7 +112,15 @@ def test_elemental_job_writes_plan_csv(service, client, library):
 
 
 def test_dry_run_plan_and_validation(client, library):
-    plan = client.post("/v1/plans/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "alpha": "GRAD_V", "elemental": "BASE:first_stage_model:0"})
+    plan = client.post(
+        "/v1/plans/merge",
+        json={
+            "model_a": "tiny-sd1-a",
+            "model_b": "tiny-sd1-b",
+            "alpha": "GRAD_V",
+            "elemental": "BASE:first_stage_model:0",
+        },
+    )
     assert plan.status_code == 200, plan.text
     keys = {k["key"]: k for k in plan.json()["keys"]}
     assert keys["first_stage_model.decoder.conv_in.weight"]["action"] == "copy_a"
@@ -106,24 +131,49 @@ def test_dry_run_plan_and_validation(client, library):
     mismatch = client.post("/v1/plans/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sdxl-a"})
     assert mismatch.status_code == 400 and mismatch.json()["field"] == "model_b"
     spec = "IN00-IN05:0.2, M00:1, OUT00-OUT99:0.7"
-    bad_spec = client.post("/v1/plans/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "alpha": spec})
+    bad_spec = client.post(
+        "/v1/plans/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "alpha": spec}
+    )
     body = bad_spec.json()
-    assert bad_spec.status_code == 400 and body["field"] == "alpha" and spec[body["position"] :].startswith("OUT99")
-    short_list = client.post("/v1/plans/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "alpha": [0.5] * 7})
+    assert (
+        bad_spec.status_code == 400
+        and body["field"] == "alpha"
+        and spec[body["position"] :].startswith("OUT99")
+    )
+    short_list = client.post(
+        "/v1/plans/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "alpha": [0.5] * 7}
+    )
     assert short_list.status_code == 400 and "25" in short_list.json()["detail"]
-    needs_c = client.post("/v1/plans/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "mode": "add_difference"})
+    needs_c = client.post(
+        "/v1/plans/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "mode": "add_difference"}
+    )
     assert needs_c.status_code == 400 and needs_c.json()["field"] == "model_c"
-    bad_mode = client.post("/v1/plans/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "mode": "average"})
+    bad_mode = client.post(
+        "/v1/plans/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "mode": "average"}
+    )
     assert bad_mode.status_code == 422 and bad_mode.json()["field"] == "mode"
-    taken = client.post("/v1/jobs/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "output": {"name": "tiny-sd1-a.safetensors"}})
+    taken = client.post(
+        "/v1/jobs/merge",
+        json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "output": {"name": "tiny-sd1-a.safetensors"}},
+    )
     assert taken.status_code == 409 and taken.json()["field"] == "name"
 
 
 def test_cancel_running_merge_removes_partial_file(service, client, library):
     service.start_worker(MERGEPROBE_DEBUG_TENSOR_DELAY="0.01")
-    job = client.post("/v1/jobs/merge", json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "output": {"name": "never.safetensors"}}).json()
-    wait_for(lambda: client.get(f"/v1/jobs/{job['id']}").json()["progress"]["stage"] == "merging tensors", timeout=60)
+    job = client.post(
+        "/v1/jobs/merge",
+        json={"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "output": {"name": "never.safetensors"}},
+    ).json()
+    wait_for(
+        lambda: client.get(f"/v1/jobs/{job['id']}").json()["progress"]["stage"] == "merging tensors",
+        timeout=60,
+    )
     client.delete(f"/v1/jobs/{job['id']}")
     job = wait_for_job(client, job["id"], timeout=10)
     assert job["status"] == "canceled"
-    assert sorted(p.name for p in library.iterdir()) == ["tiny-sd1-a.safetensors", "tiny-sd1-b.safetensors", "tiny-sdxl-a.safetensors"]
+    assert sorted(p.name for p in library.iterdir()) == [
+        "tiny-sd1-a.safetensors",
+        "tiny-sd1-b.safetensors",
+        "tiny-sdxl-a.safetensors",
+    ]

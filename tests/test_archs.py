@@ -21,14 +21,22 @@ def test_block_lists():
 @pytest.mark.parametrize(
     ("key", "block", "element"),
     [
-        (P + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight", "IN04", "1.transformer_blocks.0.attn2.to_k.weight"),
+        (
+            P + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+            "IN04",
+            "1.transformer_blocks.0.attn2.to_k.weight",
+        ),
         (P + "input_blocks.0.0.weight", "IN00", "0.weight"),
         (P + "time_embed.0.weight", "IN00", "time_embed.0.weight"),
         (P + "middle_block.1.proj_in.weight", "M00", "1.proj_in.weight"),
         (P + "output_blocks.11.1.norm.bias", "OUT11", "1.norm.bias"),
         (P + "out.2.weight", "OUT11", "out.2.weight"),
         ("first_stage_model.decoder.conv_in.weight", "BASE", "first_stage_model.decoder.conv_in.weight"),
-        ("cond_stage_model.transformer.text_model.final_layer_norm.weight", "BASE", "cond_stage_model.transformer.text_model.final_layer_norm.weight"),
+        (
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+            "BASE",
+            "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+        ),
     ],
 )
 def test_sd1_key_to_block_and_element(key, block, element):

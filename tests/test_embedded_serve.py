@@ -72,7 +72,8 @@ def test_serve_embedded_runs_jobs_and_keeps_queued_ones_across_restart(tmp_path,
     try:
         wait_for(lambda: _up(base), timeout=60)
         done = wait_for(
-            lambda: (j := httpx.get(f"{base}/v1/jobs/{job['id']}").json())["status"] == "succeeded" and j, timeout=120
+            lambda: (j := httpx.get(f"{base}/v1/jobs/{job['id']}").json())["status"] == "succeeded" and j,
+            timeout=120,
         )
         assert done["result"]["arch"] == "sd1"
         assert httpx.get(f"{base}{done['artifacts'][0]['url']}").status_code == 200

@@ -27,7 +27,9 @@ def test_committed_openapi_is_fresh():
     from mergeprobe.cli import openapi_document
 
     committed = json.loads((REPO / "openapi" / "openapi.json").read_text())
-    assert committed == json.loads(json.dumps(openapi_document())), "openapi/openapi.json is stale: run `mergeprobe openapi`"
+    assert committed == json.loads(json.dumps(openapi_document())), (
+        "openapi/openapi.json is stale: run `mergeprobe openapi`"
+    )
 
 
 def test_openapi_documents_every_operation():
@@ -39,10 +41,22 @@ def test_openapi_documents_every_operation():
         for method, op in ops.items():
             assert op.get("summary"), f"{method.upper()} {path} has no summary"
             assert op.get("responses"), f"{method.upper()} {path} has no responses"
-    for name in ("Job", "ProblemModel", "ModelInfoModel", "InspectRequest", "InspectResult", "Artifact", "Progress"):
+    for name in (
+        "Job",
+        "ProblemModel",
+        "ModelInfoModel",
+        "InspectRequest",
+        "InspectResult",
+        "Artifact",
+        "Progress",
+    ):
         assert name in schemas
     for name in ("Job", "ModelInfoModel", "Artifact", "Progress", "InspectRequest"):
         props = schemas[name]["properties"]
-        documented = [p for p, s in props.items() if s.get("description") or s.get("examples") or "$ref" in s or "allOf" in s]
+        documented = [
+            p
+            for p, s in props.items()
+            if s.get("description") or s.get("examples") or "$ref" in s or "allOf" in s
+        ]
         assert len(documented) >= len(props) // 2, f"{name}: most fields lack descriptions/examples"
     assert "/v1/jobs/inspect" in doc["paths"] and "/v1/jobs/{id}/events" in doc["paths"]

@@ -46,14 +46,20 @@ def run_job(job_id: str) -> str:
             job_id,
             "canceled",
             artifacts=[],
-            error=problem_dict(409, "job-canceled", "Job canceled", "canceled while running; partial files removed"),
+            error=problem_dict(
+                409, "job-canceled", "Job canceled", "canceled while running; partial files removed"
+            ),
         )
         return "canceled"
     except JobTimeoutException:
         runtime.artifacts.remove_job(job_id)
         timeout = runtime.settings.timeout_for(job["kind"])
-        detail = f"the job ran longer than its {timeout} s limit for {job['kind']} jobs (MERGEPROBE_JOB_TIMEOUTS)"
-        store.finish(job_id, "failed", artifacts=[], error=problem_dict(504, "job-timeout", "Job timed out", detail))
+        detail = (
+            f"the job ran longer than its {timeout} s limit for {job['kind']} jobs (MERGEPROBE_JOB_TIMEOUTS)"
+        )
+        store.finish(
+            job_id, "failed", artifacts=[], error=problem_dict(504, "job-timeout", "Job timed out", detail)
+        )
         return "failed"
     except Problem as problem:
         runtime.artifacts.remove_job(job_id)
@@ -63,7 +69,9 @@ def run_job(job_id: str) -> str:
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         runtime.artifacts.remove_job(job_id)
         detail = f"{type(exc).__name__}: {exc}"
-        store.finish(job_id, "failed", artifacts=[], error=problem_dict(500, "job-error", "Job failed", detail))
+        store.finish(
+            job_id, "failed", artifacts=[], error=problem_dict(500, "job-error", "Job failed", detail)
+        )
         return "failed"
     finally:
         with runtime.lock:

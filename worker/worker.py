@@ -64,7 +64,12 @@ class MergeprobeWorker(SimpleWorker):
         self.runtime = runtime
 
     def work(self, *args, **kwargs) -> bool:
-        info = {"name": self.runtime.name, "pid": os.getpid(), "host": socket.gethostname(), "device": _device_name()}
+        info = {
+            "name": self.runtime.name,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "device": _device_name(),
+        }
         heartbeat = Heartbeat(self.runtime, info)
         heartbeat.start()
         try:

@@ -12,7 +12,13 @@ router = APIRouter(prefix="/v1/archs", tags=["architectures"])
 def _arch(name: str) -> Architecture:
     arch = ARCHITECTURES.get(name)
     if arch is None:
-        raise Problem(404, "unknown-architecture", "Unknown architecture", f"no architecture {name!r}; known: {', '.join(ARCHITECTURES)}", field="arch")
+        raise Problem(
+            404,
+            "unknown-architecture",
+            "Unknown architecture",
+            f"no architecture {name!r}; known: {', '.join(ARCHITECTURES)}",
+            field="arch",
+        )
     return arch
 
 
@@ -20,7 +26,12 @@ def _arch(name: str) -> Architecture:
 def list_archs() -> ArchList:
     return ArchList(
         archs=[
-            ArchInfo(name=a.name, title=a.title, blocks=list(a.unet_blocks), textless_blocks=sorted(a.textless_blocks))
+            ArchInfo(
+                name=a.name,
+                title=a.title,
+                blocks=list(a.unet_blocks),
+                textless_blocks=sorted(a.textless_blocks),
+            )
             for a in ARCHITECTURES.values()
         ]
     )

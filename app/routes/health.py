@@ -24,5 +24,11 @@ def readyz(state: AppState = Depends(get_state)) -> Health:
     state.redis.ping()
     workers = len(state.store.live_workers())
     if workers == 0:
-        raise Problem(503, "no-workers", "Not ready", "no live worker is attached to the queue", headers={"Retry-After": "5"})
+        raise Problem(
+            503,
+            "no-workers",
+            "Not ready",
+            "no live worker is attached to the queue",
+            headers={"Retry-After": "5"},
+        )
     return Health(status="ok", workers=workers, queued=state.store.queue_depth())

@@ -67,14 +67,22 @@ for _kind in KINDS.values():
 
 @router.post("/{kind}", include_in_schema=False)
 def submit_unknown_kind(kind: str) -> None:
-    raise Problem(404, "unknown-job-kind", "Unknown job kind", f"no job kind {kind!r}; known: {', '.join(KINDS)}", field="kind")
+    raise Problem(
+        404,
+        "unknown-job-kind",
+        "Unknown job kind",
+        f"no job kind {kind!r}; known: {', '.join(KINDS)}",
+        field="kind",
+    )
 
 
 @router.get("", response_model=JobList, summary="Jobs, newest first")
 def list_jobs(
     kind: str | None = Query(default=None, description="Only jobs of this kind.", examples=["inspect"]),
     status: JobStatus | None = Query(default=None, description="Only jobs in this status."),
-    cursor: str | None = Query(default=None, pattern="^[0-9a-f]{24}$", description="`next_cursor` of the previous page."),
+    cursor: str | None = Query(
+        default=None, pattern="^[0-9a-f]{24}$", description="`next_cursor` of the previous page."
+    ),
     limit: int = Query(default=50, ge=1, le=500),
     state: AppState = Depends(get_state),
 ) -> dict:
@@ -105,7 +113,10 @@ def cancel_job(id: str, state: AppState = Depends(get_state)) -> dict:
     summary="Progress as Server-Sent Events",
     description="An `event: job` carrying the job JSON whenever it changes, then `event: end` once it is "
     "succeeded, failed or canceled. Comments keep the connection alive.",
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}, 404: {"model": ProblemModel}},
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        404: {"model": ProblemModel},
+    },
     response_class=StreamingResponse,
 )
 async def job_events(id: str, request: Request, state: AppState = Depends(get_state)) -> StreamingResponse:
@@ -151,7 +162,9 @@ def get_artifact(id: str, name: str, request: Request, state: AppState = Depends
     record = next((a for a in job["artifacts"] if a["name"] == name), None)
     path = state.artifacts.path_of(id, name)
     if record is None or not path.is_file():
-        raise Problem(404, "unknown-artifact", "Unknown artifact", f"job {id} has no artifact {name!r}", field="name")
+        raise Problem(
+            404, "unknown-artifact", "Unknown artifact", f"job {id} has no artifact {name!r}", field="name"
+        )
     etag = f'"{record["sha256"]}"'
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"ETag": etag})

@@ -41,11 +41,16 @@ def get_model(id: str, state: AppState = Depends(get_state)) -> dict:
 async def upload_model(
     request: Request,
     response: Response,
-    name: str = Query(description="File name in the library, ending .safetensors or .ckpt.", examples=["my-merge.safetensors"]),
+    name: str = Query(
+        description="File name in the library, ending .safetensors or .ckpt.",
+        examples=["my-merge.safetensors"],
+    ),
     state: AppState = Depends(get_state),
 ) -> dict:
     length = request.headers.get("content-length")
-    info = await state.library.store_upload(name, request.stream(), int(length) if length and length.isdigit() else None)
+    info = await state.library.store_upload(
+        name, request.stream(), int(length) if length and length.isdigit() else None
+    )
     response.headers["Location"] = f"/v1/models/{info.id}"
     return info.to_dict()
 

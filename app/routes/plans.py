@@ -15,10 +15,14 @@ router = APIRouter(tags=["plans"])
 
 
 class KeyPlanModel(BaseModel):
-    key: str = Field(examples=["model.diffusion_model.output_blocks.5.1.transformer_blocks.0.attn2.to_k.weight"])
+    key: str = Field(
+        examples=["model.diffusion_model.output_blocks.5.1.transformer_blocks.0.attn2.to_k.weight"]
+    )
     block: str = Field(examples=["OUT05"])
     element: str = Field(examples=["1.transformer_blocks.0.attn2.to_k.weight"])
-    alpha: float | None = Field(description="α for this key; null when no arithmetic happens.", examples=[0.2])
+    alpha: float | None = Field(
+        description="α for this key; null when no arithmetic happens.", examples=[0.2]
+    )
     beta: float | None = Field(examples=[None])
     action: str = Field(
         description="`merge`, `copy_a` (A's tensor as is, also when α makes the result exactly A), `copy_b`, "
@@ -55,4 +59,8 @@ def plan(body: MergeRequest, state: AppState = Depends(get_state)) -> dict[str, 
 
 @router.get("/v1/presets", response_model=PresetList, summary="Block-weight presets")
 def presets() -> dict[str, Any]:
-    return {"presets": {name: {k: list(v) for k, v in presets_for(arch).items()} for name, arch in ARCHITECTURES.items()}}
+    return {
+        "presets": {
+            name: {k: list(v) for k, v in presets_for(arch).items()} for name, arch in ARCHITECTURES.items()
+        }
+    }

@@ -53,7 +53,12 @@ def run_inspect(ctx: JobContext) -> dict:
             ctx.progress(done, total, "reading tensors")
     rows = [acc.row(block) for block, acc in blocks.items()]
     ctx.write_artifact("blocks.csv", _csv(rows), "text/csv")
-    return {"model": path.name, "arch": arch.name, "total_params": sum(r["params"] for r in rows), "blocks": rows}
+    return {
+        "model": path.name,
+        "arch": arch.name,
+        "total_params": sum(r["params"] for r in rows),
+        "blocks": rows,
+    }
 
 
 def _csv(rows: list[dict]) -> bytes:

@@ -44,7 +44,13 @@ def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
         tmp.unlink(missing_ok=True)
     info = library.info(final)
     result = {
-        "model": {"id": info.id, "name": info.name, "sha256": info.sha256, "short_hash": info.short_hash, "url": f"/v1/models/{info.id}"},
+        "model": {
+            "id": info.id,
+            "name": info.name,
+            "sha256": info.sha256,
+            "short_hash": info.short_hash,
+            "url": f"/v1/models/{info.id}",
+        },
         "arch": plan.arch.name,
         "mode": plan.method.name,
         "device": str(device),
@@ -73,5 +79,14 @@ def plan_csv(plan: MergePlan) -> bytes:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(PLAN_COLUMNS)
     for k in plan.keys:
-        writer.writerow([k.key, k.block, k.element, "" if k.alpha is None else k.alpha, "" if k.beta is None else k.beta, k.action])
+        writer.writerow(
+            [
+                k.key,
+                k.block,
+                k.element,
+                "" if k.alpha is None else k.alpha,
+                "" if k.beta is None else k.beta,
+                k.action,
+            ]
+        )
     return out.getvalue().encode()
