@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from mergeprobe.checkpoint_headers import read_checkpoint_header
 
 from mergeprobe.archs import ARCHITECTURES, SD1, SDXL, block_of_key, detect_arch, element_of_key, get_arch
+from mergeprobe.checkpoint_headers import read_checkpoint_header
 
 P = "model.diffusion_model."
 
