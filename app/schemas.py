@@ -115,6 +115,15 @@ class BlockList(BaseModel):
     blocks: list[str] = Field(description="U-Net blocks in U-Net order (BASE not included).")
 
 
+class ElementTable(BaseModel):
+    arch: str = Field(examples=["sd1"])
+    base: dict[str, Any] = Field(description="BASE has no table: its element is the full key; key counts by prefix.")
+    blocks: dict[str, list[str]] = Field(
+        description="U-Net block → sorted element names.",
+        examples=[{"OUT05": ["1.transformer_blocks.0.attn2.to_k.weight"]}],
+    )
+
+
 class Health(BaseModel):
     status: str = Field(examples=["ok"])
     workers: int | None = Field(default=None, description="Live workers (readyz only).")

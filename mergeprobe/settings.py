@@ -40,6 +40,15 @@ class Settings(BaseSettings):
         default=20, ge=3, description="Seconds without a heartbeat before a worker is lost."
     )
     heartbeat_interval: float = Field(default=2.0, gt=0)
+    pipeline_configs_dir: Path | None = Field(
+        default=None,
+        description="Diffusers pipeline config directories per architecture (DIR/sd1, DIR/sd2, DIR/sdxl: "
+        "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) for loading full-size "
+        "single-file checkpoints offline.",
+    )
+    pipeline_cache_bytes: int = Field(
+        default=8 * 1024**3, ge=0, description="Worker memory for cached pipelines (LRU by model sha256)."
+    )
 
     @field_validator("job_timeouts", mode="before")
     @classmethod

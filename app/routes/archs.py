@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.schemas import ArchInfo, ArchList, BlockList, ProblemModel
+from app.schemas import ArchInfo, ArchList, BlockList, ElementTable, ProblemModel
 from mergeprobe.archs import ARCHITECTURES, Architecture
+from mergeprobe.elements import element_table_document
 from mergeprobe.problems import Problem
 
 router = APIRouter(prefix="/v1/archs", tags=["architectures"])
@@ -45,3 +46,17 @@ def list_archs() -> ArchList:
 )
 def arch_blocks(arch: str) -> BlockList:
     return BlockList(arch=arch, blocks=list(_arch(arch).unet_blocks))
+
+
+@router.get(
+    "/{arch}/elements",
+    response_model=ElementTable,
+    summary="Element names of every block (for elemental specs)",
+    description="The key of every tensor of a real full-size checkpoint, relative to its block "
+    "(`1.transformer_blocks.0.attn2.to_k.weight`), per U-Net block. Elemental entries match substrings "
+    "of these; for BASE the element is the full key.",
+    responses={404: {"model": ProblemModel}},
+)
+def arch_elements(arch: str) -> dict:
+    _arch(arch)
+    return element_table_document(arch)

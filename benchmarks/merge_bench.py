@@ -1,0 +1,454 @@
+"""Full-size merge benchmark: mergeprobe's streaming engine against sd-mecha, the I/O floor and a naive merge.
+
+    python benchmarks/merge_bench.py [--arch sd1|sdxl] [--dir DIR] [--keep] [--runs engine,mecha,floor,naive,job]
+
+Two full-size random fp16 checkpoints of the arch (the real key names and shapes, from
+``worker.full_layouts``) are written into DIR/models (reused with --keep when present) and read
+once to warm the page cache. Each run then happens in a fresh subprocess, so its peak memory is
+its own; the parent samples the child's /proc/<pid>/status every 20 ms for RssAnon (anonymous
+memory: what the process itself allocated, as opposed to file pages of the page cache, which
+memory-mapped inputs and written outputs use) and VmHWM (peak RSS, file pages included).
+
+Runs (the seconds are those of the timed section, measured in the child):
+
+* engine  ``worker.stream_merge.stream_merge`` on a ``plan_merge`` plan: weighted_sum with 26 block
+          weights (BASE and 25 different U-Net values), fp16 output, threads as the job path uses.
+* job     the whole merge job path (``worker.engines.merge.run_merge`` with a stand-in job context):
+          planning, sha256 of both inputs (cold hash cache), the merge, registering the output
+          (which hashes it as well).
+* mecha   sd-mecha's ``weighted_sum`` with the same 26 block weights (``sd1-supermerger_blocks`` /
+          ``sdxl-supermerger_blocks`` converted to the LDM config), its default settings, 2 threads.
+* floor   the I/O floor: read both inputs fully and write one file of the same size, 16 MB at a
+          time, no arithmetic.
+* naive   load everything: ``safetensors.torch.load_file`` both, a weighted sum per key in fp32,
+          ``save_file``.
+
+Outputs are deleted after each run; inputs only without --keep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+CHUNK = 16 * 1024 * 1024
+SAMPLE_EVERY = 0.02
+MODEL_A, MODEL_B = "bench-a", "bench-b"
+ALL_RUNS = ("engine", "job", "mecha", "floor", "naive")
+
+
+# ----------------------------------------------------------------------------------- weights
+
+
+def block_weights(arch_name: str) -> dict[str, float]:
+    """BASE 0.3 and a gradient over the U-Net blocks, every value different and none 0 or 1
+    (0 and 1 would let the engine copy bytes instead of merging)."""
+    from mergeprobe.archs import BASE, get_arch
+
+    blocks = get_arch(arch_name).unet_blocks
+    weights = {BASE: 0.3}
+    for i, block in enumerate(blocks):
+        weights[block] = round(0.1 + 0.8 * i / (len(blocks) - 1), 4)
+    return weights
+
+
+def merge_request(arch_name: str, output_name: str):
+    from mergeprobe.merge_plan import MergeRequest
+
+    weights = block_weights(arch_name)
+    return MergeRequest(
+        model_a=MODEL_A,
+        model_b=MODEL_B,
+        mode="weighted_sum",
+        alpha=list(weights.values()),  # BASE first, then the U-Net blocks in order
+        output={"name": output_name, "dtype": "fp16"},
+        device="cpu",
+    )
+
+
+# ------------------------------------------------------------------------------ child runs
+
+
+def _rss_anon_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _library(directory: Path):
+    from mergeprobe.library import ModelLibrary
+    from mergeprobe.settings import Settings
+
+    return ModelLibrary(Settings())
+
+
+def child_engine(arch: str, directory: Path) -> dict:
+    import torch
+
+    from mergeprobe.merge_metadata import merge_metadata
+    from mergeprobe.merge_plan import plan_merge
+    from worker.stream_merge import stream_merge
+
+    library = _library(directory)
+    request = merge_request(arch, "bench-out-engine.safetensors")
+    t0 = time.perf_counter()
+    plan = plan_merge(request, library)
+    plan_s = time.perf_counter() - t0
+    fake_hashes = {slot: ("0" * 64, "00000000") for slot in plan.paths}
+    metadata = merge_metadata(plan, request.model_dump(), fake_hashes, {})
+    out = library.root / plan.output_name
+    threads = max(2, min(4, os.cpu_count() or 2))  # what worker/engines/merge.py uses
+    baseline = _rss_anon_mb()
+    t0 = time.perf_counter()
+    stream_merge(plan, out, metadata, device=torch.device("cpu"), threads=threads)
+    seconds = time.perf_counter() - t0
+    size = out.stat().st_size
+    out.unlink()
+    return {"seconds": seconds, "plan_seconds": plan_s, "baseline_rss_anon_mb": baseline, "output_bytes": size}
+
+
+class _JobContext:
+    """The part of worker.context.JobContext the merge engine uses."""
+
+    def __init__(self, library, request: dict, output_name: str) -> None:
+        self.library = library
+        self.request = request
+        self.inputs = {"output": output_name}
+        self.stages: dict[str, float] = {}
+        self.merged_at: float | None = None
+
+    def progress(self, completed: int, total: int, stage: str) -> None:
+        self.stages.setdefault(stage, time.perf_counter())
+        if stage == "merging tensors" and completed >= total:
+            self.merged_at = time.perf_counter()
+
+    def check_cancel(self) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
+        pass
+
+
+def child_job(arch: str, directory: Path) -> dict:
+    from worker.engines.merge import run_merge
+
+    library = _library(directory)
+    shutil.rmtree(library.hash_cache_dir, ignore_errors=True)  # hash the inputs as a first job would
+    name = "bench-out-job.safetensors"
+    ctx = _JobContext(library, merge_request(arch, name).model_dump(mode="json"), name)
+    baseline = _rss_anon_mb()
+    t0 = time.perf_counter()
+    result = run_merge(ctx)
+    seconds = time.perf_counter() - t0
+    (library.root / name).unlink()
+    shutil.rmtree(library.hash_cache_dir, ignore_errors=True)
+    hashed = ctx.stages.get("merging tensors", t0) - ctx.stages.get("hashing inputs", t0)
+    merged = (ctx.merged_at or t0) - ctx.stages.get("merging tensors", t0)
+    return {
+        "seconds": seconds,
+        "baseline_rss_anon_mb": baseline,
+        "hash_inputs_seconds": hashed,
+        "merge_seconds": merged,
+        "after_merge_seconds": seconds - (ctx.merged_at - t0 if ctx.merged_at else seconds),
+        "output_bytes": result["size_bytes"],
+    }
+
+
+class _NoProgress:
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
+        pass
+
+    def set_postfix_str(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def child_mecha(arch: str, directory: Path) -> dict:
+    import sd_mecha
+    import torch
+
+    models = directory / "models"
+    config = {"sd1": "sd1-ldm", "sdxl": "sdxl-sgm"}[arch]
+    blocks_config = f"{arch}-supermerger_blocks"
+    a = sd_mecha.model(models / f"{MODEL_A}.safetensors", config)
+    b = sd_mecha.model(models / f"{MODEL_B}.safetensors", config)
+    weights = block_weights(arch)
+    if arch == "sdxl":
+        weights["VAE"] = weights["BASE"]  # sd-mecha's sdxl block config gives the VAE its own weight
+    alpha = sd_mecha.convert(sd_mecha.literal(weights, config=blocks_config), config)
+    recipe = sd_mecha.weighted_sum(a, b, alpha=alpha)
+    out = models / "bench-out-mecha.safetensors"
+    baseline = _rss_anon_mb()
+    t0 = time.perf_counter()
+    sd_mecha.merge(recipe, output=out, output_dtype=torch.float16, threads=2, tqdm=_NoProgress)
+    seconds = time.perf_counter() - t0
+    size = out.stat().st_size
+    out.unlink()
+    return {"seconds": seconds, "baseline_rss_anon_mb": baseline, "output_bytes": size}
+
+
+def child_floor(arch: str, directory: Path) -> dict:
+    models = directory / "models"
+    out = models / "bench-out-floor.safetensors"
+    buf_a, buf_b = bytearray(CHUNK), bytearray(CHUNK)
+    baseline = _rss_anon_mb()
+    t0 = time.perf_counter()
+    with (
+        open(models / f"{MODEL_A}.safetensors", "rb", buffering=0) as fa,
+        open(models / f"{MODEL_B}.safetensors", "rb", buffering=0) as fb,
+        open(out, "wb", buffering=0) as fo,
+    ):
+        view_a, view_b = memoryview(buf_a), memoryview(buf_b)
+        while True:
+            n = fa.readinto(view_a)
+            fb.readinto(view_b)
+            if not n:
+                break
+            chunk = view_a[:n]
+            while chunk:
+                chunk = chunk[fo.write(chunk) :]
+    seconds = time.perf_counter() - t0
+    size = out.stat().st_size
+    out.unlink()
+    return {"seconds": seconds, "baseline_rss_anon_mb": baseline, "output_bytes": size}
+
+
+def child_naive(arch: str, directory: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mergeprobe.archs import block_of_key, get_arch
+
+    models = directory / "models"
+    out = models / "bench-out-naive.safetensors"
+    arch_info = get_arch(arch)
+    weights = block_weights(arch)
+    baseline = _rss_anon_mb()
+    t0 = time.perf_counter()
+    a = load_file(models / f"{MODEL_A}.safetensors")
+    b = load_file(models / f"{MODEL_B}.safetensors")
+    merged = {}
+    for key, ta in a.items():
+        if not ta.is_floating_point() or "position_ids" in key:
+            merged[key] = ta
+            continue
+        alpha = weights[block_of_key(arch_info, key)]
+        merged[key] = ta.float().lerp_(b[key].float(), alpha).to(torch.float16)
+    del a, b
+    save_file(merged, out, metadata={"format": "pt"})
+    seconds = time.perf_counter() - t0
+    size = out.stat().st_size
+    out.unlink()
+    return {"seconds": seconds, "baseline_rss_anon_mb": baseline, "output_bytes": size}
+
+
+CHILDREN = {
+    "engine": child_engine,
+    "job": child_job,
+    "mecha": child_mecha,
+    "floor": child_floor,
+    "naive": child_naive,
+}
+
+
+# ----------------------------------------------------------------------------------- parent
+
+
+def _status(pid: int) -> dict[str, int]:
+    values = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                name, _, rest = line.partition(":")
+                if name in ("RssAnon", "VmHWM", "RssFile"):
+                    values[name] = int(rest.split()[0])  # kB
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return values
+
+
+def run_child(run: str, arch: str, directory: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        MERGEPROBE_DATA_DIR=str(directory),
+        MERGEPROBE_MODELS_DIR=str(directory / "models"),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", run, "--arch", arch, "--dir", str(directory)]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    peak_anon = peak_hwm = peak_file = 0
+    while proc.poll() is None:
+        values = _status(proc.pid)
+        peak_anon = max(peak_anon, values.get("RssAnon", 0))
+        peak_hwm = max(peak_hwm, values.get("VmHWM", 0))
+        peak_file = max(peak_file, values.get("RssFile", 0))
+        time.sleep(SAMPLE_EVERY)
+    wall = time.perf_counter() - started
+    stdout = proc.stdout.read() if proc.stdout else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {run} failed with exit status {proc.returncode}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result.update(
+        process_seconds=wall,
+        peak_rss_anon_mb=peak_anon / 1024,
+        peak_vm_hwm_mb=peak_hwm / 1024,
+        peak_rss_file_mb=peak_file / 1024,
+    )
+    return result
+
+
+def expected_size(arch: str) -> int:
+    from mergeprobe.safetensors_layout import build_header, tensor_nbytes
+    from worker.full_layouts import file_order, full_state_dict_layout
+
+    layout = full_state_dict_layout(arch)
+    order = file_order(layout)
+    header, _ = build_header(((k, layout[k][1], layout[k][0]) for k in order), {"format": "pt"})
+    return len(header) + sum(tensor_nbytes(layout[k][1], layout[k][0]) for k in order)
+
+
+def prepare_inputs(arch: str, directory: Path, keep: bool) -> list[Path]:
+    from worker.full_layouts import write_random_checkpoint
+
+    models = directory / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    size = expected_size(arch)
+    paths = []
+    for seed, name in enumerate((MODEL_A, MODEL_B), start=1):
+        path = models / f"{name}.safetensors"
+        if keep and path.is_file() and path.stat().st_size == size:
+            print(f"reusing {path}", flush=True)
+        else:
+            t0 = time.perf_counter()
+            write_random_checkpoint(arch, path, seed=seed, dtype="fp16")
+            print(f"wrote {path} ({size / 1e9:.2f} GB) in {time.perf_counter() - t0:.1f} s", flush=True)
+        paths.append(path)
+    return paths
+
+
+def warm(paths: list[Path]) -> None:
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    for path in paths:
+        t0 = time.perf_counter()
+        with open(path, "rb", buffering=0) as fh:
+            while fh.readinto(view):
+                pass
+        print(f"read {path.name} in {time.perf_counter() - t0:.1f} s (page cache warm)", flush=True)
+
+
+def _clean_outputs(directory: Path) -> None:
+    for path in (directory / "models").glob("*bench-out-*"):
+        path.unlink(missing_ok=True)
+    os.sync()  # write-back of the previous run's output must not land in the next one
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=("sd1", "sdxl"), default="sd1")
+    parser.add_argument("--dir", type=Path, default=None, help="where the inputs and outputs go (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the inputs, and reuse them when present")
+    parser.add_argument("--runs", default=",".join(ALL_RUNS), help=f"comma-separated subset of {','.join(ALL_RUNS)}")
+    parser.add_argument("--child", choices=ALL_RUNS, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    if args.child:
+        result = CHILDREN[args.child](args.arch, args.dir)
+        print(json.dumps(result), flush=True)
+        return 0
+
+    runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = set(runs) - set(ALL_RUNS)
+    if unknown:
+        parser.error(f"unknown runs: {', '.join(sorted(unknown))}")
+    directory = args.dir or Path(tempfile.gettempdir()) / f"mergeprobe-bench-{args.arch}"
+    directory = directory.resolve()
+    inputs = prepare_inputs(args.arch, directory, args.keep)
+    free = shutil.disk_usage(directory).free
+    if free < 1.2 * inputs[0].stat().st_size:
+        raise SystemExit(f"not enough free disk in {directory} for an output ({free / 1e9:.1f} GB free)")
+    results: dict[str, dict] = {}
+    try:
+        os.sync()
+        warm(inputs)
+        for run in runs:
+            _clean_outputs(directory)
+            print(f"running {run} ...", flush=True)
+            results[run] = run_child(run, args.arch, directory)
+            r = results[run]
+            print(
+                f"  {r['seconds']:.1f} s, peak RssAnon {r['peak_rss_anon_mb']:.0f} MB, VmHWM {r['peak_vm_hwm_mb']:.0f} MB",
+                flush=True,
+            )
+    finally:
+        _clean_outputs(directory)
+        if not args.keep:
+            for path in inputs:
+                path.unlink(missing_ok=True)
+            shutil.rmtree(directory / "cache", ignore_errors=True)
+
+    print_table(args.arch, inputs[0].stat().st_size if inputs[0].exists() else 0, results)
+    if args.json:
+        args.json.write_text(json.dumps({"arch": args.arch, "results": results}, indent=2))
+    return 0
+
+
+def print_table(arch: str, size: int, results: dict[str, dict]) -> None:
+    print()
+    print(f"{arch}: two {size / 1e9:.2f} GB fp16 inputs, warm page cache, {os.cpu_count()} CPUs")
+    print(f"{'run':<8} {'seconds':>8} {'process s':>10} {'peak RssAnon MB':>16} {'baseline MB':>12} {'VmHWM MB':>9}")
+    for run, r in results.items():
+        print(
+            f"{run:<8} {r['seconds']:>8.2f} {r['process_seconds']:>10.2f} {r['peak_rss_anon_mb']:>16.0f} "
+            f"{r['baseline_rss_anon_mb']:>12.0f} {r['peak_vm_hwm_mb']:>9.0f}"
+        )
+    if "job" in results:
+        j = results["job"]
+        print(
+            f"job path: hashing inputs {j['hash_inputs_seconds']:.2f} s, merge {j['merge_seconds']:.2f} s, "
+            f"commit + hashing the output {j['after_merge_seconds']:.2f} s"
+        )
+    engine = results.get("engine")
+    if engine:
+        for other in ("floor", "mecha", "naive"):
+            if other in results:
+                print(f"engine / {other}: {engine['seconds'] / results[other]['seconds']:.2f}")
+        print(
+            "targets: engine <= 1.5 x floor: "
+            + (f"{'met' if engine['seconds'] <= 1.5 * results['floor']['seconds'] else 'MISSED'}" if "floor" in results else "n/a")
+            + f"; peak RssAnon <= 512 MB: {'met' if engine['peak_rss_anon_mb'] <= 512 else 'MISSED'}"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

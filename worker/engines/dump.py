@@ -1,0 +1,339 @@
+"""dump jobs: generate once (or twice, for layer_prompt_diff) with probes on the U-Net, and
+write block features, cross-attention maps, the images and the raw tensors."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from mergeprobe.colorize import Colorize
+from mergeprobe.dump_request import DumpRequest
+from mergeprobe.settings import Settings
+from worker.context import JobContext
+from worker.pipelines import PipelineCache, find_config_dir, load_pipeline, pick_device
+from worker.probe import Probe, ProbeState
+from worker.render import attention_grid, feature_grid, heatmap_overlay, png_bytes
+
+_cache_lock = threading.Lock()
+_cache: PipelineCache | None = None
+
+
+def pipeline_cache(settings: Settings) -> PipelineCache:
+    global _cache
+    with _cache_lock:
+        if _cache is None:
+            _cache = PipelineCache(settings.pipeline_cache_bytes)
+        return _cache
+
+
+def make_scheduler(name: str, base_config):
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler.from_config(base_config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(base_config)
+    if name in ("dpmpp_2m", "dpmpp_2m_karras"):
+        return DPMSolverMultistepScheduler.from_config(
+            base_config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=name.endswith("karras")
+        )
+    if name == "ddim":
+        return DDIMScheduler.from_config(base_config)
+    raise ValueError(f"unknown sampler {name}")
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "", text)[:24] or "x"
+
+
+@dataclass
+class _Encoder:
+    """Each distinct prompt encoded once per job."""
+
+    pipe: Any
+    sdxl: bool
+    device: torch.device
+    cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
+
+    def __call__(self, text: str, negative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = ("-" if negative else "+") + text
+        if key not in self.cache:
+            with torch.no_grad():
+                if self.sdxl:
+                    embeds, _, pooled, _ = self.pipe.encode_prompt(
+                        prompt=text, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                    )
+                    if negative and text == "" and self.pipe.config.force_zeros_for_empty_prompt:
+                        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+                else:
+                    embeds, _ = self.pipe.encode_prompt(
+                        prompt=text, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                    )
+                    pooled = None
+            self.cache[key] = (embeds, pooled)
+        return self.cache[key]
+
+
+class _Recorder:
+    """Receives captures during generation; renders and stores them."""
+
+    def __init__(self, ctx: JobContext, request: DumpRequest, halves: list[str], batch: int) -> None:
+        self.ctx = ctx
+        self.request = request
+        self.halves = halves
+        self.batch = batch
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.manifest: list[dict[str, Any]] = []
+        self.baseline: dict[tuple[str, int], torch.Tensor] | None = None  # plain run, for diffs
+        self.keep_baseline = False
+        self.attention_sum: dict[int, torch.Tensor] = {}  # token → summed map at latent size
+        self.attention_count = 0
+        self.token_labels: dict[str, list[str]] = {}
+        self.latent_size = (request.height // 8, request.width // 8)
+        self.shapes: dict[str, list[int]] = {}
+
+    def _artifact(self, name: str, data: bytes, media_type: str, **facts: Any) -> None:
+        record = self.ctx.write_artifact(name, data, media_type)
+        self.manifest.append({"name": name, "url": record["url"], **facts})
+
+    def _split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batch of the U-Net call → {half: tensor}; diffusers batches [uncond, cond]."""
+        parts = tensor.chunk(len(self.halves), dim=0)
+        return dict(zip(self.halves, parts, strict=True))
+
+    def feature(self, block: str, step: int, output: torch.Tensor) -> None:
+        data = output.detach().float().cpu()
+        if self.keep_baseline:
+            self.baseline[(block, step)] = data.clone()
+            return
+        spec = self.request.features
+        for half, part in self._split(data).items():
+            name = f"features/{block}/step{step:03d}/{half}"
+            if spec.save_tensors:
+                self.tensors[name] = part.clone().contiguous()
+                self.shapes[name] = list(part.shape)
+            for b in range(part.shape[0]):
+                suffix = f"_b{b}" if self.batch > 1 else ""
+                image = feature_grid(part[b].numpy(), spec.colorize)
+                self._artifact(
+                    f"features_{block}_step{step:03d}_{half}{suffix}.png",
+                    png_bytes(image),
+                    "image/png",
+                    kind="features",
+                    block=block,
+                    step=step,
+                    half=half,
+                    batch_index=b,
+                )
+            if self.baseline is not None and (block, step) in self.baseline:
+                base = self._split(self.baseline[(block, step)])[half]
+                diff = part - base
+                if spec.save_tensors:
+                    self.tensors[f"diff/{block}/step{step:03d}/{half}"] = diff.contiguous()
+                for b in range(diff.shape[0]):
+                    suffix = f"_b{b}" if self.batch > 1 else ""
+                    self._artifact(
+                        f"diff_{block}_step{step:03d}_{half}{suffix}.png",
+                        png_bytes(feature_grid(diff[b].numpy(), Colorize(method="red_blue", transform="auto11"))),
+                        "image/png",
+                        kind="layer_prompt_diff",
+                        block=block,
+                        step=step,
+                        half=half,
+                        batch_index=b,
+                        max_abs=float(diff[b].abs().max()),
+                    )
+
+    def attention(self, block: str, step: int, index: int, probs: torch.Tensor, hw: tuple[int, int]) -> None:
+        if self.keep_baseline:
+            return
+        spec = self.request.attention
+        h, w = hw
+        data = probs.detach().float().cpu()  # (batch, heads, queries, tokens)
+        for half, part in self._split(data).items():
+            maps = part.reshape(part.shape[0], part.shape[1], h, w, part.shape[-1])
+            if spec.save_tensors:
+                name = f"attention/{block}/step{step:03d}/{half}/t{index}"
+                self.tensors[name] = maps.contiguous()
+                self.shapes[name] = list(maps.shape)
+            if half != "cond":
+                continue
+            labels = self.token_labels[block]
+            per_token = maps[0, :, :, :, : len(labels)].permute(0, 3, 1, 2)  # heads, tokens, h, w
+            if index == 0:
+                image = attention_grid(per_token.numpy(), labels, spec.colorize)
+                self._artifact(
+                    f"attention_{block}_step{step:03d}.png",
+                    png_bytes(image),
+                    "image/png",
+                    kind="attention",
+                    block=block,
+                    step=step,
+                    half=half,
+                    tokens=labels,
+                )
+            averaged = per_token.mean(dim=0, keepdim=True)  # over heads
+            upsampled = torch.nn.functional.interpolate(averaged, size=self.latent_size, mode="bilinear")[0]
+            for token in range(upsampled.shape[0]):
+                self.attention_sum[token] = self.attention_sum.get(token, 0) + upsampled[token]
+            self.attention_count += 1
+
+
+def _token_labels(pipe, text: str) -> list[str]:
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return [tokenizer.convert_ids_to_tokens(i).replace("</w>", "") for i in ids]
+
+
+def run_dump(ctx: JobContext) -> dict[str, Any]:
+    started = time.monotonic()
+    request = DumpRequest.model_validate(ctx.request)
+    inputs = ctx.inputs
+    arch = inputs["arch"]
+    library = ctx.library
+    path = library.resolve(inputs["model"])
+    header = library.header(path)
+    sha256, _ = library.hashes(path)
+    device, dtype = pick_device()
+    settings = Settings()
+    config_dir = find_config_dir(arch, header, settings)
+    ctx.progress(0, 1, "loading pipeline")
+    pipe, cached = pipeline_cache(settings).get(sha256, lambda: load_pipeline(path, arch, config_dir, device, dtype))
+    pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
+    sdxl = arch == "sdxl"
+    encode = _Encoder(pipe, sdxl, device)
+    cfg = request.cfg_scale > 1.0
+    halves = ["uncond", "cond"] if cfg else ["cond"]
+    batch = request.batch_size
+    recorder = _Recorder(ctx, request, halves, batch)
+    feature_steps = {b: set(inputs["features"]["steps"]) for b in inputs["features"]["layers"]} if inputs.get("features") else {}
+    attention_steps = (
+        {b: set(inputs["attention"]["steps"]) for b in inputs["attention"]["layers"]} if inputs.get("attention") else {}
+    )
+    runs = 2 if request.layer_prompt_diff else 1
+    total = runs * request.steps
+    done_steps = 0
+
+    def contexts(prompts: dict[str, str], negatives: dict[str, str]) -> dict[str, torch.Tensor]:
+        result = {}
+        for block in prompts:
+            pos = encode(prompts[block])[0].repeat(batch, 1, 1)
+            if cfg:
+                neg = encode(negatives[block], negative=True)[0].repeat(batch, 1, 1)
+                pos = torch.cat([neg, pos])
+            result[block] = pos
+        return result
+
+    def generate(prompts: dict[str, str], negatives: dict[str, str]):
+        nonlocal done_steps
+        base_block = "IN00"  # where the time (and SDXL pooled text) embedding lives
+        state = ProbeState(
+            latent_size=recorder.latent_size,
+            contexts=contexts(prompts, negatives),
+            feature_steps=feature_steps,
+            attention_steps=attention_steps,
+            on_feature=recorder.feature,
+            on_attention=recorder.attention,
+        )
+        for block, text in prompts.items():
+            recorder.token_labels[block] = _token_labels(pipe, text)
+        pos, pooled = encode(prompts[base_block])
+        neg, neg_pooled = encode(negatives[base_block], negative=True)
+        kwargs: dict[str, Any] = {"prompt_embeds": pos, "negative_prompt_embeds": neg}
+        if sdxl:
+            kwargs.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
+
+        def on_step_end(_pipe, index, _timestep, callback_kwargs):
+            nonlocal done_steps
+            state.step = index + 2
+            done_steps += 1
+            ctx.progress(done_steps, total, "generating")
+            ctx.check_cancel()
+            return callback_kwargs
+
+        with Probe(pipe.unet, state), torch.no_grad():
+            return pipe(
+                **kwargs,
+                num_inference_steps=request.steps,
+                guidance_scale=request.cfg_scale,
+                width=request.width,
+                height=request.height,
+                num_images_per_prompt=batch,
+                generator=torch.Generator(device="cpu").manual_seed(request.seed),
+                callback_on_step_end=on_step_end,
+                output_type="pil",
+            ).images
+
+    if request.layer_prompt_diff:
+        plain = dict.fromkeys(inputs["prompts"], inputs["plain_prompt"])
+        plain_neg = dict.fromkeys(inputs["prompts"], inputs["plain_negative_prompt"])
+        recorder.baseline, recorder.keep_baseline = {}, True
+        generate(plain, plain_neg)
+        recorder.keep_baseline = False
+    images = generate(inputs["prompts"], inputs["negative_prompts"])
+
+    image_names = []
+    for index, image in enumerate(images):
+        name = f"image_{index}.png"
+        recorder._artifact(name, png_bytes(image), "image/png", kind="image", batch_index=index)
+        image_names.append(name)
+    if recorder.attention_count:
+        labels = recorder.token_labels[next(iter(attention_steps))]
+        for token, summed in recorder.attention_sum.items():
+            heat = (summed / recorder.attention_count).numpy()
+            overlay = heatmap_overlay(images[0], heat)
+            recorder._artifact(
+                f"heatmap_t{token:02d}_{_safe(labels[token])}.png",
+                png_bytes(overlay),
+                "image/png",
+                kind="token_heatmap",
+                token=token,
+                token_text=labels[token],
+            )
+    if recorder.tensors:
+        metadata = {
+            "mergeprobe": json.dumps(
+                {
+                    "shapes": recorder.shapes,
+                    "halves": halves,
+                    "features": inputs.get("features"),
+                    "attention": inputs.get("attention"),
+                    "request": ctx.request,
+                    "layout": {
+                        "features": "features/<block>/step<NNN>/<half>: (batch, channels, h, w)",
+                        "attention": "attention/<block>/step<NNN>/<half>/t<i>: (batch, heads, h, w, 77 tokens), "
+                        "probabilities of transformer i of the block",
+                        "diff": "diff/<block>/step<NNN>/<half>: with groups − without",
+                    },
+                },
+                sort_keys=True,
+            )
+        }
+        recorder._artifact("tensors.safetensors", save_safetensors(recorder.tensors, metadata), "application/octet-stream", kind="tensors")
+    manifest = {"arch": arch, "halves": halves, "artifacts": recorder.manifest}
+    ctx.write_artifact("manifest.json", json.dumps(manifest, indent=1).encode(), "application/json")
+    for warning in inputs.get("warnings", []):
+        ctx.warn(warning)
+    return {
+        "arch": arch,
+        "images": image_names,
+        "prompts": inputs["prompts"],
+        "negative_prompts": inputs["negative_prompts"],
+        "warnings": inputs.get("warnings", []),
+        "captures": len(recorder.manifest),
+        "pipeline_cached": cached,
+        "device": str(device),
+        "seconds": round(time.monotonic() - started, 3),
+    }
