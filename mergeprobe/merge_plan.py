@@ -8,6 +8,7 @@ engine executes it tensor by tensor.
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,9 +269,23 @@ def _weights(
         weights[BASE] = base
     elif weights[BASE] is None:
         weights[BASE] = (
-            float(value) if isinstance(value, int | float) and not isinstance(value, bool) else default_base
+            _single_number(value) if _single_number(value) is not None else default_base
         )
     return weights
+
+
+def _single_number(value: Any) -> float | None:
+    """A weight given as one number (or a string holding one) applies to BASE too."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip()) if math.isfinite(float(value.strip())) else None
+        except ValueError:
+            return None
+    return None
 
 
 def _out_dtype(requested: str, source: TensorInfo) -> str:
@@ -325,7 +340,7 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
         )
 
     alphas = _weights(request.alpha, request.base_alpha, arch, "alpha", 0.0)
-    if request.beta is None and request.base_beta is None:
+    if request.beta is None:
         if method.beta_required:
             raise Problem(
                 400,
@@ -334,17 +349,21 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
                 f"mode {method.name} needs beta ({method.beta})",
                 field="beta",
             )
+        # Only BASE's β may be given; the U-Net blocks keep the mode's default (None).
         betas: dict[str, float | None] = dict.fromkeys(arch.blocks)
+        betas[BASE] = request.base_beta
     else:
-        if method.beta is None:
-            raise Problem(
-                400, "unused-beta", "Invalid request", f"mode {method.name} does not use beta", field="beta"
-            )
-        betas = _weights(
-            request.beta if request.beta is not None else 0.0, request.base_beta, arch, "beta", None
+        betas = _weights(request.beta, request.base_beta, arch, "beta", None)
+        if betas[BASE] is None and method.name != "scaled_sum":
+            betas[BASE] = 0.0
+    if method.beta is None and (request.beta is not None or request.base_beta is not None):
+        raise Problem(
+            400,
+            "unused-beta",
+            "Invalid request",
+            f"mode {method.name} does not use beta",
+            field="beta" if request.beta is not None else "base_beta",
         )
-        if betas[BASE] is None:
-            betas[BASE] = None if method.name == "scaled_sum" else 0.0
     rules_a = parse_elemental(request.elemental, arch, field="elemental") if request.elemental else []
     rules_b = (
         parse_elemental(request.elemental_beta, arch, field="elemental_beta")
@@ -438,9 +457,10 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
             if other[key].shape != ta.shape and not _conv_in_channels_differ(key, ta, other[key]):
                 raise _shape_problem(key, ta, other[key], f"model_{slot}")
         else:
-            keys.append(
-                KeyPlan(key, block, element, alpha, beta, _shortcut(method, alpha, beta), out, ta.shape)
-            )
+            # Mixed channel counts always take the arithmetic path: only it keeps A's extra channels.
+            partial = any(o is not None and key in o and o[key].shape != ta.shape for o in (b, c))
+            action = "merge" if partial else _shortcut(method, alpha, beta)
+            keys.append(KeyPlan(key, block, element, alpha, beta, action, out, ta.shape))
     if method.name == "dare":
         for k in keys:
             if k.action == "merge" and not 0.0 <= (k.beta or 0.0) < 1.0:

@@ -469,13 +469,6 @@ def test_scaled_sum_beta_defaults(library):
     assert keys[MID_Q].beta == 0.75 and keys[IN04_TO_K].beta == 1.0 and keys[VAE_KEY].beta is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG merge_plan.py plan_merge: with only base_beta given, the U-Net blocks get β = 0.0 "
-    "(`_weights(request.beta if request.beta is not None else 0.0, ...)`) instead of the mode's "
-    "default, so scaled_sum drops model A from every U-Net block",
-)
 def test_scaled_sum_base_beta_only_leaves_unet_beta_default(library):
     keys = by_key(plan_of(library, mode="scaled_sum", alpha=0.25, base_beta=1.0))
     assert keys[VAE_KEY].beta == 1.0
@@ -739,13 +732,6 @@ def test_conv_in_nine_channels_with_four(library, tensors, monkeypatch):
     assert_within_ulp(conv, expected, torch.float16, CONV_IN)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SafetensorError,
-    reason="BUG merge_plan.py _shortcut / stream_merge._Combiner: weighted_sum with α = 1 on IN00 plans "
-    "conv_in of a 9-channel A with a 4-channel B as copy_b with A's shape, and the engine then writes B's "
-    "4-channel bytes: the file is short by 5 channels and does not load",
-)
 def test_conv_in_nine_channels_alpha_one(library, tensors):
     a9 = inpainting_variant(tensors("sd1-a.safetensors"))
     b = tensors("sd1-b.safetensors")
@@ -758,13 +744,6 @@ def test_conv_in_nine_channels_alpha_one(library, tensors):
     assert torch.equal(out[CONV_IN][:, 4:], a9[CONV_IN][:, 4:])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="BUG merge_plan.py plan_merge: for ties/dare with an optional model_c that lacks a key A and B "
-    "have, the shape loop `continue`s and plans `merge`; stream_merge._Combiner._load then reads the key "
-    "from C and raises KeyError",
-)
 @pytest.mark.parametrize("mode", ["ties", "dare"])
 def test_optional_model_c_missing_a_key(library, tensors, mode):
     c = dict(tensors("sd1-c.safetensors"))

@@ -91,8 +91,8 @@ class _Combiner:
 
     def _load(self, slot: str, key: str, task: _Task) -> torch.Tensor | None:
         source = self.sources.get(slot)
-        if source is None:
-            return None
+        if source is None or key not in source.header.tensors:
+            return None  # an optional third model (ties, dare) without this key: B's delta alone
         view = source.get(key).reshape(-1)[task.start : task.stop]
         return view.to(device=self.device, dtype=torch.float32, copy=True)
 
