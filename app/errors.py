@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mergeprobe.colorize import problem_from_error
 from mergeprobe.problems import PROBLEM_MEDIA_TYPE, Problem
 
 log = logging.getLogger("mergeprobe.api")
@@ -31,6 +32,11 @@ def _field_path(loc: tuple) -> str:
 
 
 def _validation_problem(exc: RequestValidationError) -> Problem:
+    for error in exc.errors():
+        # A colorize expression is a spec string: a 400 with its position, like the other grammars.
+        expression_problem = problem_from_error(error, _field_path(tuple(error.get("loc", ()))))
+        if expression_problem is not None:
+            return expression_problem
     errors = [
         {
             "field": _field_path(tuple(e.get("loc", ()))),

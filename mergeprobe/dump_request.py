@@ -91,7 +91,9 @@ class DumpRequest(BaseModel):
         },
     )
 
-    model: str = Field(description="Model id, file name, short hash or sha256 from the library.", examples=["tiny-sd1-a"])
+    model: str = Field(
+        description="Model id, file name, short hash or sha256 from the library.", examples=["tiny-sd1-a"]
+    )
     prompt: str = Field(
         max_length=MAX_PROMPT_CHARS,
         description="The prompt. " + _PROMPT_DOC,
@@ -104,7 +106,10 @@ class DumpRequest(BaseModel):
         examples=["lowres, blurry"],
     )
     seed: int = Field(
-        default=0, ge=0, le=2**32 - 1, description="Seed of the initial noise; image i of a batch uses seed + i."
+        default=0,
+        ge=0,
+        le=2**32 - 1,
+        description="Seed of the initial noise; image i of a batch uses seed + i.",
     )
     steps: int = Field(default=20, ge=1, le=150, description="Sampler steps.")
     sampler: Sampler = Field(default="euler_a", description="Sampler (A1111 names).", examples=["euler_a"])
@@ -151,7 +156,7 @@ class DumpResult(BaseModel):
     model: str = Field(description="File name of the model.", examples=["tiny-sd1-a.safetensors"])
     arch: str = Field(description="Detected architecture.", examples=["sd1"])
     images: list[str] = Field(
-        description="Artifact names of the generated images, in batch order.", examples=[["image-0.png"]]
+        description="Artifact names of the generated images, in batch order.", examples=[["image_0.png"]]
     )
     captures: int = Field(
         description="Capture images written (features and attention, every block and step).", examples=[15]
@@ -161,8 +166,14 @@ class DumpResult(BaseModel):
         examples=[{"IN00": "a cute girl", "M00": "a excellent girl"}],
     )
     negative_prompts: dict[str, str] = Field(description="The negative prompt each U-Net block read.")
-    warnings: list[str] = Field(default_factory=list, description="Things that ran but probably not as meant.")
+    warnings: list[str] = Field(
+        default_factory=list, description="Things that ran but probably not as meant."
+    )
     seconds: float = Field(description="Wall time of the generation and captures.", examples=[4.2])
+    device: str = Field(
+        default="cpu", description="Where it ran (cuda runs in fp16, cpu in fp32).", examples=["cuda"]
+    )
+    pipeline_cached: bool = Field(default=False, description="The worker had the pipeline loaded already.")
 
 
 def _unknown_arch(name: str) -> Problem:
@@ -198,6 +209,7 @@ def _capture_inputs(
                     f"attention.layers: {format_blocks(dropped, arch)} have no cross-attention and are skipped"
                 )
     steps = parse_steps(capture.steps, total_steps, field=f"{field}.steps")
+    capture.colorize.validate(f"{field}.colorize")  # the schema checked it; this names the field in full
     return {
         "layers": layers,
         "steps": steps,

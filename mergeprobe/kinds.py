@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergeprobe.archs import UNKNOWN, detect_arch
+from mergeprobe.dump_request import DumpRequest, DumpResult, prepare_dump
 from mergeprobe.library import ModelLibrary
 from mergeprobe.merge_methods import MERGE_METHODS
 from mergeprobe.merge_plan import ElementalRequest, MergeRequest, plan_merge
@@ -115,6 +116,31 @@ def _merge_description() -> str:
     return "\n".join(lines)
 
 
+DUMP_DESCRIPTION = """Generate with the model and capture what its U-Net blocks do.
+
+- `features`: each selected block's output at each selected sampler step, one PNG per (block, step,
+  CFG half[, batch item]): channels tiled in a near-square grid with 1-pixel gaps, the channel mean
+  first (`features_IN04_step005_cond.png`).
+- `attention`: cross-attention (attn2) probabilities per token and head for every transformer in the
+  selected blocks: per (block, step) a PNG with one row per head and one column per prompt token,
+  labelled with the token (`attention_OUT05_step010.png`); per token a heatmap over the generated
+  image, averaged over heads, blocks and steps (`heatmap_t02_girl.png`).
+- Per-block prompts in `prompt`/`negative_prompt`: `a (~: IN00-OUT11: cute; M00: excellent :~) girl`.
+  `layer_prompt_diff` also runs without the groups (same seed) and renders with − without per block
+  and step (`diff_M00_step005_cond.png`). The result lists every block's resolved prompt.
+- `save_tensors`: one `tensors.safetensors` with every captured tensor as float32:
+  `features/<block>/step<NNN>/<half>` (batch, channels, h, w);
+  `attention/<block>/step<NNN>/<half>/t<i>` (batch, heads, h, w, tokens) for transformer i of the
+  block (each row sums to 1 over the 77 tokens); `diff/<block>/step<NNN>/<half>`. Its `__metadata__`
+  entry `mergeprobe` is JSON describing shapes, steps, halves and the request.
+- `manifest.json` lists every artifact with its kind, block, step and half. Halves are `uncond` and
+  `cond` (diffusers batches [uncond, cond]); with cfg_scale ≤ 1 there is only `cond`. Steps are
+  1-based sampler steps.
+
+Checkpoints load into diffusers pipelines offline from the configs shipped with the project or in
+MERGEPROBE_PIPELINE_CONFIGS_DIR; the worker caches loaded pipelines (LRU by sha256)."""
+
+
 @dataclass(frozen=True)
 class JobKind:
     name: str
@@ -161,6 +187,14 @@ KINDS: dict[str, JobKind] = {
             request_model=ElementalRequest,
             result_model=MergeResult,
             prepare=prepare_merge,
+        ),
+        JobKind(
+            name="dump",
+            summary="Probe U-Net blocks during generation (Dump U-Net)",
+            description=DUMP_DESCRIPTION,
+            request_model=DumpRequest,
+            result_model=DumpResult,
+            prepare=prepare_dump,
         ),
     )
 }

@@ -189,7 +189,9 @@ def parse_layer_prompt(text: str, arch: Architecture, *, field: str) -> LayerPro
     return LayerPrompt(text=text, arch=arch, field=field, parts=tuple(p for p in parts if p != ""))
 
 
-def _parse_pairs(text: str, start: int, end: int, arch: Architecture, *, field: str) -> tuple[PromptPair, ...]:
+def _parse_pairs(
+    text: str, start: int, end: int, arch: Architecture, *, field: str
+) -> tuple[PromptPair, ...]:
     if not text[start:end].strip():
         return ()
     segments: list[tuple[int, int]] = []
@@ -207,9 +209,7 @@ def _parse_pairs(text: str, start: int, end: int, arch: Architecture, *, field: 
         if first == b:
             if n == len(segments) - 1:
                 continue  # the optional `;` after the last pair
-            raise spec_problem(
-                "empty pair: write `spec: text` between the `;`", field=field, position=b
-            )
+            raise spec_problem("empty pair: write `spec: text` between the `;`", field=field, position=b)
         colon = text.find(":", a, b)
         if colon == -1:
             raise spec_problem(
@@ -224,7 +224,9 @@ def _parse_pairs(text: str, start: int, end: int, arch: Architecture, *, field: 
                 field=field,
                 position=first,
             )
-        blocks = None if spec == FALLBACK else tuple(parse_block_set(text[a:colon], arch, field=field, offset=a))
+        blocks = (
+            None if spec == FALLBACK else tuple(parse_block_set(text[a:colon], arch, field=field, offset=a))
+        )
         pairs.append(PromptPair(spec=spec, blocks=blocks, text=text[colon + 1 : b].strip(), position=first))
     return tuple(pairs)
 

@@ -252,3 +252,14 @@ def test_model_errors(library):
     assert (p.status, p.slug, p.field) == (404, "unknown-model", "model")
     p = problem_of(library, model="not-sd")
     assert (p.status, p.slug, p.field) == (400, "unknown-architecture", "model")
+
+
+def test_colorize_is_passed_through_and_checked_by_the_schema(library):
+    inputs = dump(library, features={"colorize": {"method": "red_blue", "transform": "auto11"}})
+    assert inputs["features"]["colorize"]["method"] == "red_blue"
+    assert inputs["features"]["colorize"]["transform"] == "auto11"
+    with pytest.raises(ValidationError) as info:
+        DumpRequest.model_validate(
+            {"model": "m", "prompt": "p", "attention": {"colorize": {"method": "rainbow"}}}
+        )
+    assert info.value.errors()[0]["loc"][:3] == ("attention", "colorize", "method")

@@ -15,6 +15,7 @@ from rq.timeouts import JobTimeoutException
 from mergeprobe.jobs import problem_dict
 from mergeprobe.problems import Problem
 from worker.context import JobCanceled, JobContext
+from worker.engines.dump import run_dump
 from worker.engines.inspect import run_inspect
 from worker.engines.merge import run_elemental, run_merge
 from worker.runtime import get_runtime
@@ -25,6 +26,7 @@ ENGINES: dict[str, Callable[[JobContext], dict[str, Any]]] = {
     "inspect": run_inspect,
     "merge": run_merge,
     "elemental": run_elemental,
+    "dump": run_dump,
 }
 
 

@@ -47,7 +47,10 @@ def make_scheduler(name: str, base_config):
         return EulerDiscreteScheduler.from_config(base_config)
     if name in ("dpmpp_2m", "dpmpp_2m_karras"):
         return DPMSolverMultistepScheduler.from_config(
-            base_config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=name.endswith("karras")
+            base_config,
+            algorithm_type="dpmsolver++",
+            solver_order=2,
+            use_karras_sigmas=name.endswith("karras"),
         )
     if name == "ddim":
         return DDIMScheduler.from_config(base_config)
@@ -73,13 +76,19 @@ class _Encoder:
             with torch.no_grad():
                 if self.sdxl:
                     embeds, _, pooled, _ = self.pipe.encode_prompt(
-                        prompt=text, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                        prompt=text,
+                        device=self.device,
+                        num_images_per_prompt=1,
+                        do_classifier_free_guidance=False,
                     )
                     if negative and text == "" and self.pipe.config.force_zeros_for_empty_prompt:
                         embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
                 else:
                     embeds, _ = self.pipe.encode_prompt(
-                        prompt=text, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+                        prompt=text,
+                        device=self.device,
+                        num_images_per_prompt=1,
+                        do_classifier_free_guidance=False,
                     )
                     pooled = None
             self.cache[key] = (embeds, pooled)
@@ -146,7 +155,9 @@ class _Recorder:
                     suffix = f"_b{b}" if self.batch > 1 else ""
                     self._artifact(
                         f"diff_{block}_step{step:03d}_{half}{suffix}.png",
-                        png_bytes(feature_grid(diff[b].numpy(), Colorize(method="red_blue", transform="auto11"))),
+                        png_bytes(
+                            feature_grid(diff[b].numpy(), Colorize(method="red_blue", transform="auto11"))
+                        ),
                         "image/png",
                         kind="layer_prompt_diff",
                         block=block,
@@ -210,7 +221,9 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
     settings = Settings()
     config_dir = find_config_dir(arch, header, settings)
     ctx.progress(0, 1, "loading pipeline")
-    pipe, cached = pipeline_cache(settings).get(sha256, lambda: load_pipeline(path, arch, config_dir, device, dtype))
+    pipe, cached = pipeline_cache(settings).get(
+        sha256, lambda: load_pipeline(path, arch, config_dir, device, dtype)
+    )
     pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     sdxl = arch == "sdxl"
     encode = _Encoder(pipe, sdxl, device)
@@ -218,9 +231,15 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
     halves = ["uncond", "cond"] if cfg else ["cond"]
     batch = request.batch_size
     recorder = _Recorder(ctx, request, halves, batch)
-    feature_steps = {b: set(inputs["features"]["steps"]) for b in inputs["features"]["layers"]} if inputs.get("features") else {}
+    feature_steps = (
+        {b: set(inputs["features"]["steps"]) for b in inputs["features"]["layers"]}
+        if inputs.get("features")
+        else {}
+    )
     attention_steps = (
-        {b: set(inputs["attention"]["steps"]) for b in inputs["attention"]["layers"]} if inputs.get("attention") else {}
+        {b: set(inputs["attention"]["steps"]) for b in inputs["attention"]["layers"]}
+        if inputs.get("attention")
+        else {}
     )
     runs = 2 if request.layer_prompt_diff else 1
     total = runs * request.steps
@@ -321,12 +340,18 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
                 sort_keys=True,
             )
         }
-        recorder._artifact("tensors.safetensors", save_safetensors(recorder.tensors, metadata), "application/octet-stream", kind="tensors")
+        recorder._artifact(
+            "tensors.safetensors",
+            save_safetensors(recorder.tensors, metadata),
+            "application/octet-stream",
+            kind="tensors",
+        )
     manifest = {"arch": arch, "halves": halves, "artifacts": recorder.manifest}
     ctx.write_artifact("manifest.json", json.dumps(manifest, indent=1).encode(), "application/json")
     for warning in inputs.get("warnings", []):
         ctx.warn(warning)
     return {
+        "model": path.name,
         "arch": arch,
         "images": image_names,
         "prompts": inputs["prompts"],
