@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import worker.stream_merge as stream_merge_module
