@@ -226,7 +226,7 @@ def test_cached_pipeline_after_a_failed_job_matches_a_fresh_one(service, tiny_mo
     from mergeprobe.dump_request import DumpRequest, prepare_dump
     from mergeprobe.jobs import JobStore
     from mergeprobe.library import ModelLibrary
-    from worker import engines
+    from worker import engines, generation
     from worker.context import JobCanceled, JobContext
     from worker.engines import dump as dump_engine
 
@@ -237,7 +237,7 @@ def test_cached_pipeline_after_a_failed_job_matches_a_fresh_one(service, tiny_mo
     settings = service.settings()
     library, store = ModelLibrary(settings), JobStore(redis.Redis.from_url(settings.redis_url), settings)
     artifacts = ArtifactStore(settings)
-    monkeypatch.setattr(dump_engine, "_cache", None)
+    monkeypatch.setattr(generation, "_cache", None)
     assert engines is not None
 
     def run(body, cancel=False):
@@ -264,7 +264,7 @@ def test_cached_pipeline_after_a_failed_job_matches_a_fresh_one(service, tiny_mo
         run(probe_everything, cancel=True)
     cached_image, cached_result = run(plain)
     assert cached_result["pipeline_cached"] is True
-    monkeypatch.setattr(dump_engine, "_cache", None)
+    monkeypatch.setattr(generation, "_cache", None)
     fresh_image, fresh_result = run(plain)
     assert fresh_result["pipeline_cached"] is False
     assert cached_image == fresh_image

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,84 +13,15 @@ from safetensors.torch import save as save_safetensors
 
 from mergeprobe.colorize import Colorize
 from mergeprobe.dump_request import DumpRequest
-from mergeprobe.settings import Settings
 from worker.context import JobContext
-from worker.pipelines import PipelineCache, find_config_dir, load_pipeline, pick_device
+from worker.generation import PromptEncoder, get_pipeline, make_scheduler
 from worker.probe import Probe, ProbeState
 from worker.render import attention_grid, feature_grid, heatmap_overlay, png_bytes
 
-_cache_lock = threading.Lock()
-_cache: PipelineCache | None = None
-
-
-def pipeline_cache(settings: Settings) -> PipelineCache:
-    global _cache
-    with _cache_lock:
-        if _cache is None:
-            _cache = PipelineCache(settings.pipeline_cache_bytes)
-        return _cache
-
-
-def make_scheduler(name: str, base_config):
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-    )
-
-    if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(base_config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(base_config)
-    if name in ("dpmpp_2m", "dpmpp_2m_karras"):
-        return DPMSolverMultistepScheduler.from_config(
-            base_config,
-            algorithm_type="dpmsolver++",
-            solver_order=2,
-            use_karras_sigmas=name.endswith("karras"),
-        )
-    if name == "ddim":
-        return DDIMScheduler.from_config(base_config)
-    raise ValueError(f"unknown sampler {name}")
-
 
 def _safe(text: str) -> str:
+    """A token's text as part of an artifact name."""
     return re.sub(r"[^A-Za-z0-9]+", "", text)[:24] or "x"
-
-
-@dataclass
-class _Encoder:
-    """Each distinct prompt encoded once per job."""
-
-    pipe: Any
-    sdxl: bool
-    device: torch.device
-    cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
-
-    def __call__(self, text: str, negative: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = ("-" if negative else "+") + text
-        if key not in self.cache:
-            with torch.no_grad():
-                if self.sdxl:
-                    embeds, _, pooled, _ = self.pipe.encode_prompt(
-                        prompt=text,
-                        device=self.device,
-                        num_images_per_prompt=1,
-                        do_classifier_free_guidance=False,
-                    )
-                    if negative and text == "" and self.pipe.config.force_zeros_for_empty_prompt:
-                        embeds, pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-                else:
-                    embeds, _ = self.pipe.encode_prompt(
-                        prompt=text,
-                        device=self.device,
-                        num_images_per_prompt=1,
-                        do_classifier_free_guidance=False,
-                    )
-                    pooled = None
-            self.cache[key] = (embeds, pooled)
-        return self.cache[key]
 
 
 class _Recorder:
@@ -217,16 +146,11 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
     path = library.resolve(inputs["model"])
     header = library.header(path)
     sha256, _ = library.hashes(path)
-    device, dtype = pick_device()
-    settings = Settings()
-    config_dir = find_config_dir(arch, header, settings)
     ctx.progress(0, 1, "loading pipeline")
-    pipe, cached = pipeline_cache(settings).get(
-        sha256, lambda: load_pipeline(path, arch, config_dir, device, dtype)
-    )
+    pipe, cached, device = get_pipeline(path, header, arch, sha256)
     pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     sdxl = arch == "sdxl"
-    encode = _Encoder(pipe, sdxl, device)
+    encode = PromptEncoder(pipe, sdxl, device)
     cfg = request.cfg_scale > 1.0
     halves = ["uncond", "cond"] if cfg else ["cond"]
     batch = request.batch_size
