@@ -20,6 +20,7 @@ from mergeprobe.library import ModelLibrary
 from mergeprobe.merge_methods import MERGE_METHODS
 from mergeprobe.merge_plan import ElementalRequest, MergeRequest, plan_merge
 from mergeprobe.problems import Problem
+from mergeprobe.sweep_request import SweepRequest, SweepResult, prepare_sweep
 
 
 class InspectRequest(BaseModel):
@@ -141,6 +142,30 @@ Checkpoints load into diffusers pipelines offline from the configs shipped with 
 MERGEPROBE_PIPELINE_CONFIGS_DIR; the worker caches loaded pipelines (LRU by sha256)."""
 
 
+SWEEP_DESCRIPTION = """Generate the same prompt and seeds with many variants of one model, without writing
+a checkpoint per variant.
+
+The baseline is `model_a`, or a merge of model_a/b/c (`mode`, `alpha`, `beta`, `base_alpha`,
+`elemental` as in merge jobs) computed in memory. `variants` is one of:
+- per block: `{"blocks": "IN00-OUT11", "alpha": 0, "beta": 0.75}`: one variant per named block (the
+  layer-influence study: with `scaled_sum`, β·A + α·B, this weakens one block to 75 %);
+- per element: `{"elements": ["OUT05:attn2:0", ...]}`: one variant per elemental entry, the ratio being
+  the α applied (SuperMerger's effective elemental checker);
+- an XY grid: `{"x": {"kind": "alpha", "values": [...]}, "y": {"kind": "seed", "values": [...]}}`, kinds
+  alpha, beta (every U-Net block), block (α of `block`), seed, prompt, elemental.
+A variant's formula is its `mode`, default the baseline's mode when the baseline is a merge, else
+`scaled_sum`; without model_b, B is A. Variants act on U-Net blocks; BASE follows the baseline.
+For each variant only the U-Net tensors it changes are patched, and their baseline values are put
+back bit for bit after its images; each prompt is encoded once.
+
+Artifacts: `grid.png` (per-block sweeps: the study's U, IN00…IN11 down the left, M00 at the bottom,
+OUT00…OUT11 up the right, the baseline in the centre, seeds side by side in each cell; XY: a labelled
+X × Y grid; per element: a labelled row per element), every image, per variant and seed a difference
+image and a two-frame GIF against the baseline, `influence.csv` (changed_share: share of pixels whose
+difference exceeds `diff_threshold` in any channel; mean_abs_diff; ssim on luminance), and
+`manifest.json`. The result ranks variants by mean changed share."""
+
+
 @dataclass(frozen=True)
 class JobKind:
     name: str
@@ -195,6 +220,14 @@ KINDS: dict[str, JobKind] = {
             request_model=DumpRequest,
             result_model=DumpResult,
             prepare=prepare_dump,
+        ),
+        JobKind(
+            name="sweep",
+            summary="Layer-influence studies and XY grids, in memory",
+            description=SWEEP_DESCRIPTION,
+            request_model=SweepRequest,
+            result_model=SweepResult,
+            prepare=prepare_sweep,
         ),
     )
 }

@@ -22,6 +22,7 @@ from mergeprobe.blockspec import parse_block_set, parse_number
 from mergeprobe.dump_request import MAX_PROMPT_CHARS, Sampler
 from mergeprobe.elemental import ElementalRule, parse_elemental
 from mergeprobe.library import ModelLibrary
+from mergeprobe.merge_methods import MERGE_METHODS
 from mergeprobe.merge_plan import MergeMode, MergeRequest, WeightValue, plan_merge
 from mergeprobe.problems import Problem
 
@@ -31,23 +32,32 @@ MAX_IMAGES = 2000
 class PerBlockVariants(BaseModel):
     """One variant per named block (the layer-influence study)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"blocks": "IN00-OUT11", "alpha": 0, "beta": 0.75}]})
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"blocks": "IN00-OUT11", "alpha": 0, "beta": 0.75}]}
+    )
 
-    blocks: str = Field(default="IN00-OUT11", description="Block set: `IN00-OUT11`, `IN00, M00`, `IN00-OUT11(+2)`.")
+    blocks: str = Field(
+        default="IN00-OUT11", description="Block set: `IN00-OUT11`, `IN00, M00`, `IN00-OUT11(+2)`."
+    )
     alpha: float = Field(default=0.0, description="α on the varied block.")
     beta: float | None = Field(default=0.75, description="β on the varied block (for modes that use it).")
-    mode: MergeMode | None = Field(default=None, description="Formula of the variant; default: see the job description.")
+    mode: MergeMode | None = Field(
+        default=None, description="Formula of the variant; default: see the job description."
+    )
 
 
 class PerElementVariants(BaseModel):
     """One variant per elemental entry (SuperMerger's effective elemental checker)."""
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"elements": ["OUT05:attn2:0", "OUT05:attn1:0", "IN04::0"]}]}
+        extra="forbid",
+        json_schema_extra={"examples": [{"elements": ["OUT05:attn2:0", "OUT05:attn1:0", "IN04::0"]}]},
     )
 
     elements: list[str] = Field(
-        min_length=1, max_length=500, description="Elemental entries `blocks:elements:ratio`; the ratio is the α applied."
+        min_length=1,
+        max_length=500,
+        description="Elemental entries `blocks:elements:ratio`; the ratio is the α applied.",
     )
     beta: float | None = Field(default=None, description="β on the matched elements (for modes that use it).")
     mode: MergeMode | None = None
@@ -60,7 +70,9 @@ class Axis(BaseModel):
         description="What varies: α or β on every U-Net block, α of one block (`block`), the seed, the prompt, "
         "or an elemental entry string (α overrides)."
     )
-    block: str | None = Field(default=None, description="For kind `block`: the block whose α varies.", examples=["OUT05"])
+    block: str | None = Field(
+        default=None, description="For kind `block`: the block whose α varies.", examples=["OUT05"]
+    )
     values: list[float | int | str] = Field(min_length=1, max_length=32)
 
 
@@ -70,7 +82,9 @@ class XYVariants(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={
-            "examples": [{"x": {"kind": "alpha", "values": [0, 0.5, 1]}, "y": {"kind": "seed", "values": [1, 2]}}]
+            "examples": [
+                {"x": {"kind": "alpha", "values": [0, 0.5, 1]}, "y": {"kind": "seed", "values": [1, 2]}}
+            ]
         },
     )
 
@@ -95,10 +109,14 @@ class SweepRequest(BaseModel):
         },
     )
 
-    model_a: str = Field(description="The baseline model (or the base of the baseline merge).", examples=["tiny-sd1-a"])
+    model_a: str = Field(
+        description="The baseline model (or the base of the baseline merge).", examples=["tiny-sd1-a"]
+    )
     model_b: str | None = Field(default=None, description="With a merge: model B of the baseline.")
     model_c: str | None = Field(default=None, description="With a merge: model C of the baseline.")
-    mode: MergeMode = Field(default="weighted_sum", description="The baseline merge's mode (when model_b is given).")
+    mode: MergeMode = Field(
+        default="weighted_sum", description="The baseline merge's mode (when model_b is given)."
+    )
     alpha: WeightValue = Field(default=0.5, description="The baseline merge's α (as in merge jobs).")
     beta: WeightValue | None = Field(default=None, description="The baseline merge's β.")
     base_alpha: float | None = None
@@ -112,7 +130,9 @@ class SweepRequest(BaseModel):
     cfg_scale: float = Field(default=7.0, ge=0, le=30)
     width: int = Field(default=512, ge=64, le=2048, multiple_of=8)
     height: int = Field(default=512, ge=64, le=2048, multiple_of=8)
-    diff_threshold: float = Field(default=20.0, ge=0, le=255, description="On the 0–255 scale, as SuperMerger's checker.")
+    diff_threshold: float = Field(
+        default=20.0, ge=0, le=255, description="On the 0–255 scale, as SuperMerger's checker."
+    )
 
     @model_validator(mode="after")
     def _seeds_in_range(self) -> SweepRequest:
@@ -125,8 +145,12 @@ class SweepRequest(BaseModel):
 class SweepResult(BaseModel):
     arch: str
     variants: list[str] = Field(description="Variant names in grid order.")
-    rows: list[dict[str, Any]] = Field(description="Per variant and seed: changed_share, mean_abs_diff, ssim.")
-    ranking: list[dict[str, Any]] = Field(description="Variants by mean changed share, most influential first.")
+    rows: list[dict[str, Any]] = Field(
+        description="Per variant and seed: changed_share, mean_abs_diff, ssim."
+    )
+    ranking: list[dict[str, Any]] = Field(
+        description="Variants by mean changed share, most influential first."
+    )
     images: int
     seconds: float
 
@@ -159,7 +183,9 @@ class Variant:
         return {
             "name": self.name,
             "label": self.label,
-            "overrides": [{"blocks": list(o.blocks), "alpha": o.alpha, "beta": o.beta} for o in self.overrides],
+            "overrides": [
+                {"blocks": list(o.blocks), "alpha": o.alpha, "beta": o.beta} for o in self.overrides
+            ],
             "rules": self.rules,
             "rule_beta": self.rule_beta,
             "mode": self.mode,
@@ -223,7 +249,13 @@ def _axis_parts(axis: Axis, arch: Architecture, field_name: str) -> list[dict[st
     parts = []
     if axis.kind == "block":
         if not axis.block:
-            raise Problem(400, "invalid-variant", "Invalid request", "axis kind `block` needs `block`", field=f"{field_name}.block")
+            raise Problem(
+                400,
+                "invalid-variant",
+                "Invalid request",
+                "axis kind `block` needs `block`",
+                field=f"{field_name}.block",
+            )
         blocks = tuple(parse_block_set(axis.block, arch, field=f"{field_name}.block"))
     for i, value in enumerate(axis.values):
         where = f"{field_name}.values[{i}]"
@@ -232,21 +264,33 @@ def _axis_parts(axis: Axis, arch: Architecture, field_name: str) -> list[dict[st
                 value = parse_number(value, field=where)
             number = float(value)
             if axis.kind == "block":
-                parts.append({"label": f"{axis.block} α={number:g}", "overrides": [Override(blocks, alpha=number)]})
+                parts.append(
+                    {"label": f"{axis.block} α={number:g}", "overrides": [Override(blocks, alpha=number)]}
+                )
             else:
                 override = Override(arch.unet_blocks, **{axis.kind: number})
                 parts.append({"label": f"{axis.kind}={number:g}", "overrides": [override]})
         elif axis.kind == "seed":
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
-                raise Problem(400, "invalid-variant", "Invalid request", "seeds are integers in [0, 2**32)", field=where)
+                raise Problem(
+                    400, "invalid-variant", "Invalid request", "seeds are integers in [0, 2**32)", field=where
+                )
             parts.append({"label": f"seed={value}", "seeds": [value]})
         elif axis.kind == "prompt":
             if not isinstance(value, str) or len(value) > MAX_PROMPT_CHARS:
-                raise Problem(400, "invalid-variant", "Invalid request", "prompt values are strings", field=where)
+                raise Problem(
+                    400, "invalid-variant", "Invalid request", "prompt values are strings", field=where
+                )
             parts.append({"label": value[:40], "prompt": value})
         else:
             if not isinstance(value, str):
-                raise Problem(400, "invalid-variant", "Invalid request", "elemental values are entry strings", field=where)
+                raise Problem(
+                    400,
+                    "invalid-variant",
+                    "Invalid request",
+                    "elemental values are entry strings",
+                    field=where,
+                )
             rules = parse_elemental(value, arch, field=where)
             _no_base_only(rules, where)
             parts.append({"label": value[:40], "rules": _rules_json(rules)})
@@ -257,16 +301,26 @@ def expand_variants(request: SweepRequest, arch: Architecture) -> list[Variant]:
     spec = request.variants
     if isinstance(spec, PerBlockVariants):
         blocks = parse_block_set(spec.blocks, arch, field="variants.blocks")
-        return [Variant(b, b, overrides=[Override((b,), spec.alpha, spec.beta)], mode=spec.mode) for b in blocks]
+        return [
+            Variant(b, b, overrides=[Override((b,), spec.alpha, spec.beta)], mode=spec.mode) for b in blocks
+        ]
     if isinstance(spec, PerElementVariants):
         variants = []
         for i, entry in enumerate(spec.elements):
             rules = parse_elemental(entry, arch, field=f"variants.elements[{i}]")
             _no_base_only(rules, f"variants.elements[{i}]")
-            variants.append(Variant(f"e{i:02d}", entry, rules=_rules_json(rules), rule_beta=spec.beta, mode=spec.mode))
+            variants.append(
+                Variant(f"e{i:02d}", entry, rules=_rules_json(rules), rule_beta=spec.beta, mode=spec.mode)
+            )
         return variants
     if spec.x.kind == spec.y.kind and spec.x.kind in ("seed", "prompt", "alpha", "beta"):
-        raise Problem(400, "invalid-variant", "Invalid request", f"x and y both vary {spec.x.kind}", field="variants.y.kind")
+        raise Problem(
+            400,
+            "invalid-variant",
+            "Invalid request",
+            f"x and y both vary {spec.x.kind}",
+            field="variants.y.kind",
+        )
     xs = _axis_parts(spec.x, arch, "variants.x")
     ys = _axis_parts(spec.y, arch, "variants.y")
     variants = []
@@ -304,18 +358,56 @@ def prepare_sweep(request: SweepRequest, library: ModelLibrary) -> dict[str, Any
         models = {slot: p.name for slot, p in plan.paths.items()}
     else:
         if request.model_c or request.elemental:
-            raise Problem(400, "invalid-request", "Invalid request", "a baseline merge needs model_b", field="model_b")
+            raise Problem(
+                400, "invalid-request", "Invalid request", "a baseline merge needs model_b", field="model_b"
+            )
         path = library.resolve(request.model_a, field="model_a")
         arch_name = detect_arch(library.header(path, field="model_a").tensors)
         if arch_name == UNKNOWN:
-            raise Problem(400, "unknown-architecture", "Unknown architecture", f"{path.name} matches none of sd1, sd2, sdxl", field="model_a")
+            raise Problem(
+                400,
+                "unknown-architecture",
+                "Unknown architecture",
+                f"{path.name} matches none of sd1, sd2, sdxl",
+                field="model_a",
+            )
         arch = get_arch(arch_name)
         models = {"a": path.name}
     variants = expand_variants(request, arch)
+    default_mode = request.mode if request.model_b else "scaled_sum"
+    for variant in variants:
+        method = MERGE_METHODS[variant.mode or default_mode]
+        if method.needs_c and not request.model_c:
+            raise Problem(
+                400,
+                "invalid-variant",
+                "Invalid request",
+                f"variant mode {method.name} needs model_c",
+                field="variants.mode",
+            )
+        gives_beta = (
+            any(o.beta is not None for o in variant.overrides)
+            or variant.rule_beta is not None
+            or request.beta is not None
+        )
+        if method.beta_required and not gives_beta:
+            raise Problem(
+                400,
+                "invalid-variant",
+                "Invalid request",
+                f"variant mode {method.name} needs beta ({method.beta})",
+                field="variants.beta",
+            )
     baselines = {(tuple(v.seeds or request.seeds), v.prompt) for v in variants}
     images = sum(len(v.seeds or request.seeds) for v in variants) + sum(len(seeds) for seeds, _ in baselines)
     if images > MAX_IMAGES:
-        raise Problem(400, "too-many-images", "Invalid request", f"the sweep would generate {images} images; the limit is {MAX_IMAGES}", field="variants")
+        raise Problem(
+            400,
+            "too-many-images",
+            "Invalid request",
+            f"the sweep would generate {images} images; the limit is {MAX_IMAGES}",
+            field="variants",
+        )
     return {
         "arch": arch.name,
         "models": models,

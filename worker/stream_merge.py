@@ -1,16 +1,27 @@
 """The streaming merge engine: never a whole state dict in memory.
 
-All headers are read first and the output header is decided up front; then tensors
-are read as zero-copy views of the mapped inputs, combined in fp32 by a few threads
-(large tensors of element-wise methods in chunks, so memory stays bounded), and
-written in order straight into the output file by one writer that also hashes the
-data for `modelspec.hash_sha256`.
+All headers are read first and the output header is decided up front, so every tensor's
+place in the output file is known before any is computed. Tensors are read as zero-copy
+views of the mapped inputs, combined in fp32 by a few threads (large tensors of element-wise
+methods in chunks, so memory stays bounded), and each thread writes its result straight to
+its place in the output (``pwrite``); the calling thread hashes the results in file order
+for ``modelspec.hash_sha256``, concurrently with the writes.
+
+Memory: each merge thread reuses its own fp32 scratch buffers for the chunks it loads, and
+results go into a small pool of output buffers that come back once hashed, so a merge of
+any size allocates a few dozen MB once instead of fresh buffers per chunk.
+
+weighted_sum of two inputs already in the output dtype (the usual fp16 + fp16 → fp16) skips
+the fp32 copies: ``torch.lerp`` on the stored views computes in fp32 and rounds once, the
+same bytes (see ``_Combiner._lerp``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,13 +30,15 @@ from pathlib import Path
 
 import torch
 
+from mergeprobe.checkpoint_headers import DTYPE_SIZES
 from mergeprobe.merge_metadata import HASH_PLACEHOLDER
+from mergeprobe.merge_methods import weighted_sum
 from mergeprobe.merge_plan import CONV_IN, VAE_PREFIX, KeyPlan, MergePlan
 from mergeprobe.safetensors_layout import build_header
 from worker.checkpoint_io import TORCH_DTYPES, MappedCheckpoint
 
 CHUNK_ELEMENTS = 1 << 21  # 2 M elements: 8 MB per fp32 operand
-MAX_IN_FLIGHT = 6
+MAX_IN_FLIGHT = 6  # tasks submitted and not yet hashed
 
 
 @dataclass(frozen=True)
@@ -62,41 +75,97 @@ def _tasks(plan: MergePlan) -> Iterator[_Task]:
             yield _Task(key_plan, start, min(start + CHUNK_ELEMENTS, numel), index)
 
 
+class _Result:
+    """The bytes of one task's output range; `buffer` goes back to the pool once they are hashed."""
+
+    __slots__ = ("buffer", "data")
+
+    def __init__(self, data: memoryview, buffer: torch.Tensor | None = None) -> None:
+        self.data = data
+        self.buffer = buffer
+
+
 class _Combiner:
     """Turns one task into the bytes of its output range."""
 
-    def __init__(self, plan: MergePlan, sources: dict[str, MappedCheckpoint], device: torch.device, seed: int) -> None:
+    def __init__(
+        self, plan: MergePlan, sources: dict[str, MappedCheckpoint], device: torch.device, seed: int
+    ) -> None:
         self.plan = plan
         self.sources = sources
         self.device = device
         self.seed = seed
+        self.chunk = CHUNK_ELEMENTS  # read at merge time: tests change it
+        self._local = threading.local()  # per-thread fp32 scratch buffers (CPU)
+        self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # output buffers
         vae = sources.get("vae")
         self.vae_keys: dict[str, str] = {}
         if vae is not None:
             names = set(vae.header.tensors)
             self.vae_keys = {VAE_PREFIX + k.removeprefix(VAE_PREFIX): k for k in names}
 
-    def _bytes(self, tensor: torch.Tensor) -> memoryview:
+    # -- buffers --------------------------------------------------------------------------
+    def _scratch(self, slot: str, numel: int) -> torch.Tensor | None:
+        """This thread's fp32 buffer for `slot`, or None where a fresh tensor is needed."""
+        if self.device.type != "cpu" or numel > self.chunk:
+            return None
+        buffers: dict[str, torch.Tensor] = self._local.__dict__.setdefault("buffers", {})
+        buffer = buffers.get(slot)
+        if buffer is None:
+            buffer = buffers[slot] = torch.empty(self.chunk, dtype=torch.float32)
+        return buffer[:numel]
+
+    def _output(self, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(a pooled byte buffer, a `dtype` view of its first `numel` elements), or None."""
+        nbytes = numel * dtype.itemsize
+        size = self.chunk * 4  # a chunk of fp32
+        if nbytes > size:
+            return None
+        try:
+            buffer = self._free.get_nowait()
+        except queue.Empty:
+            buffer = torch.empty(size, dtype=torch.uint8)
+        return buffer, buffer[:nbytes].view(dtype)
+
+    def release(self, result: _Result) -> None:
+        if result.buffer is not None:
+            self._free.put(result.buffer)
+
+    @staticmethod
+    def _bytes(tensor: torch.Tensor) -> memoryview:
         flat = tensor.detach().reshape(-1).contiguous()
         if flat.device.type != "cpu":
             flat = flat.cpu()
         return memoryview(flat.view(torch.uint8).numpy())
 
-    def _copy(self, slot: str, key: str, task: _Task) -> memoryview:
+    def _result(self, tensor: torch.Tensor, dtype: torch.dtype) -> _Result:
+        """`tensor` converted to `dtype`, as bytes in a pooled buffer where one fits."""
+        pooled = self._output(tensor.numel(), dtype)
+        if pooled is None:
+            return _Result(self._bytes(tensor.to(dtype)))
+        buffer, out = pooled
+        out.copy_(tensor.detach().reshape(-1))
+        return _Result(memoryview(out.view(torch.uint8).numpy()), buffer)
+
+    # -- tasks ----------------------------------------------------------------------------
+    def _copy(self, slot: str, key: str, task: _Task) -> _Result:
         source = self.sources[slot]
         out_dtype = TORCH_DTYPES[task.plan.dtype]
         if source.header.tensors[key].dtype == task.plan.dtype and (raw := source.raw(key)) is not None:
-            return raw
-        return self._bytes(source.get(key).to(out_dtype))
+            return _Result(raw)
+        return _Result(self._bytes(source.get(key).to(out_dtype)))
 
     def _load(self, slot: str, key: str, task: _Task) -> torch.Tensor | None:
         source = self.sources.get(slot)
         if source is None or key not in source.header.tensors:
             return None  # an optional third model (ties, dare) without this key: B's delta alone
         view = source.get(key).reshape(-1)[task.start : task.stop]
-        return view.to(device=self.device, dtype=torch.float32, copy=True)
+        scratch = self._scratch(slot, view.numel())
+        if scratch is None:
+            return view.to(device=self.device, dtype=torch.float32, copy=True)
+        return scratch.copy_(view)
 
-    def __call__(self, task: _Task) -> memoryview:
+    def __call__(self, task: _Task) -> _Result:
         kp = task.plan
         if kp.action in ("copy_a", "keep_a"):
             return self._copy("a", kp.key, task)
@@ -104,13 +173,41 @@ class _Combiner:
             return self._copy("b", kp.key, task)
         if kp.action == "copy_vae":
             return self._copy("vae", self.vae_keys[kp.key], task)
+        out_dtype = TORCH_DTYPES[kp.dtype]
         if kp.key == CONV_IN and self._channels_differ(kp.key):
-            return self._bytes(self._merge_shared_channels(kp))
+            return _Result(self._bytes(self._merge_shared_channels(kp)))
+        if self._lerp_in_place(kp):
+            return self._lerp(kp, task, out_dtype)
         a = self._load("a", kp.key, task)
         b = self._load("b", kp.key, task)
         c = self._load("c", kp.key, task)
         merged = self._apply(kp, a, b, c, task.start)
-        return self._bytes(merged.to(TORCH_DTYPES[kp.dtype]))
+        return self._result(merged, out_dtype)
+
+    def _lerp_in_place(self, kp: KeyPlan) -> bool:
+        """weighted_sum of A and B stored in the output dtype, on the CPU: see `_lerp`."""
+        if self.plan.method.fn is not weighted_sum or self.device.type != "cpu" or "c" in self.sources:
+            return False
+        return all(
+            src.header.tensors[kp.key].dtype == kp.dtype for src in (self.sources["a"], self.sources["b"])
+        )
+
+    def _lerp(self, kp: KeyPlan, task: _Task, dtype: torch.dtype) -> _Result:
+        """torch.lerp straight from the fp16 / bf16 / fp32 views into the output buffer.
+
+        For half-precision inputs torch computes each element in fp32 (its "opmath" type)
+        with the same formula as the fp32 kernel and rounds once, so the bytes equal those of
+        weighted_sum on fp32 copies rounded to the output dtype (only the payload of a NaN
+        produced from a NaN input may differ), without the two fp32 copies: half the time.
+        """
+        a = self.sources["a"].get(kp.key).reshape(-1)[task.start : task.stop]
+        b = self.sources["b"].get(kp.key).reshape(-1)[task.start : task.stop]
+        pooled = self._output(a.numel(), dtype)
+        if pooled is None:
+            return _Result(self._bytes(torch.lerp(a, b, kp.alpha)))
+        buffer, out = pooled
+        torch.lerp(a, b, kp.alpha, out=out)
+        return _Result(memoryview(out.view(torch.uint8).numpy()), buffer)
 
     def _apply(self, kp: KeyPlan, a, b, c, start: int) -> torch.Tensor:
         rng = torch.Generator(device="cpu")
@@ -118,17 +215,36 @@ class _Combiner:
         return self.plan.method.fn(a, b, c, kp.alpha, kp.beta, rng)
 
     def _channels_differ(self, key: str) -> bool:
-        shapes = {src.header.tensors[key].shape for slot, src in self.sources.items() if slot != "vae" and key in src.header.tensors}
+        shapes = {
+            src.header.tensors[key].shape
+            for slot, src in self.sources.items()
+            if slot != "vae" and key in src.header.tensors
+        }
         return len(shapes) > 1
 
     def _merge_shared_channels(self, kp: KeyPlan) -> torch.Tensor:
         """conv_in of an inpainting model (9 input channels) with a normal one (4)."""
-        tensors = {s: src.get(kp.key) for s, src in self.sources.items() if s != "vae" and kp.key in src.header.tensors}
+        tensors = {
+            s: src.get(kp.key)
+            for s, src in self.sources.items()
+            if s != "vae" and kp.key in src.header.tensors
+        }
         shared = min(t.shape[1] for t in tensors.values())
         result = tensors["a"].to(device=self.device, dtype=torch.float32, copy=True)
-        parts = {s: t[:, :shared].to(device=self.device, dtype=torch.float32, copy=True) for s, t in tensors.items()}
+        parts = {
+            s: t[:, :shared].to(device=self.device, dtype=torch.float32, copy=True)
+            for s, t in tensors.items()
+        }
         result[:, :shared] = self._apply(kp, parts["a"], parts["b"], parts.get("c"), 0)
         return result.to(TORCH_DTYPES[kp.dtype])
+
+
+def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
+    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    while view:
+        written = os.pwrite(fd, view, position)
+        view = view[written:]
+        position += written
 
 
 def stream_merge(
@@ -143,34 +259,50 @@ def stream_merge(
     progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> str:
     """Write the merged checkpoint to `out_path`; returns the sha256 of its tensor data."""
-    header, _ = build_header(((k.key, k.dtype, k.shape) for k in plan.keys), metadata)
+    header, offsets = build_header(((k.key, k.dtype, k.shape) for k in plan.keys), metadata)
     sources = {slot: MappedCheckpoint(path, plan.headers[slot]) for slot, path in plan.paths.items()}
     combine = _Combiner(plan, sources, device, seed)
     data_hash = hashlib.sha256()
     total = len(plan.keys)
-    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, header)
-        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
-            pending: deque[tuple[_Task, Future[memoryview]]] = deque()
+    data_start = len(header)
 
-            def write_one() -> None:
+    def work(task: _Task) -> _Result:
+        """Runs in a merge thread: compute the task's bytes and write them to their place."""
+        result = combine(task)
+        itemsize = DTYPE_SIZES[task.plan.dtype]
+        _pwrite_all(fd, result.data, data_start + offsets[task.plan.key][0] + task.start * itemsize)
+        return result
+
+    fd = os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    # The merge threads are the parallelism: torch's own intra-op threads on top of them would
+    # oversubscribe the cores (and spin-wait), taking CPU from the hashing thread.
+    intra_op_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, intra_op_threads // max(1, threads)))
+    try:
+        _pwrite_all(fd, memoryview(header), 0)
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="merge") as pool:
+            pending: deque[tuple[_Task, Future[_Result]]] = deque()
+
+            def finish_one() -> None:
+                """Hash the oldest task's bytes (file order) once written; report whole keys."""
                 task, future = pending.popleft()
-                data = future.result()
-                data_hash.update(data)
-                view = memoryview(data).cast("B")
-                while view:
-                    view = view[os.write(fd, view) :]
+                result = future.result()
+                data_hash.update(result.data)
+                combine.release(result)
                 if task.stop == _numel(task.plan.shape):
                     progress(task.index + 1, total)
 
-            for task in _tasks(plan):
-                check_cancel()
-                pending.append((task, pool.submit(combine, task)))
-                while len(pending) >= MAX_IN_FLIGHT:
-                    write_one()
-            while pending:
-                write_one()
+            try:
+                for task in _tasks(plan):
+                    check_cancel()
+                    pending.append((task, pool.submit(work, task)))
+                    while len(pending) >= MAX_IN_FLIGHT:
+                        finish_one()
+                while pending:
+                    finish_one()
+            finally:
+                for _, future in pending:
+                    future.cancel()
         digest = data_hash.hexdigest()
         placeholder = f'"modelspec.hash_sha256":"{HASH_PLACEHOLDER}"'.encode()
         final_header = header.replace(placeholder, f'"modelspec.hash_sha256":"0x{digest}"'.encode(), 1)
@@ -178,6 +310,7 @@ def stream_merge(
         os.pwrite(fd, final_header, 0)
         return digest
     finally:
+        torch.set_num_threads(intra_op_threads)
         os.close(fd)
         for source in sources.values():
             source.close()

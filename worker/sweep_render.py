@@ -132,7 +132,9 @@ def ssim_index(x: np.ndarray, y: np.ndarray, window: int = SSIM_WINDOW) -> float
     if x.shape != y.shape or x.ndim != 2:
         raise ValueError(f"ssim needs two equal-shape 2-D arrays, got {x.shape} and {y.shape}")
     if min(x.shape) < window:
-        raise ValueError(f"ssim needs images of at least {window}×{window} pixels, got {x.shape[1]}×{x.shape[0]}")
+        raise ValueError(
+            f"ssim needs images of at least {window}×{window} pixels, got {x.shape[1]}×{x.shape[0]}"
+        )
     if np.array_equal(x, y):
         return 1.0
     mx, my = float(x.mean()), float(y.mean())
@@ -322,6 +324,13 @@ def _kind(block: str) -> str:
     return "other"
 
 
+def _u_shape(arch_blocks: Sequence[str]) -> tuple[int, int]:
+    """(arm, middle): rows of the U's arms and number of middle columns."""
+    blocks = set(arch_blocks)
+    arm = max(sum(_kind(b) == "in" for b in blocks), sum(_kind(b) == "out" for b in blocks), 1)
+    return arm, max(1, sum(_kind(b) == "mid" for b in blocks))
+
+
 def u_layout(arch_blocks: Sequence[str]) -> dict[str, tuple[int, int]]:
     """(row, col) of every block of `arch_blocks` and of "baseline" in the study's U.
 
@@ -342,12 +351,10 @@ def u_layout(arch_blocks: Sequence[str]) -> dict[str, tuple[int, int]]:
     blocks = list(dict.fromkeys(arch_blocks))
     if "baseline" in blocks:
         raise ValueError('"baseline" is reserved for the baseline cell')
-    ins = [b for b in blocks if _kind(b) == "in"]
-    outs = [b for b in blocks if _kind(b) == "out"]
-    mids = [b for b in blocks if _kind(b) == "mid"]
-    others = [b for b in blocks if _kind(b) == "other"]
-    arm = max(len(ins), len(outs), 1)
-    middle = max(1, len(mids))
+    ins, outs, mids, others = (
+        [b for b in blocks if _kind(b) == kind] for kind in ("in", "out", "mid", "other")
+    )
+    arm, middle = _u_shape(blocks)
     rows = arm + 1
     center_col = 1 + (middle - 1) // 2
     layout: dict[str, tuple[int, int]] = {"baseline": ((rows - 1) // 2, center_col)}
@@ -366,15 +373,13 @@ def u_layout(arch_blocks: Sequence[str]) -> dict[str, tuple[int, int]]:
 
 
 def u_geometry(arch_blocks: Sequence[str], cell_size: tuple[int, int]) -> GridGeometry:
-    """`u_grid`'s geometry: rows / cols of `u_layout`, cells of `cell_size` (w, h), GRID_GAP apart, no margin."""
-    layout = u_layout(arch_blocks)
-    rows = max(r for r, _ in layout.values()) + 1
-    rows = max(rows, len([b for b in arch_blocks if _kind(b) in ("in", "out")]) and rows)
-    cols = max(c for _, c in layout.values()) + 1
-    mids = len({b for b in arch_blocks if _kind(b) == "mid"})
-    cols = max(cols, max(1, mids) + 2)
-    arm = max(len({b for b in arch_blocks if _kind(b) == "in"}), len({b for b in arch_blocks if _kind(b) == "out"}), 1)
-    return GridGeometry(rows=arm + 1, cols=cols, cell_w=cell_size[0], cell_h=cell_size[1], left=0, top=0)
+    """`u_grid`'s geometry: the rows × cols of `u_layout` (arm + 1 rows, middle + 2 columns),
+    cells of `cell_size` (w, h), GRID_GAP apart, no margin (left = top = 0). For sd1:
+    width = 3·w + 2·4, height = 13·h + 12·4; for sdxl: 3·w + 2·4, 10·h + 9·4."""
+    arm, middle = _u_shape(arch_blocks)
+    return GridGeometry(
+        rows=arm + 1, cols=middle + 2, cell_w=cell_size[0], cell_h=cell_size[1], left=0, top=0
+    )
 
 
 def u_grid(cells: dict[str, Image.Image], baseline: Image.Image, arch_blocks: Sequence[str]) -> Image.Image:
@@ -417,7 +422,12 @@ def u_grid(cells: dict[str, Image.Image], baseline: Image.Image, arch_blocks: Se
 
 
 def xy_geometry(
-    cell_size: tuple[int, int], x_labels: Sequence[str], y_labels: Sequence[str], *, x_title: str, y_title: str
+    cell_size: tuple[int, int],
+    x_labels: Sequence[str],
+    y_labels: Sequence[str],
+    *,
+    x_title: str,
+    y_title: str,
 ) -> GridGeometry:
     """`xy_grid`'s geometry (rows = len(y_labels), cols = len(x_labels)).
 
@@ -508,7 +518,9 @@ def rows_grid(rows: Sequence[tuple[str, Image.Image]], baseline: Image.Image) ->
     All images must have the same size. Geometry: `rows_geometry(["baseline", *labels], size)`;
     the baseline row is row 0, rows[i] is row i + 1.
     """
-    entries = [("baseline", baseline.convert("RGB"))] + [(label, image.convert("RGB")) for label, image in rows]
+    entries = [("baseline", baseline.convert("RGB"))] + [
+        (label, image.convert("RGB")) for label, image in rows
+    ]
     size = _cell_size([image for _, image in entries], "rows_grid")
     g = rows_geometry([label for label, _ in entries], size)
     canvas = Image.new("RGB", (g.width, g.height), BACKGROUND)

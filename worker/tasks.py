@@ -18,6 +18,7 @@ from worker.context import JobCanceled, JobContext
 from worker.engines.dump import run_dump
 from worker.engines.inspect import run_inspect
 from worker.engines.merge import run_elemental, run_merge
+from worker.engines.sweep import run_sweep
 from worker.runtime import get_runtime
 
 log = logging.getLogger("mergeprobe.worker")
@@ -27,6 +28,7 @@ ENGINES: dict[str, Callable[[JobContext], dict[str, Any]]] = {
     "merge": run_merge,
     "elemental": run_elemental,
     "dump": run_dump,
+    "sweep": run_sweep,
 }
 
 

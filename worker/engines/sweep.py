@@ -1,0 +1,346 @@
+"""sweep jobs: one baseline in memory, a variant at a time patched in, generated, and restored.
+
+The pipeline is the worker's cached one for model_a. A baseline merge is applied to its
+parameters in place (U-Net tensors computed from the mapped input files, text encoders
+and VAE from the other models' pipelines); each variant then overwrites only the U-Net
+parameters whose ratios it changes and puts the saved baseline values back bit for bit
+afterwards; at the end model_a's own values return, so the cached pipeline is unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from typing import Any
+
+import torch
+
+from mergeprobe.archs import block_of_key, element_of_key, get_arch
+from mergeprobe.merge_methods import MERGE_METHODS
+from mergeprobe.merge_plan import MergeRequest, plan_merge
+from mergeprobe.sweep_request import SweepRequest, Variant, XYVariants, rule_matches_json
+from worker.checkpoint_io import MappedCheckpoint
+from worker.context import JobContext
+from worker.generation import PromptEncoder, get_pipeline, make_scheduler
+from worker.param_map import ldm_keys_of
+from worker.render import png_bytes
+from worker.sweep_render import difference_image, flip_gif, influence, label_cell, rows_grid, u_grid, xy_grid
+
+CSV_COLUMNS = ("variant", "label", "seed", "changed_share", "mean_abs_diff", "ssim")
+_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+def _rng(seed: int, key: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{key}:0".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+class _Weights:
+    """The pipeline's parameters by LDM key, and the input tensors to recompute them from."""
+
+    def __init__(
+        self, pipe: Any, arch: str, sources: dict[str, MappedCheckpoint], others: dict[str, Any]
+    ) -> None:
+        self.arch = get_arch(arch)
+        self.sources = sources
+        self.others = others  # slot → pipeline of model b / c (for BASE parameters)
+        self.params: dict[tuple[str, str], torch.nn.Parameter] = {}
+        for component in _COMPONENTS:
+            module = getattr(pipe, component, None)
+            if module is not None:
+                self.params.update({(component, n): p for n, p in module.named_parameters()})
+        self.keys = ldm_keys_of(pipe, arch)
+        self.a_values: dict[tuple[str, str], torch.Tensor] = {}  # model_a's values of params we changed
+
+    def source_value(self, slot: str, param_id: tuple[str, str]) -> torch.Tensor | None:
+        component, name = param_id
+        param = self.params[param_id]
+        if slot == "a":
+            value = self.a_values.get(param_id, param.detach())
+            return value.to(dtype=torch.float32, copy=True)
+        if component == "unet":
+            source = self.sources.get(slot)
+            key = self.keys[param_id]
+            if source is None or key not in source.header.tensors:
+                return None
+            return (
+                source.get(key).reshape(param.shape).to(device=param.device, dtype=torch.float32, copy=True)
+            )
+        other = self.others.get(slot)
+        if other is None:
+            return None
+        return (
+            dict(getattr(other, component).named_parameters())[name]
+            .detach()
+            .to(param.device, torch.float32, copy=True)
+        )
+
+    def compute(self, param_id, mode: str, alpha, beta, seed: int) -> torch.Tensor:
+        method = MERGE_METHODS[mode]
+        a = self.source_value("a", param_id)
+        b = self.source_value("b", param_id)
+        if b is None:
+            b = a.clone()  # without model_b, B is A (a scaled_sum variant then scales A alone)
+        c = self.source_value("c", param_id)
+        return method.fn(a, b, c, alpha, beta, _rng(seed, self.keys[param_id]))
+
+    def assign(self, param_id, value: torch.Tensor) -> None:
+        param = self.params[param_id]
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+
+    def restore_a(self) -> None:
+        with torch.no_grad():
+            for param_id, value in self.a_values.items():
+                self.params[param_id].copy_(value)
+        self.a_values.clear()
+
+
+def _apply_baseline(
+    weights: _Weights, plan, seed: int
+) -> dict[tuple[str, str], tuple[str, float | None, float | None]]:
+    """Merge the baseline into the pipeline; returns each U-Net param's baseline (mode, α, β)."""
+    by_key = {k.key: k for k in plan.keys} if plan is not None else {}
+    ratios = {}
+    for param_id, param in weights.params.items():
+        key = weights.keys.get(param_id)
+        kp = by_key.get(key)
+        if param_id[0] == "unet" and kp is not None and kp.alpha is not None:
+            ratios[param_id] = (plan.method.name, kp.alpha, kp.beta)
+        if kp is None or kp.action in ("copy_a", "keep_a"):
+            continue
+        weights.a_values[param_id] = param.detach().clone()
+        if kp.action == "copy_b":
+            value = weights.source_value("b", param_id)
+        else:
+            value = weights.compute(param_id, plan.method.name, kp.alpha, kp.beta, seed)
+        weights.assign(param_id, value)
+    return ratios
+
+
+def _variant_ratios(weights: _Weights, variant: Variant, baseline, default_mode: str):
+    """U-Net params the variant changes → (mode, α, β)."""
+    changed = {}
+    mode = variant.mode or default_mode
+    for param_id in weights.params:
+        if param_id[0] != "unet":
+            continue
+        key = weights.keys[param_id]
+        block, element = block_of_key(weights.arch, key), element_of_key(weights.arch, key)
+        base = baseline.get(param_id)
+        alpha, beta = (base[1], base[2]) if base else (0.0, 1.0 if mode == "scaled_sum" else None)
+        touched = False
+        for override in variant.overrides:
+            if block in override.blocks:
+                touched = True
+                alpha = override.alpha if override.alpha is not None else alpha
+                beta = override.beta if override.beta is not None else beta
+        for rule in variant.rules:
+            if rule_matches_json(rule, block, element):
+                touched = True
+                alpha = rule["ratio"]
+                beta = variant.rule_beta if variant.rule_beta is not None else beta
+        if touched:
+            changed[param_id] = (mode, alpha, beta)
+    return changed
+
+
+def run_sweep(ctx: JobContext) -> dict[str, Any]:
+    started = time.monotonic()
+    request = SweepRequest.model_validate(ctx.request)
+    inputs = ctx.inputs
+    arch = inputs["arch"]
+    library = ctx.library
+    paths = {slot: library.resolve(name) for slot, name in inputs["models"].items()}
+    headers = {slot: library.header(p) for slot, p in paths.items()}
+    ctx.progress(0, 1, "loading pipeline")
+    pipe, cached, device = get_pipeline(paths["a"], headers["a"], arch, library.hashes(paths["a"])[0])
+    others = {}
+    plan = None
+    if "b" in paths:
+        merge = MergeRequest(
+            model_a=request.model_a,
+            model_b=request.model_b,
+            model_c=request.model_c,
+            mode=request.mode,
+            alpha=request.alpha,
+            beta=request.beta,
+            base_alpha=request.base_alpha,
+            elemental=request.elemental,
+        )
+        plan = plan_merge(merge, library, output_name="sweep-baseline.safetensors")
+        if any(k.action != "copy_a" and k.block == "BASE" for k in plan.keys if k.action != "keep_a"):
+            for slot in ("b", "c"):
+                if slot in paths:
+                    others[slot] = get_pipeline(
+                        paths[slot], headers[slot], arch, library.hashes(paths[slot])[0]
+                    )[0]
+    sources = {slot: MappedCheckpoint(p, headers[slot]) for slot, p in paths.items()}
+    weights = _Weights(pipe, arch, sources, others)
+    variants = [Variant.from_json(v) for v in inputs["variants"]]
+    default_mode = plan.method.name if plan is not None else "scaled_sum"
+    encoder = PromptEncoder(pipe, arch == "sdxl", device)
+    pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
+    baselines_needed = {(tuple(v.seeds or request.seeds), v.prompt or request.prompt) for v in variants}
+    total = sum(len(s) for s, _ in baselines_needed) + sum(len(v.seeds or request.seeds) for v in variants)
+    done = 0
+    artifacts: list[dict[str, Any]] = []
+
+    def save(name: str, data: bytes, media_type: str, **facts: Any) -> None:
+        record = ctx.write_artifact(name, data, media_type)
+        artifacts.append({"name": name, "url": record["url"], **facts})
+
+    def generate(prompt: str, seeds: list[int]):
+        nonlocal done
+        pos, pooled = encoder(prompt)
+        neg, neg_pooled = encoder(request.negative_prompt, negative=True)
+        kwargs: dict[str, Any] = {"prompt_embeds": pos, "negative_prompt_embeds": neg}
+        if arch == "sdxl":
+            kwargs.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
+
+        def on_step_end(_pipe, _index, _timestep, callback_kwargs):
+            ctx.check_cancel()
+            return callback_kwargs
+
+        with torch.no_grad():
+            images = pipe(
+                **kwargs,
+                num_inference_steps=request.steps,
+                guidance_scale=request.cfg_scale,
+                width=request.width,
+                height=request.height,
+                num_images_per_prompt=len(seeds),
+                generator=[torch.Generator(device="cpu").manual_seed(s) for s in seeds],
+                callback_on_step_end=on_step_end,
+                output_type="pil",
+            ).images
+        done += len(seeds)
+        ctx.progress(done, total, "generating")
+        return images
+
+    rows: list[dict[str, Any]] = []
+    cells: dict[str, Any] = {}
+    baseline_images: dict[tuple[str, int], Any] = {}
+    try:
+        ctx.progress(0, total, "merging the baseline")
+        baseline = _apply_baseline(weights, plan, 0)
+        for seeds, prompt in sorted(baselines_needed):
+            for seed, image in zip(seeds, generate(prompt, list(seeds)), strict=True):
+                if (prompt, seed) not in baseline_images:
+                    baseline_images[(prompt, seed)] = image
+                    save(
+                        f"baseline_s{seed}{_prompt_tag(prompt, request.prompt)}.png",
+                        png_bytes(image),
+                        "image/png",
+                        kind="baseline",
+                        seed=seed,
+                        prompt=prompt,
+                    )
+        for variant in variants:
+            ctx.check_cancel()
+            changed = _variant_ratios(weights, variant, baseline, default_mode)
+            saved = {pid: weights.params[pid].detach().clone() for pid in changed}
+            try:
+                for pid, (mode, alpha, beta) in changed.items():
+                    weights.assign(pid, weights.compute(pid, mode, alpha, beta, 0))
+                prompt = variant.prompt or request.prompt
+                seeds = variant.seeds or request.seeds
+                images = generate(prompt, seeds)
+            finally:
+                with torch.no_grad():
+                    for pid, value in saved.items():
+                        weights.params[pid].copy_(value)
+            cells[variant.name] = label_cell(images, variant.label)
+            for seed, image in zip(seeds, images, strict=True):
+                base = baseline_images[(prompt, seed)]
+                metrics = influence(base, image, request.diff_threshold)
+                rows.append({"variant": variant.name, "label": variant.label, "seed": seed, **metrics})
+                facts = {"variant": variant.name, "label": variant.label, "seed": seed}
+                save(f"{variant.name}_s{seed}.png", png_bytes(image), "image/png", kind="variant", **facts)
+                save(
+                    f"diff_{variant.name}_s{seed}.png",
+                    png_bytes(difference_image(base, image, request.diff_threshold)),
+                    "image/png",
+                    kind="difference",
+                    **facts,
+                )
+                save(
+                    f"flip_{variant.name}_s{seed}.gif",
+                    flip_gif(base, image, labels=("baseline", variant.label)),
+                    "image/gif",
+                    kind="flip",
+                    **facts,
+                )
+    finally:
+        weights.restore_a()
+        for source in sources.values():
+            source.close()
+
+    baseline_cell = (
+        label_cell([baseline_images[(request.prompt, s)] for s in request.seeds], "baseline")
+        if all((request.prompt, s) in baseline_images for s in request.seeds)
+        else None
+    )
+    grid = _grid(request, variants, cells, baseline_cell, get_arch(arch))
+    save("grid.png", png_bytes(grid), "image/png", kind="grid")
+    ranking = _ranking(rows)
+    save("influence.csv", _csv(rows), "text/csv", kind="influence")
+    manifest = {"arch": arch, "variants": [v.to_json() for v in variants], "artifacts": artifacts}
+    ctx.write_artifact("manifest.json", json.dumps(manifest, indent=1).encode(), "application/json")
+    return {
+        "arch": arch,
+        "variants": [v.name for v in variants],
+        "rows": rows,
+        "ranking": ranking,
+        "images": done,
+        "pipeline_cached": cached,
+        "device": str(device),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def _prompt_tag(prompt: str, main: str) -> str:
+    return "" if prompt == main else "_p" + hashlib.sha256(prompt.encode()).hexdigest()[:6]
+
+
+def _grid(request: SweepRequest, variants: list[Variant], cells: dict[str, Any], baseline_cell, arch):
+    spec = request.variants
+    if isinstance(spec, XYVariants):
+        by_position = {v.position: cells[v.name] for v in variants}
+        xs = sorted({v.position[0] for v in variants})
+        ys = sorted({v.position[1] for v in variants})
+        x_labels = [next(v.label.split(" | ")[0] for v in variants if v.position == (x, 0)) for x in xs]
+        y_labels = [next(v.label.split(" | ")[1] for v in variants if v.position == (0, y)) for y in ys]
+        return xy_grid(by_position, x_labels, y_labels, x_title=spec.x.kind, y_title=spec.y.kind)
+    if hasattr(spec, "blocks"):
+        return u_grid({v.name: cells[v.name] for v in variants}, baseline_cell, list(arch.unet_blocks))
+    return rows_grid([(v.label, cells[v.name]) for v in variants], baseline_cell)
+
+
+def _ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_variant.setdefault(row["variant"], []).append(row)
+    ranking = [
+        {
+            "variant": name,
+            "label": group[0]["label"],
+            "changed_share": sum(r["changed_share"] for r in group) / len(group),
+            "mean_abs_diff": sum(r["mean_abs_diff"] for r in group) / len(group),
+            "ssim": sum(r["ssim"] for r in group) / len(group),
+        }
+        for name, group in by_variant.items()
+    ]
+    return sorted(ranking, key=lambda r: (-r["changed_share"], -r["mean_abs_diff"]))
+
+
+def _csv(rows: list[dict[str, Any]]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**row, **{k: f"{row[k]:.6f}" for k in ("changed_share", "mean_abs_diff", "ssim")}})
+    return out.getvalue().encode()

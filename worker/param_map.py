@@ -1,0 +1,50 @@
+"""Which single-file (LDM) key each parameter of a loaded diffusers pipeline comes from.
+
+Found by running our own diffusers → LDM converters (worker/ldm_convert.py) on a state dict
+whose every entry is a one-element tensor holding its own index: renames, reshapes,
+transposes and q/k/v concatenations all carry the index along, so each LDM tensor names
+the parameters it was built from. No weights are touched or copied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from worker import ldm_convert as lc
+
+Component = str  # "unet", "vae", "text_encoder", "text_encoder_2"
+
+
+def _tagged(module: torch.nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
+    names = [name for name, _ in module.named_parameters()]
+    return names, {name: torch.tensor([float(i)], dtype=torch.float64) for i, name in enumerate(names)}
+
+
+def _invert(names: list[str], converted: dict[str, torch.Tensor]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for ldm_key, tensor in converted.items():
+        if not tensor.is_floating_point() or tensor.dtype != torch.float64:
+            continue  # generated buffers (position_ids, logit_scale) come from no parameter
+        for value in tensor.reshape(-1).tolist():
+            mapping[names[int(value)]] = ldm_key
+    return mapping
+
+
+def ldm_keys_of(pipe: Any, arch: str) -> dict[tuple[Component, str], str]:
+    """(component, parameter name) → the LDM key it corresponds to."""
+    result: dict[tuple[Component, str], str] = {}
+    converters: list[tuple[Component, Any]] = [("unet", lc.unet_to_ldm), ("vae", lc.vae_to_ldm)]
+    if arch == "sd1":
+        converters.append(("text_encoder", lambda sd: lc.clip_l_to_ldm(sd, lc.SD1_CLIP_PREFIX)))
+    elif arch == "sd2":
+        converters.append(("text_encoder", lambda sd: lc.open_clip_to_ldm(sd, lc.SD2_OPENCLIP_PREFIX)))
+    else:
+        converters.append(("text_encoder", lambda sd: lc.clip_l_to_ldm(sd, lc.SDXL_CLIP_L_PREFIX)))
+        converters.append(("text_encoder_2", lambda sd: lc.open_clip_to_ldm(sd, lc.SDXL_OPENCLIP_PREFIX)))
+    for component, convert in converters:
+        names, tagged = _tagged(getattr(pipe, component))
+        for name, key in _invert(names, convert(tagged)).items():
+            result[(component, name)] = key
+    return result
