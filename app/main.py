@@ -12,7 +12,8 @@ from fastapi.openapi.utils import get_openapi
 
 from app.errors import install_error_handlers
 from app.middleware import BearerAuth, BodyLimit
-from app.routes import archs, health, jobs, models, plans
+from app.openapi_docs import document_problems
+from app.routes import archs, health, jobs, metrics, models, plans
 from app.state import AppState
 from mergeprobe.kinds import KINDS
 from mergeprobe.settings import Settings
@@ -36,7 +37,8 @@ async def _reap_lost_jobs(state: AppState) -> None:
     """Fail jobs of dead workers even when no other worker is left to notice."""
     while True:
         try:
-            await asyncio.to_thread(state.store.reap_lost)
+            for job_id in await asyncio.to_thread(state.store.reap_lost):
+                await asyncio.to_thread(state.artifacts.remove_job, job_id)  # what the dead worker left
         except Exception:  # noqa: BLE001 - Redis may be down for a while; keep trying
             log.debug("reaper: redis unavailable", exc_info=True)
         await asyncio.sleep(_REAP_EVERY)
@@ -58,7 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="mergeprobe", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.mergeprobe = state
     install_error_handlers(app)
-    for router in (health.router, archs.router, models.router, jobs.router, plans.router):
+    for router in (health.router, metrics.router, archs.router, models.router, jobs.router, plans.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(BearerAuth, keys=settings.api_key_list)
@@ -83,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 }
             }
             schema["security"] = [{"bearer": []}, {}]
-            app.openapi_schema = schema
+            app.openapi_schema = document_problems(schema)
         return app.openapi_schema
 
     app.openapi = openapi

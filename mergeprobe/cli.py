@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+from mergeprobe.logging import configure_from_settings
 from mergeprobe.settings import Settings
 
 log = logging.getLogger("mergeprobe")
@@ -85,7 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     try:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        # log_config=None: uvicorn's loggers propagate to ours (JSON lines, mergeprobe/logging.py).
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None)
     finally:
         if supervisor is not None:
             supervisor.stop()
@@ -148,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    configure_from_settings(Settings())
     return args.func(args)
 
 

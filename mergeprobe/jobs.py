@@ -21,6 +21,7 @@ from rq import Queue
 from rq.job import Job as RqJob
 from rq.serializers import JSONSerializer
 
+from mergeprobe.metrics import COUNTERS, bucket_label
 from mergeprobe.problems import Problem
 from mergeprobe.settings import Settings
 
@@ -28,10 +29,15 @@ STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 TASK_PATH = "worker.tasks.run_job"
 IDEMPOTENCY_TTL = 24 * 3600
+QUEUE_FULL_RETRY_AFTER = 10  # seconds a client is asked to wait when the queue is full
 
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
 def new_job_id() -> str:
@@ -76,6 +82,11 @@ class JobStore:
 
     def worker_key(self, name: str) -> str:
         return f"{self.prefix}:worker:{name}"
+
+    def stats_key(self, name: str) -> str:
+        """Metrics hashes: `jobs` (kind:status -> count), `duration` (kind:status:bucket|sum|count
+        -> observations), `counters` (name -> total)."""
+        return f"{self.prefix}:stats:{name}"
 
     # -- create and read ----------------------------------------------------
     def create(
@@ -126,6 +137,7 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.set(self._job_key(job_id), json.dumps(job))
         pipe.zadd(self._index_key, {job_id: 0})
+        pipe.hincrby(self.stats_key("jobs"), f"{kind}:queued", 1)
         pipe.execute()
         self.queue.enqueue(
             TASK_PATH,
@@ -199,9 +211,12 @@ class JobStore:
                     if job["status"] not in allowed:
                         pipe.unwatch()
                         return None
+                    previous = job["status"]
                     job.update(patch)
                     pipe.multi()
                     pipe.set(key, json.dumps(job))
+                    if job["status"] != previous:
+                        self._count_transition(pipe, job, previous)
                     if job["status"] in FINAL_STATUSES:
                         pipe.srem(self._running_key, job_id)
                         pipe.delete(self.heartbeat_key(job_id), self.cancel_key(job_id))
@@ -209,6 +224,19 @@ class JobStore:
                     return job
                 except redis.WatchError:
                     continue
+
+    def _count_transition(self, pipe: redis.client.Pipeline, job: dict, previous: str) -> None:
+        """Queue, inside the transition's MULTI, the metrics updates of a status change."""
+        kind, status = job["kind"], job["status"]
+        pipe.hincrby(self.stats_key("jobs"), f"{kind}:{previous}", -1)
+        pipe.hincrby(self.stats_key("jobs"), f"{kind}:{status}", 1)
+        if status in FINAL_STATUSES and job.get("started_at") and job.get("finished_at"):
+            elapsed = _parse_iso(job["finished_at"]) - _parse_iso(job["started_at"])
+            seconds = max(0.0, elapsed.total_seconds())
+            durations = self.stats_key("duration")
+            pipe.hincrby(durations, f"{kind}:{status}:{bucket_label(seconds)}", 1)
+            pipe.hincrby(durations, f"{kind}:{status}:count", 1)
+            pipe.hincrbyfloat(durations, f"{kind}:{status}:sum", seconds)
 
     def claim(self, job_id: str, worker_name: str) -> dict | None:
         """queued → running, or None when the job was canceled (or is gone) meanwhile."""
@@ -313,6 +341,50 @@ class JobStore:
 
     def queue_depth(self) -> int:
         return self.queue.count
+
+    # -- metrics and backpressure --------------------------------------------
+    def add_counter(self, name: str, value: float) -> None:
+        """Add to a named counter shared by every process (see `mergeprobe.metrics.COUNTERS`)."""
+        if name not in COUNTERS:
+            raise ValueError(f"unknown counter {name!r}; known: {', '.join(COUNTERS)}")
+        self.redis.hincrbyfloat(self.stats_key("counters"), name, float(value))
+
+    def stats_snapshot(self) -> dict[str, Any]:
+        """The metrics hashes and the queue depth, in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name in ("jobs", "duration", "counters"):
+            pipe.hgetall(self.stats_key(name))
+        pipe.llen(self.queue.key)
+        jobs, durations, counters, depth = pipe.execute()
+
+        def text(mapping: dict) -> dict[str, str]:
+            return {
+                (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                for k, v in mapping.items()
+            }
+
+        return {
+            "jobs": text(jobs),
+            "durations": text(durations),
+            "counters": text(counters),
+            "queue_depth": int(depth),
+        }
+
+    def check_capacity(self) -> None:
+        """Backpressure: 429 once MERGEPROBE_MAX_QUEUED jobs wait in the queue (0: no limit)."""
+        limit = self.settings.max_queued
+        if not limit:
+            return
+        depth = self.queue_depth()
+        if depth >= limit:
+            self.add_counter("jobs_rejected", 1)
+            raise Problem(
+                429,
+                "queue-full",
+                "Queue full",
+                f"{depth} jobs are waiting for a worker (MERGEPROBE_MAX_QUEUED={limit}); retry later",
+                headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)},
+            )
 
     def purge_namespace(self) -> None:
         """Delete every key this store owns: its prefix, its rq queue and registries, and

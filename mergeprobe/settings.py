@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Annotated
+from typing import Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Seconds a job of each kind may run before rq stops it. A merge of two SDXL
 # checkpoints from a slow disk is the longest thing we do.
@@ -35,11 +37,21 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=16 * 1024**3, gt=0)
     max_request_bytes: int = Field(default=1024**2, gt=0, description="Cap on JSON request bodies.")
     key_prefix: str = Field(default="mergeprobe", description="Prefix of every Redis key and rq queue name.")
-    job_timeouts: dict[str, int] = Field(default_factory=dict, description="JSON object kind -> seconds.")
+    # NoDecode: the validator below parses the JSON itself, so an empty value means "no overrides".
+    job_timeouts: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict, description="JSON object kind -> seconds.")
     worker_ttl: int = Field(
         default=20, ge=3, description="Seconds without a heartbeat before a worker is lost."
     )
     heartbeat_interval: float = Field(default=2.0, gt=0)
+    max_queued: int = Field(
+        default=1000,
+        ge=0,
+        description="Jobs that may wait in the queue; submissions beyond it get 429 (0: no limit).",
+    )
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="`json`: one JSON object per log line; `text`: plain lines."
+    )
+    log_level: str = Field(default="INFO", description="Level of the root logger (DEBUG, INFO, WARNING...).")
     pipeline_configs_dir: Path | None = Field(
         default=None,
         description="Diffusers pipeline config directories per architecture (DIR/sd1, DIR/sd2, DIR/sdxl: "
@@ -48,6 +60,25 @@ class Settings(BaseSettings):
     )
     pipeline_cache_bytes: int = Field(
         default=8 * 1024**3, ge=0, description="Worker memory for cached pipelines (LRU by model sha256)."
+    )
+    # Artifacts across hosts: local directory (default) or an S3-compatible bucket (AWS S3, MinIO).
+    # Credentials come from boto3's chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile, role).
+    artifacts_backend: Literal["local", "s3"] = Field(
+        default="local", description="Where job artifacts live: `local` (ARTIFACTS_DIR) or `s3`."
+    )
+    s3_bucket: str | None = Field(default=None, description="Bucket of the s3 artifacts backend.")
+    s3_prefix: str = Field(default="artifacts/", description="Key prefix: objects are PREFIX{job_id}/{name}.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, moto); unset: AWS.")
+    s3_public_endpoint_url: str | None = Field(
+        default=None, description="Endpoint clients reach, for presigned URLs; default S3_ENDPOINT_URL."
+    )
+    s3_region: str | None = Field(default=None, description="Bucket region; unset: boto3's default.")
+    s3_downloads: Literal["proxy", "redirect"] = Field(
+        default="proxy",
+        description="`proxy`: the API streams objects (Range, ETag = sha256); `redirect`: 307 to a presigned URL.",
+    )
+    s3_presign_seconds: int = Field(
+        default=900, ge=1, le=7 * 24 * 3600, description="Presigned URL lifetime."
     )
 
     @field_validator("job_timeouts", mode="before")

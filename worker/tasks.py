@@ -6,6 +6,7 @@ rq hands over only a job id (JSON serializer); the job record in Redis says what
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from rq.timeouts import JobTimeoutException
 
 from mergeprobe.jobs import problem_dict
+from mergeprobe.logging import job_logging
 from mergeprobe.problems import Problem
 from worker.context import JobCanceled, JobContext
 from worker.engines.dump import run_dump
@@ -33,6 +35,17 @@ ENGINES: dict[str, Callable[[JobContext], dict[str, Any]]] = {
 
 
 def run_job(job_id: str) -> str:
+    """rq's entry point. Every log line the job produces in this thread carries its id and kind."""
+    record = get_runtime().store.get(job_id)
+    with job_logging(job_id, record["kind"] if record else None):
+        log.info("job %s picked up", job_id)
+        started = time.monotonic()
+        outcome = _run_job(job_id)
+        log.info("job %s %s after %.2f s", job_id, outcome, time.monotonic() - started)
+        return outcome
+
+
+def _run_job(job_id: str) -> str:
     runtime = get_runtime()
     store = runtime.store
     job = store.claim(job_id, runtime.name)

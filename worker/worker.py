@@ -13,6 +13,7 @@ import time
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
+from mergeprobe.logging import configure_from_settings, job_logging
 from worker.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger("mergeprobe.worker")
@@ -46,6 +47,7 @@ class Heartbeat(threading.Thread):
                     last_reap = time.monotonic()
                     for lost in store.reap_lost():
                         log.warning("job %s failed: its worker was lost", lost)
+                        self.runtime.artifacts.remove_job(lost)
             except Exception:  # noqa: BLE001 - Redis hiccups must not kill the heartbeat
                 log.exception("heartbeat failed")
             self.stopping.wait(self.runtime.settings.heartbeat_interval)
@@ -77,9 +79,14 @@ class MergeprobeWorker(SimpleWorker):
         finally:
             heartbeat.stopping.set()
 
+    def execute_job(self, job, queue):
+        """rq's own lines about the job (result, failure) carry its id too."""
+        with job_logging(job.id):
+            return super().execute_job(job, queue)
+
 
 def run_worker(burst: bool = False) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runtime = get_runtime()
+    configure_from_settings(runtime.settings)
     runtime.name = f"{socket.gethostname()}.{os.getpid()}"
     MergeprobeWorker(runtime).work(burst=burst, logging_level="INFO")

@@ -8,21 +8,33 @@ from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from app.artifact_responses import artifact_response
+from app.openapi_docs import REDIS_UNAVAILABLE, SSE_EVENT
 from app.schemas import Job, JobList, JobStatus, ProblemModel
 from app.state import AppState, get_state
 from mergeprobe.jobs import FINAL_STATUSES, body_fingerprint
 from mergeprobe.kinds import KINDS, JobKind
 from mergeprobe.problems import Problem
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=REDIS_UNAVAILABLE)
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ProblemModel, "description": "Invalid request (field and position named)"},
     404: {"model": ProblemModel},
     409: {"model": ProblemModel, "description": "Idempotency-Key reused with another body"},
     422: {"model": ProblemModel, "description": "Request does not match the schema"},
+    429: {
+        "model": ProblemModel,
+        "description": "Queue full: MERGEPROBE_MAX_QUEUED jobs are waiting",
+        "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+    },
 }
 _SSE_POLL = 0.25
 _SSE_KEEPALIVE = 15.0
+
+
+def _admit(state: AppState = Depends(get_state)) -> None:
+    """Backpressure, before the body is validated or any model is read: 429 when the queue is full."""
+    state.store.check_capacity()
 
 
 def _submit_handler(kind: JobKind):
@@ -62,6 +74,7 @@ for _kind in KINDS.values():
         + "\n\nAnswers 202 with `Location: /v1/jobs/{id}`; 200 when an Idempotency-Key replays an earlier submission.",
         responses=_ERRORS,
         operation_id=f"submit_{_kind.name}_job",
+        dependencies=[Depends(_admit)],
     )
 
 
@@ -114,7 +127,7 @@ def cancel_job(id: str, state: AppState = Depends(get_state)) -> dict:
     description="An `event: job` carrying the job JSON whenever it changes, then `event: end` once it is "
     "succeeded, failed or canceled. Comments keep the connection alive.",
     responses={
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}},
         404: {"model": ProblemModel},
     },
     response_class=StreamingResponse,
@@ -148,24 +161,29 @@ async def job_events(id: str, request: Request, state: AppState = Depends(get_st
 @router.get(
     "/{id}/artifacts/{name}",
     summary="Download an artifact",
-    description="Supports Range requests; the ETag is the artifact's sha256 (If-None-Match answers 304).",
+    description="Supports Range requests; the ETag is the artifact's sha256 (If-None-Match answers 304). "
+    "With `MERGEPROBE_ARTIFACTS_BACKEND=s3` and `MERGEPROBE_S3_DOWNLOADS=redirect` the answer is a 307 to a "
+    "presigned URL of the object store, which then serves the bytes and ranges itself.",
     responses={
-        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-        206: {"description": "Partial content"},
+        200: {
+            "description": "The artifact, with the media type of its record (text/csv, image/png, …)",
+            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        206: {"description": "Partial content (one range, or several as multipart/byteranges)"},
         304: {"description": "Not modified"},
+        307: {"description": "Redirect to a presigned object-store URL (s3 backend, redirect downloads)"},
+        400: {"model": ProblemModel, "description": "Malformed Range header"},
         404: {"model": ProblemModel},
+        416: {"model": ProblemModel, "description": "Range not satisfiable (`Content-Range: bytes */size`)"},
     },
     response_class=FileResponse,
 )
 def get_artifact(id: str, name: str, request: Request, state: AppState = Depends(get_state)) -> Response:
     job = state.store.require(id)
     record = next((a for a in job["artifacts"] if a["name"] == name), None)
-    path = state.artifacts.path_of(id, name)
-    if record is None or not path.is_file():
+    state.artifacts.path_of(id, name)  # validates the name
+    if record is None:
         raise Problem(
             404, "unknown-artifact", "Unknown artifact", f"job {id} has no artifact {name!r}", field="name"
         )
-    etag = f'"{record["sha256"]}"'
-    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
-        return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(path, media_type=record["media_type"], headers={"ETag": etag}, filename=name)
+    return artifact_response(state.artifacts, id, name, record, request)

@@ -10,7 +10,7 @@ from collections import Counter
 import torch
 
 from mergeprobe.merge_metadata import merge_metadata
-from mergeprobe.merge_plan import ElementalRequest, MergePlan, MergeRequest, plan_merge
+from mergeprobe.merge_plan import VAE_PREFIX, ElementalRequest, MergePlan, MergeRequest, plan_merge
 from worker.context import JobContext
 from worker.stream_merge import pick_device, stream_merge
 
@@ -43,6 +43,8 @@ def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
     finally:
         tmp.unlink(missing_ok=True)
     info = library.info(final)
+    ctx.store.add_counter("merge_bytes_read", bytes_read(plan))
+    ctx.store.add_counter("merge_bytes_written", info.size_bytes)
     result = {
         "model": {
             "id": info.id,
@@ -72,6 +74,27 @@ def run_elemental(ctx: JobContext) -> dict:
     plan, result = _execute(ctx, ElementalRequest.model_validate(ctx.request))
     ctx.write_artifact("plan.csv", plan_csv(plan), "text/csv")
     return result
+
+
+def bytes_read(plan: MergePlan) -> int:
+    """Bytes of input tensors the merge reads: each source tensor a key's action takes."""
+    vae = plan.headers.get("vae")
+    vae_keys = {VAE_PREFIX + k.removeprefix(VAE_PREFIX): k for k in vae.tensors} if vae else {}
+    total = 0
+    for k in plan.keys:
+        if k.action in ("copy_a", "keep_a"):
+            reads = [("a", k.key)]
+        elif k.action == "copy_b":
+            reads = [("b", k.key)]
+        elif k.action == "copy_vae":
+            reads = [("vae", vae_keys[k.key])]
+        else:
+            reads = [(slot, k.key) for slot in plan.headers if slot != "vae"]
+        for slot, key in reads:
+            tensor = plan.headers[slot].tensors.get(key)
+            if tensor is not None:
+                total += tensor.nbytes
+    return total
 
 
 def plan_csv(plan: MergePlan) -> bytes:
