@@ -39,6 +39,7 @@ async def _reap_lost_jobs(state: AppState) -> None:
         try:
             for job_id in await asyncio.to_thread(state.store.reap_lost):
                 await asyncio.to_thread(state.artifacts.remove_job, job_id)  # what the dead worker left
+                await asyncio.to_thread(state.library.remove_partials, job_id)  # half-written models
         except Exception:  # noqa: BLE001 - Redis may be down for a while; keep trying
             log.debug("reaper: redis unavailable", exc_info=True)
         await asyncio.sleep(_REAP_EVERY)

@@ -79,23 +79,31 @@ class BodyLimit:
                 await send_problem(send, too_large, scope["path"])
                 return
         received = 0
-        response_started = False
+        response_started = exceeded = replaced = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    exceeded = True
                     # A Problem, so that the app's own handler answers if the route is reading the body.
                     raise too_large
             return message
 
         async def tracking_send(message: Message) -> None:
-            nonlocal response_started
+            nonlocal response_started, replaced
             if message["type"] == "http.response.start":
                 response_started = True
-            await send(message)
+                if exceeded and message["status"] != 413:
+                    # FastAPI turns any error while it reads a body into 400 "There was an error
+                    # parsing the body": answer what happened instead, and drop the app's body.
+                    replaced = True
+                    await send_problem(send, too_large, scope["path"])
+                    return
+            if not replaced:
+                await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)

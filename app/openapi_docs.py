@@ -49,7 +49,9 @@ def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
     if "ProblemModel" not in components:
         from app.schemas import ProblemModel
 
-        components["ProblemModel"] = ProblemModel.model_json_schema(ref_template="#/components/schemas/{model}")
+        components["ProblemModel"] = ProblemModel.model_json_schema(
+            ref_template="#/components/schemas/{model}"
+        )
     return schema
 
 

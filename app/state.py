@@ -39,5 +39,6 @@ class AppState:
         )
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
+    # async: FastAPI runs a plain `def` dependency in the thread pool, one hop per request for nothing.
     return request.app.state.mergeprobe

@@ -1,13 +1,15 @@
 """Full-size merge benchmark: mergeprobe's streaming engine against sd-mecha, the I/O floor and a naive merge.
 
-    python benchmarks/merge_bench.py [--arch sd1|sdxl] [--dir DIR] [--keep] [--runs engine,mecha,floor,naive,job]
+    python benchmarks/merge_bench.py [--arch sd1|sdxl] [--dir DIR] [--keep] [--runs engine,job,mecha,floor,floor_hash,naive] [--repeat N]
 
 Two full-size random fp16 checkpoints of the arch (the real key names and shapes, from
 ``worker.full_layouts``) are written into DIR/models (reused with --keep when present) and read
 once to warm the page cache. Each run then happens in a fresh subprocess, so its peak memory is
-its own; the parent samples the child's /proc/<pid>/status every 20 ms for RssAnon (anonymous
-memory: what the process itself allocated, as opposed to file pages of the page cache, which
-memory-mapped inputs and written outputs use) and VmHWM (peak RSS, file pages included).
+its own; the parent samples the child's /proc/<pid>/status every 20 ms and reports the peaks over
+the child's timed section of RssAnon (anonymous memory: what the process itself allocated, as
+opposed to file pages of the page cache, which memory-mapped inputs use) and VmRSS (file pages
+included). Before its timed section each child touches and frees --prefault-mb of memory (see
+benchmarks/README.md: on a VM that hands freed memory back to its host, first touches are slow).
 
 Runs (the seconds are those of the timed section, measured in the child):
 
@@ -17,9 +19,12 @@ Runs (the seconds are those of the timed section, measured in the child):
           planning, sha256 of both inputs (cold hash cache), the merge, registering the output
           (which hashes it as well).
 * mecha   sd-mecha's ``weighted_sum`` with the same 26 block weights (``sd1-supermerger_blocks`` /
-          ``sdxl-supermerger_blocks`` converted to the LDM config), its default settings, 2 threads.
+          ``sdxl-supermerger_blocks`` converted to the LDM config), its defaults, the threads the
+          engine is given.
 * floor   the I/O floor: read both inputs fully and write one file of the same size, 16 MB at a
           time, no arithmetic.
+* floor_hash  the floor plus the sha256 of the written bytes in a second thread: the engine must
+          hash its output (``modelspec.hash_sha256``), and one sha256 stream runs at ~2 GB/s.
 * naive   load everything: ``safetensors.torch.load_file`` both, a weighted sum per key in fp32,
           ``save_file``.
 
@@ -45,7 +50,7 @@ if str(REPO) not in sys.path:
 CHUNK = 16 * 1024 * 1024
 SAMPLE_EVERY = 0.02
 MODEL_A, MODEL_B = "bench-a", "bench-b"
-ALL_RUNS = ("engine", "job", "mecha", "floor", "naive")
+ALL_RUNS = ("engine", "job", "mecha", "floor", "floor_hash", "naive")
 PREFAULT_MB = int(os.environ.get("MERGE_BENCH_PREFAULT_MB", "0") or 0)  # set by the parent for each run
 
 
@@ -152,10 +157,20 @@ def child_engine(arch: str, directory: Path) -> dict:
     )
 
 
+class _NullStore:
+    """Stands in for the job store (Redis): counters and the like go nowhere."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
 class _JobContext:
     """The part of worker.context.JobContext the merge engine uses."""
 
     def __init__(self, library, request: dict, output_name: str) -> None:
+        self.job_id = "merge-bench"
+        self.job = {"id": self.job_id, "request": request}
+        self.store = _NullStore()
         self.library = library
         self.request = request
         self.inputs = {"output": output_name}
@@ -276,6 +291,58 @@ def child_floor(arch: str, directory: Path) -> dict:
     return timed.report(baseline_rss_anon_mb=baseline, output_bytes=size)
 
 
+def child_floor_hash(arch: str, directory: Path) -> dict:
+    """The floor plus what the engine must also do: sha256 of every byte written, in a second
+    thread (as the engine hashes beside its merge thread)."""
+    import hashlib
+    import queue
+    import threading
+
+    models = directory / "models"
+    out = models / "bench-out-floor-hash.safetensors"
+    ring = [bytearray(CHUNK) for _ in range(4)]
+    free: queue.Queue[int] = queue.Queue()
+    filled: queue.Queue[tuple[int, int] | None] = queue.Queue()
+    for i in range(len(ring)):
+        free.put(i)
+    digest = hashlib.sha256()
+
+    def hasher() -> None:
+        while (item := filled.get()) is not None:
+            index, n = item
+            digest.update(memoryview(ring[index])[:n])
+            free.put(index)
+
+    buf_b = bytearray(CHUNK)
+    prefault(PREFAULT_MB)
+    baseline = _rss_anon_mb()
+    with (
+        _Timed() as timed,
+        open(models / f"{MODEL_A}.safetensors", "rb", buffering=0) as fa,
+        open(models / f"{MODEL_B}.safetensors", "rb", buffering=0) as fb,
+        open(out, "wb", buffering=0) as fo,
+    ):
+        thread = threading.Thread(target=hasher)
+        thread.start()
+        view_b = memoryview(buf_b)
+        while True:
+            index = free.get()
+            view_a = memoryview(ring[index])
+            n = fa.readinto(view_a)
+            fb.readinto(view_b)
+            if not n:
+                break
+            chunk = view_a[:n]
+            while chunk:
+                chunk = chunk[fo.write(chunk) :]
+            filled.put((index, n))
+        filled.put(None)
+        thread.join()
+    size = out.stat().st_size
+    out.unlink()
+    return timed.report(baseline_rss_anon_mb=baseline, output_bytes=size)
+
+
 def child_naive(arch: str, directory: Path) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
@@ -310,6 +377,7 @@ CHILDREN = {
     "job": child_job,
     "mecha": child_mecha,
     "floor": child_floor,
+    "floor_hash": child_floor_hash,
     "naive": child_naive,
 }
 
@@ -480,19 +548,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         os.sync()
         warm(inputs)
-        for run in runs:
-            reps = []
-            for rep in range(args.repeat):
+        reps: dict[str, list[dict]] = {run: [] for run in runs}
+        for rep in range(args.repeat):  # interleaved, so that a slow spell of the machine hits every run
+            for run in runs:
                 _clean_outputs(directory)
                 print(f"running {run} ({rep + 1}/{args.repeat}) ...", flush=True)
                 r = run_child(run, args.arch, directory, prefault_mb)
-                reps.append(r)
+                reps[run].append(r)
                 print(
                     f"  {r['seconds']:.2f} s, peak RssAnon {r['peak_rss_anon_mb']:.0f} MB, "
                     f"peak RSS {r['peak_rss_mb']:.0f} MB ({r['samples']} samples)",
                     flush=True,
                 )
-            results[run] = summarize(reps)
+        results.update({run: summarize(runs_of) for run, runs_of in reps.items()})
     finally:
         _clean_outputs(directory)
         if not args.keep:
@@ -514,11 +582,11 @@ def print_table(arch: str, size: int, prefault_mb: int, results: dict[str, dict]
         f"{arch}: two {size / 1e9:.2f} GB fp16 inputs, warm page cache, {os.cpu_count()} CPUs, "
         f"prefault {prefault_mb} MB"
     )
-    header = f"{'run':<8} {'seconds':>8} {'min':>7} {'max':>7} {'peak RssAnon MB':>16} {'baseline MB':>12} {'peak RSS MB':>12}"
+    header = f"{'run':<10} {'seconds':>8} {'min':>7} {'max':>7} {'peak RssAnon MB':>16} {'baseline MB':>12} {'peak RSS MB':>12}"
     print(header)
     for run, r in results.items():
         print(
-            f"{run:<8} {r['seconds']:>8.2f} {r['min_seconds']:>7.2f} {r['max_seconds']:>7.2f} "
+            f"{run:<10} {r['seconds']:>8.2f} {r['min_seconds']:>7.2f} {r['max_seconds']:>7.2f} "
             f"{r['peak_rss_anon_mb']:>16.0f} {r['baseline_rss_anon_mb']:>12.0f} {r['peak_rss_mb']:>12.0f}"
         )
     if "job" in results:
@@ -535,7 +603,7 @@ def print_table(arch: str, size: int, prefault_mb: int, results: dict[str, dict]
         print("WARNING: the engine and job runs wrote different tensor data")
     engine = results.get("engine")
     if engine:
-        for other in ("floor", "mecha", "naive"):
+        for other in ("floor", "floor_hash", "mecha", "naive"):
             if other in results:
                 print(f"engine / {other}: {engine['seconds'] / results[other]['seconds']:.2f}")
         verdicts = []

@@ -27,6 +27,7 @@ import pickletools
 import re
 import zipfile
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 __all__ = [
@@ -112,6 +113,13 @@ class CheckpointHeader:
     metadata: dict[str, str]  # safetensors __metadata__; ckpt: {}
     data_start: int  # safetensors: 8 + header length; ckpt: 0
     file_size: int
+
+    @cached_property
+    def arch(self) -> str:
+        """detect_arch() of the tensors, computed once per header (the library caches headers)."""
+        from mergeprobe.archs import detect_arch
+
+        return detect_arch(self.tensors)
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from mergeprobe.logging import configure_from_settings
 from mergeprobe.settings import Settings
 
 log = logging.getLogger("mergeprobe")
+WORKER_NICENESS = 10  # embedded workers yield the CPU to the API
 
 
 def _start_embedded_redis(settings: Settings):
@@ -44,7 +46,12 @@ class WorkerSupervisor(threading.Thread):
         self.stopping = threading.Event()
 
     def _spawn(self) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "mergeprobe.cli", "worker"], env=self.env)
+        # Niced: on a small host the API shares its cores with the workers, and a client waiting
+        # for its 202 matters more than a queued job starting a few ms sooner.
+        proc = subprocess.Popen([sys.executable, "-m", "mergeprobe.cli", "worker"], env=self.env)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, proc.pid, WORKER_NICENESS)
+        return proc
 
     def run(self) -> None:
         while not self.stopping.is_set():

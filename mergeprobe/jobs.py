@@ -134,20 +134,24 @@ class JobStore:
             "error": None,
             "warnings": [],
         }
-        pipe = self.redis.pipeline()
-        pipe.set(self._job_key(job_id), json.dumps(job))
-        pipe.zadd(self._index_key, {job_id: 0})
-        pipe.hincrby(self.stats_key("jobs"), f"{kind}:queued", 1)
-        pipe.execute()
-        self.queue.enqueue(
-            TASK_PATH,
-            job_id,
-            job_id=job_id,
-            job_timeout=self.settings.timeout_for(kind),
-            result_ttl=3600,
-            failure_ttl=24 * 3600,
-            description=f"{kind} {job_id}",
-        )
+        # One MULTI/EXEC, one round trip: the record, the index and the rq job appear together or
+        # not at all (no record left "queued" without an rq job when the API dies in between).
+        with self.redis.pipeline() as pipe:
+            pipe.multi()
+            pipe.set(self._job_key(job_id), json.dumps(job))
+            pipe.zadd(self._index_key, {job_id: 0})
+            pipe.hincrby(self.stats_key("jobs"), f"{kind}:queued", 1)
+            self.queue.enqueue(
+                TASK_PATH,
+                job_id,
+                job_id=job_id,
+                job_timeout=self.settings.timeout_for(kind),
+                result_ttl=3600,
+                failure_ttl=24 * 3600,
+                description=f"{kind} {job_id}",
+                pipeline=pipe,
+            )
+            pipe.execute()
         return job, True
 
     def _wait_for(self, job_id: str, seconds: float = 2.0) -> dict | None:

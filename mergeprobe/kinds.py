@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergeprobe.archs import UNKNOWN, detect_arch
+from mergeprobe.archs import UNKNOWN
 from mergeprobe.dump_request import DumpRequest, DumpResult, prepare_dump
 from mergeprobe.library import ModelLibrary
 from mergeprobe.merge_methods import MERGE_METHODS
@@ -53,7 +53,7 @@ class InspectResult(BaseModel):
 def prepare_inspect(request: InspectRequest, library: ModelLibrary) -> dict[str, Any]:
     path = library.resolve(request.model, field="model")
     header = library.header(path, field="model")
-    arch = detect_arch(header.tensors)
+    arch = header.arch
     if arch == UNKNOWN:
         raise Problem(
             400,

@@ -27,6 +27,7 @@ MODEL_EXTENSIONS = (".safetensors", ".ckpt")
 # Names are file names in one flat directory: no separators, no leading dot, no "..".
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_+=,@-]*(?:\.[A-Za-z0-9_+=,@-]+)*$")
 _MAX_NAME = 200
+_JOB_PARTIAL_RE = re.compile(r"^\.partial-([0-9a-f]{24})-")
 _HASH_CHUNK = 8 * 1024 * 1024
 # AUTOMATIC1111's legacy model hash: sha256 of the 64 KiB at offset 1 MiB.
 _LEGACY_OFFSET, _LEGACY_LENGTH = 0x100000, 0x10000
@@ -50,6 +51,14 @@ class ModelInfo:
         return asdict(self)
 
 
+def _shown(text: object, limit: int = 100) -> str:
+    """An untrusted name as an error message shows it: repr, at most `limit` characters of it
+    (a 1 MB JSON body of one model name must not come back as a 1 MB problem detail)."""
+    if isinstance(text, str) and len(text) > limit:
+        return f"{text[:limit]!r}… ({len(text)} characters)"
+    return repr(text)
+
+
 def validate_model_name(name: str, *, field: str = "name") -> str:
     """A file name for the models directory, or a 400 saying what is wrong with it."""
     if not name or len(name) > _MAX_NAME or ".." in name or not _NAME_RE.match(name):
@@ -57,7 +66,7 @@ def validate_model_name(name: str, *, field: str = "name") -> str:
             400,
             "invalid-model-name",
             "Invalid model name",
-            f"{name!r} is not a valid model name: use letters, digits and _ + = , @ - . "
+            f"{_shown(name)} is not a valid model name: use letters, digits and _ + = , @ - . "
             "(no path separators, no leading dot, no '..'), at most 200 characters",
             field=field,
         )
@@ -137,7 +146,7 @@ class ModelLibrary:
                 400,
                 "invalid-model-name",
                 "Invalid model reference",
-                f"{ref!r} is not a model id or name",
+                f"{_shown(ref)} is not a model id or name",
                 field=field,
             )
         ids = self._ids()
@@ -239,11 +248,30 @@ class ModelLibrary:
         path.unlink()
         self._hash_cache_file(path).unlink(missing_ok=True)
 
-    def temp_path(self, name: str) -> Path:
-        """A hidden file in the library for a model being written; rename it into place when done."""
+    def temp_path(self, name: str, job_id: str | None = None) -> Path:
+        """A hidden file in the library for a model being written; rename it into place when done.
+
+        A job's temp file carries the job id, so that the files of a job whose worker died
+        (SIGKILL, OOM: no `finally` ran) can be found and removed: `remove_partials`."""
         self.root.mkdir(parents=True, exist_ok=True)
         # Hidden (the listing skips dot files) and with the real extension, so the header reader accepts it.
-        return self.root / f".partial-{secrets.token_hex(6)}-{name}"
+        return self.root / f".partial-{job_id or secrets.token_hex(6)}-{name}"
+
+    def remove_partials(self, job_id: str) -> list[Path]:
+        """Delete the temp files of one job (the reaper calls this for jobs of lost workers)."""
+        if not re.fullmatch(r"[0-9a-f]{24}", job_id) or not self.root.is_dir():
+            return []
+        removed = []
+        for path in self.root.glob(f".partial-{job_id}-*"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        return removed
+
+    def partial_job_ids(self) -> set[str]:
+        """Job ids that have temp files in the library (uploads' temp files carry none)."""
+        if not self.root.is_dir():
+            return set()
+        return {m.group(1) for p in self.root.iterdir() if (m := _JOB_PARTIAL_RE.match(p.name))}
 
     def commit(self, tmp: Path, name: str, *, sha256: str | None = None, overwrite: bool = False) -> Path:
         """Move a finished temp file into the library under `name`."""

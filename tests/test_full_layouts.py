@@ -83,7 +83,9 @@ def test_every_key_has_a_block_and_the_arch_is_detected(arch):
     layout = full_state_dict_layout(arch)
     blocks = {block_of_key(a, key) for key in layout}
     assert blocks == set(a.blocks)
-    assert detect_arch({k: TensorInfo(k, dtype, shape, (0, 0)) for k, (shape, dtype) in layout.items()}) == arch
+    assert (
+        detect_arch({k: TensorInfo(k, dtype, shape, (0, 0)) for k, (shape, dtype) in layout.items()}) == arch
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -131,7 +133,10 @@ def test_element_tables_hold_the_expected_names():
     assert "1.transformer_blocks.9.attn1.to_q.weight" in sdxl["IN07"]
     assert "1.transformer_blocks.9.attn1.to_q.weight" in sdxl["M00"]
     a = get_arch("sdxl")
-    assert element_of_key(a, UNET_PREFIX + "input_blocks.7.1.transformer_blocks.9.attn1.to_q.weight") in sdxl["IN07"]
+    assert (
+        element_of_key(a, UNET_PREFIX + "input_blocks.7.1.transformer_blocks.9.attn1.to_q.weight")
+        in sdxl["IN07"]
+    )
     with pytest.raises(KeyError):
         element_names("sd3")
 

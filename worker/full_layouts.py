@@ -68,7 +68,11 @@ ELEMENTS_ROOT = _PACKAGE / "configs" / "elements"
 _SD2_OPEN_CLIP_LAYERS = 24
 _FLOAT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 # safetensors' own writer orders tensors by dtype (larger alignment first), then by name.
-_DTYPE_ORDER = {"F64": 0, "I64": 0, "F32": 1, "I32": 1, "F16": 2, "BF16": 2, "I16": 2, "U8": 3, "I8": 3, "BOOL": 3}
+_DTYPE_ORDER = {
+    name: rank
+    for rank, names in enumerate(("F64 I64", "F32 I32", "F16 BF16 I16", "U8 I8 BOOL"))
+    for name in names.split()
+}
 _FILL_CHUNK = 1 << 22  # elements generated per step when writing random tensors (16 MB of fp32)
 _RING = 3  # buffers in flight between the generating and the writing thread
 
@@ -119,7 +123,9 @@ def _meta_state_dict(arch: str) -> dict[str, Any]:
         width = te["embeddings.token_embedding.weight"].shape[1]
         projection = torch.empty(width, width, device="meta")
         sd.update(
-            lc.open_clip_to_ldm(te, lc.SD2_OPENCLIP_PREFIX, text_projection=projection, logit_scale=logit_scale)
+            lc.open_clip_to_ldm(
+                te, lc.SD2_OPENCLIP_PREFIX, text_projection=projection, logit_scale=logit_scale
+            )
         )
     else:
         sd.update(lc.clip_l_to_ldm(text_encoder("text_encoder", "CLIPTextModel"), lc.SDXL_CLIP_L_PREFIX))
@@ -279,7 +285,9 @@ def write_random_checkpoint(
     ring = []
     for _ in range(_RING):
         noise = torch.empty(_FILL_CHUNK, dtype=torch.float32)
-        ring.append((noise, noise if torch_float == torch.float32 else torch.empty(_FILL_CHUNK, dtype=torch_float)))
+        ring.append(
+            (noise, noise if torch_float == torch.float32 else torch.empty(_FILL_CHUNK, dtype=torch_float))
+        )
     writes: list[Future[None] | None] = [None] * _RING
 
     path = Path(path)
@@ -329,12 +337,16 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.full_layouts", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.full_layouts", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
         "--write-element-tables", action="store_true", help="write mergeprobe/configs/elements/<arch>.json"
     )
     parser.add_argument("--summary", action="store_true", help="print key and parameter counts per arch")
-    parser.add_argument("--random", nargs=2, metavar=("ARCH", "PATH"), help="write a full-size random checkpoint")
+    parser.add_argument(
+        "--random", nargs=2, metavar=("ARCH", "PATH"), help="write a full-size random checkpoint"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="fp16", choices=sorted(_FLOAT_DTYPES))
     args = parser.parse_args(argv)

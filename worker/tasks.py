@@ -5,6 +5,7 @@ rq hands over only a job id (JSON serializer); the job record in Redis says what
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 import traceback
@@ -86,12 +87,27 @@ def _run_job(job_id: str) -> str:
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         runtime.artifacts.remove_job(job_id)
         detail = f"{type(exc).__name__}: {exc}"
-        store.finish(
-            job_id, "failed", artifacts=[], error=problem_dict(500, "job-error", "Job failed", detail)
-        )
+        error = _disk_full(exc) or problem_dict(500, "job-error", "Job failed", detail)
+        store.finish(job_id, "failed", artifacts=[], error=error)
         return "failed"
     finally:
         with runtime.lock:
             runtime.current_job_id = None
     store.finish(job_id, "succeeded", result=result, artifacts=ctx.artifacts, warnings=ctx.warnings)
     return "succeeded"
+
+
+def _disk_full(exc: BaseException) -> dict | None:
+    """The problem for a job that ran out of disk (ENOSPC, EDQUOT), also when wrapped by a library."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {seen.filename}" if seen.filename else ""
+            detail = (
+                f"no space left on the device{where}; partial files were removed. Free space in "
+                "the artifacts or models directory (MERGEPROBE_ARTIFACTS_DIR, MERGEPROBE_MODELS_DIR) "
+                "and submit the job again"
+            )
+            return problem_dict(507, "disk-full", "No space left on device", detail)
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -13,6 +13,7 @@ import time
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
+from mergeprobe.jobs import FINAL_STATUSES
 from mergeprobe.logging import configure_from_settings, job_logging
 from worker.runtime import WorkerRuntime, get_runtime
 
@@ -48,6 +49,7 @@ class Heartbeat(threading.Thread):
                     for lost in store.reap_lost():
                         log.warning("job %s failed: its worker was lost", lost)
                         self.runtime.artifacts.remove_job(lost)
+                        self.runtime.library.remove_partials(lost)
             except Exception:  # noqa: BLE001 - Redis hiccups must not kill the heartbeat
                 log.exception("heartbeat failed")
             self.stopping.wait(self.runtime.settings.heartbeat_interval)
@@ -85,8 +87,23 @@ class MergeprobeWorker(SimpleWorker):
             return super().execute_job(job, queue)
 
 
+def remove_orphan_partials(runtime: WorkerRuntime) -> None:
+    """Temp files in the library of jobs that are over: their worker died before its cleanup ran
+    and the reaper that failed the job could not reach this library. Jobs still queued or running
+    (perhaps on another worker) and unknown ids (another key prefix sharing the library) are left."""
+    try:
+        for job_id in runtime.library.partial_job_ids():
+            job = runtime.store.get(job_id)
+            if job is not None and job["status"] in FINAL_STATUSES:
+                for path in runtime.library.remove_partials(job_id):
+                    log.warning("removed %s, left by job %s (%s)", path.name, job_id, job["status"])
+    except Exception:  # noqa: BLE001 - housekeeping must not keep the worker from starting
+        log.exception("could not sweep the library's temp files")
+
+
 def run_worker(burst: bool = False) -> None:
     runtime = get_runtime()
     configure_from_settings(runtime.settings)
     runtime.name = f"{socket.gethostname()}.{os.getpid()}"
+    remove_orphan_partials(runtime)
     MergeprobeWorker(runtime).work(burst=burst, logging_level="INFO")

