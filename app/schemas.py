@@ -117,7 +117,9 @@ class BlockList(BaseModel):
 
 class ElementTable(BaseModel):
     arch: str = Field(examples=["sd1"])
-    base: dict[str, Any] = Field(description="BASE has no table: its element is the full key; key counts by prefix.")
+    base: dict[str, Any] = Field(
+        description="BASE has no table: its element is the full key; key counts by prefix."
+    )
     blocks: dict[str, list[str]] = Field(
         description="U-Net block → sorted element names.",
         examples=[{"OUT05": ["1.transformer_blocks.0.attn2.to_k.weight"]}],

@@ -268,9 +268,7 @@ def _weights(
     if base is not None:
         weights[BASE] = base
     elif weights[BASE] is None:
-        weights[BASE] = (
-            _single_number(value) if _single_number(value) is not None else default_base
-        )
+        weights[BASE] = _single_number(value) if _single_number(value) is not None else default_base
     return weights
 
 

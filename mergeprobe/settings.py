@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1024**2, gt=0, description="Cap on JSON request bodies.")
     key_prefix: str = Field(default="mergeprobe", description="Prefix of every Redis key and rq queue name.")
     # NoDecode: the validator below parses the JSON itself, so an empty value means "no overrides".
-    job_timeouts: Annotated[dict[str, int], NoDecode] = Field(default_factory=dict, description="JSON object kind -> seconds.")
+    job_timeouts: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict, description="JSON object kind -> seconds."
+    )
     worker_ttl: int = Field(
         default=20, ge=3, description="Seconds without a heartbeat before a worker is lost."
     )

@@ -181,9 +181,13 @@ def test_cancel_running_merge_removes_partial_file(service, client, library):
 
 def test_element_table_lists_real_element_names(client):
     table = client.get("/v1/archs/sd1/elements").json()
-    assert list(table["blocks"]) == [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
+    assert list(table["blocks"]) == [f"IN{i:02d}" for i in range(12)] + ["M00"] + [
+        f"OUT{i:02d}" for i in range(12)
+    ]
     assert "1.transformer_blocks.0.attn2.to_k.weight" in table["blocks"]["OUT05"]
     assert "time_embed.0.weight" in table["blocks"]["IN00"] and "out.2.weight" in table["blocks"]["OUT11"]
     sdxl = client.get("/v1/archs/sdxl/elements").json()["blocks"]
-    assert "1.transformer_blocks.9.attn2.to_k.weight" in sdxl["IN07"], "SDXL's deep levels hold 10 transformers"
+    assert "1.transformer_blocks.9.attn2.to_k.weight" in sdxl["IN07"], (
+        "SDXL's deep levels hold 10 transformers"
+    )
     assert client.get("/v1/archs/sd9/elements").status_code == 404

@@ -79,6 +79,8 @@ def live(redis_url, tmp_path_factory, tiny_models):
             "uploads": itertools.count(),
             "upload_body": tiny_models["sd2"].read_bytes(),
         }
+    for worker in svc.workers:
+        worker.kill()  # it may be loading a pipeline for a canceled dump or sweep: nothing to wait for
     svc.stop_workers()
     svc.purge()
     total = sum(_counts.values())

@@ -125,7 +125,9 @@ def test_ssim_matches_double_loop_reference():
     assert influence(rgb(a), rgb(b))["ssim"] == pytest.approx(expected, abs=1e-9)
     assert ssim_index(ya, yb) == pytest.approx(expected, abs=1e-9)
     # exactly 7×7: a single window
-    assert ssim_index(ya[:7, :7], yb[:7, :7]) == pytest.approx(reference_ssim(ya[:7, :7], yb[:7, :7]), abs=1e-9)
+    assert ssim_index(ya[:7, :7], yb[:7, :7]) == pytest.approx(
+        reference_ssim(ya[:7, :7], yb[:7, :7]), abs=1e-9
+    )
 
 
 def test_ssim_too_small():
@@ -152,7 +154,9 @@ def test_difference_image():
 
 def test_flip_gif_two_frames_loops():
     rng = np.random.default_rng(3)
-    data = flip_gif(random_image(rng, 40, 30), random_image(rng, 40, 30), labels=("base", "IN05"), duration_ms=500)
+    data = flip_gif(
+        random_image(rng, 40, 30), random_image(rng, 40, 30), labels=("base", "IN05"), duration_ms=500
+    )
     assert data[:6] in (b"GIF87a", b"GIF89a")
     gif = Image.open(io.BytesIO(data))
     assert gif.n_frames == 2
@@ -210,7 +214,9 @@ def test_u_layout_sdxl_and_base():
 def test_u_grid_geometry_and_paste(blocks, rows):
     rng = np.random.default_rng(4)
     seed_w, seed_h = 6, 5
-    cells = {b: label_cell([random_image(rng, seed_w, seed_h) for _ in range(2)], b) for b in blocks if b != "IN03"}
+    cells = {
+        b: label_cell([random_image(rng, seed_w, seed_h) for _ in range(2)], b) for b in blocks if b != "IN03"
+    }
     cw, ch = next(iter(cells.values())).size
     baseline = label_cell([random_image(rng, seed_w, seed_h) for _ in range(2)], "baseline")
     grid = u_grid(cells, baseline, blocks)

@@ -19,7 +19,13 @@ from mergeprobe.problems import Problem
 from mergeprobe.settings import Settings
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "mergeprobe" / "configs"
-_REQUIRED = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
+_REQUIRED = (
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+)
 _CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 

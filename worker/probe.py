@@ -49,11 +49,15 @@ class BlockCrossAttention:
         self.state = state
         self.original = original
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs
+    ):
         state = self.state
         context = state.contexts.get(self.block)
         if context is not None and encoder_hidden_states is not None:
-            encoder_hidden_states = context.to(device=encoder_hidden_states.device, dtype=encoder_hidden_states.dtype)
+            encoder_hidden_states = context.to(
+                device=encoder_hidden_states.device, dtype=encoder_hidden_states.dtype
+            )
         if state.on_attention is None or state.step not in state.attention_steps.get(self.block, ()):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         return self._explicit(attn, hidden_states, encoder_hidden_states, attention_mask)
@@ -72,7 +76,9 @@ class BlockCrossAttention:
         out = attn.to_out[1](attn.to_out[0](out))
         heads = attn.heads
         per_head = probs.reshape(batch, heads, queries, probs.shape[-1])
-        self.state.on_attention(self.block, self.state.step, self.index, per_head, _spatial(queries, self.state.latent_size))
+        self.state.on_attention(
+            self.block, self.state.step, self.index, per_head, _spatial(queries, self.state.latent_size)
+        )
         return out / attn.rescale_output_factor
 
 
@@ -94,11 +100,15 @@ class Probe:
             for block in self.blocks.values():
                 for index, (_, module) in enumerate(block.cross_attentions()):
                     key = f"{by_module[id(module)]}.processor"
-                    processors[key] = BlockCrossAttention(block.name, index, self.state, self._saved_processors[key])
+                    processors[key] = BlockCrossAttention(
+                        block.name, index, self.state, self._saved_processors[key]
+                    )
             self.unet.set_attn_processor(processors)
             for name, steps in self.state.feature_steps.items():
                 if steps:
-                    self._hooks.append(self.blocks[name].output.register_forward_hook(self._feature_hook(name)))
+                    self._hooks.append(
+                        self.blocks[name].output.register_forward_hook(self._feature_hook(name))
+                    )
         except BaseException:
             self.__exit__(None, None, None)
             raise
