@@ -28,6 +28,8 @@ RNG = np.random.default_rng(1234)
 
 
 def pixels(image: Image.Image) -> np.ndarray:
+    if image.mode == "L":  # white_black grids are greyscale: the same grey in every channel
+        image = image.convert("RGB")
     assert image.mode == "RGB"
     return np.asarray(image)
 

@@ -63,7 +63,8 @@ def grid_shape(tiles: int) -> tuple[int, int]:
 
 
 def feature_grid(feature: Any, colorize: Colorize) -> Image.Image:
-    """One block's features (C, H, W) as an RGB grid: the channel mean first, then channels 0…C−1.
+    """One block's features (C, H, W) as a grid image (RGB; greyscale "L" for white_black): the
+    channel mean first, then channels 0…C−1.
 
     C + 1 tiles of H×W in `grid_shape(C + 1)` (row-major), separated by 1-pixel
     GAP_COLOR gaps: width = cols·W + cols − 1, height = rows·H + rows − 1.
@@ -73,7 +74,11 @@ def feature_grid(feature: Any, colorize: Colorize) -> Image.Image:
     mean = array.astype(np.float64).mean(axis=0, keepdims=True)
     stack = np.concatenate([mean, array.astype(np.float64)], axis=0)
     rows, cols = grid_shape(stack.shape[0])
-    return Image.fromarray(_tile(colorize_values(stack, colorize), rows, cols), "RGB")
+    tiled = _tile(colorize_values(stack, colorize), rows, cols)
+    if colorize.method == "white_black":
+        # Grey levels in all three channels: a one-channel PNG says the same, 3× faster to encode.
+        return Image.fromarray(np.ascontiguousarray(tiled[..., 0]), "L")
+    return Image.fromarray(tiled, "RGB")
 
 
 # --- attention grid --------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import torch
@@ -41,10 +44,30 @@ class _Recorder:
         self.token_labels: dict[str, list[str]] = {}
         self.latent_size = (request.height // 8, request.width // 8)
         self.shapes: dict[str, list[int]] = {}
+        self._renderer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dump-render")
+        self._pending: list[Future] = []
 
     def _artifact(self, name: str, data: bytes, media_type: str, **facts: Any) -> None:
         record = self.ctx.write_artifact(name, data, media_type)
         self.manifest.append({"name": name, "url": record["url"], **facts})
+
+    def _image_later(self, name: str, render: Callable[[], Any], **facts: Any) -> None:
+        """Render and write a PNG on the recorder's own thread, so that it overlaps with the
+        U-Net's next blocks; one thread keeps the manifest in capture order."""
+        self._pending.append(
+            self._renderer.submit(lambda: self._artifact(name, png_bytes(render()), "image/png", **facts))
+        )
+
+    def flush(self) -> None:
+        """Wait for every pending PNG (re-raising a rendering error)."""
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._renderer.shutdown(wait=True)
 
     def _split(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Batch of the U-Net call → {half: tensor}; diffusers batches [uncond, cond]."""
@@ -52,7 +75,7 @@ class _Recorder:
         return dict(zip(self.halves, parts, strict=True))
 
     def feature(self, block: str, step: int, output: torch.Tensor) -> None:
-        data = output.detach().float().cpu()
+        data = output.detach().to(device="cpu", dtype=torch.float32, copy=True)
         if self.keep_baseline:
             self.baseline[(block, step)] = data.clone()
             return
@@ -64,11 +87,9 @@ class _Recorder:
                 self.shapes[name] = list(part.shape)
             for b in range(part.shape[0]):
                 suffix = f"_b{b}" if self.batch > 1 else ""
-                image = feature_grid(part[b].numpy(), spec.colorize)
-                self._artifact(
+                self._image_later(
                     f"features_{block}_step{step:03d}_{half}{suffix}.png",
-                    png_bytes(image),
-                    "image/png",
+                    partial(feature_grid, part[b].numpy(), spec.colorize),
                     kind="features",
                     block=block,
                     step=step,
@@ -82,12 +103,11 @@ class _Recorder:
                     self.tensors[f"diff/{block}/step{step:03d}/{half}"] = diff.contiguous()
                 for b in range(diff.shape[0]):
                     suffix = f"_b{b}" if self.batch > 1 else ""
-                    self._artifact(
+                    self._image_later(
                         f"diff_{block}_step{step:03d}_{half}{suffix}.png",
-                        png_bytes(
-                            feature_grid(diff[b].numpy(), Colorize(method="red_blue", transform="auto11"))
+                        partial(
+                            feature_grid, diff[b].numpy(), Colorize(method="red_blue", transform="auto11")
                         ),
-                        "image/png",
                         kind="layer_prompt_diff",
                         block=block,
                         step=step,
@@ -113,11 +133,9 @@ class _Recorder:
             labels = self.token_labels[block]
             per_token = maps[0, :, :, :, : len(labels)].permute(0, 3, 1, 2)  # heads, tokens, h, w
             if index == 0:
-                image = attention_grid(per_token.numpy(), labels, spec.colorize)
-                self._artifact(
+                self._image_later(
                     f"attention_{block}_step{step:03d}.png",
-                    png_bytes(image),
-                    "image/png",
+                    partial(attention_grid, per_token.numpy(), labels, spec.colorize),
                     kind="attention",
                     block=block,
                     step=step,
@@ -219,13 +237,17 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
                 output_type="pil",
             ).images
 
-    if request.layer_prompt_diff:
-        plain = dict.fromkeys(inputs["prompts"], inputs["plain_prompt"])
-        plain_neg = dict.fromkeys(inputs["prompts"], inputs["plain_negative_prompt"])
-        recorder.baseline, recorder.keep_baseline = {}, True
-        generate(plain, plain_neg)
-        recorder.keep_baseline = False
-    images = generate(inputs["prompts"], inputs["negative_prompts"])
+    try:
+        if request.layer_prompt_diff:
+            plain = dict.fromkeys(inputs["prompts"], inputs["plain_prompt"])
+            plain_neg = dict.fromkeys(inputs["prompts"], inputs["plain_negative_prompt"])
+            recorder.baseline, recorder.keep_baseline = {}, True
+            generate(plain, plain_neg)
+            recorder.keep_baseline = False
+        images = generate(inputs["prompts"], inputs["negative_prompts"])
+        recorder.flush()
+    finally:
+        recorder.close()
 
     image_names = []
     for index, image in enumerate(images):
