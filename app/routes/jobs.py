@@ -72,7 +72,13 @@ for _kind in KINDS.values():
         summary=_kind.summary,
         description=_kind.description
         + "\n\nAnswers 202 with `Location: /v1/jobs/{id}`; 200 when an Idempotency-Key replays an earlier submission.",
-        responses=_ERRORS,
+        responses={
+            200: {
+                "model": Job,
+                "description": "An Idempotency-Key replay: the job first created with this key and body",
+            },
+            **_ERRORS,
+        },
         operation_id=f"submit_{_kind.name}_job",
         dependencies=[Depends(_admit)],
     )
