@@ -134,6 +134,21 @@ class SweepRequest(BaseModel):
         default=20.0, ge=0, le=255, description="On the 0–255 scale, as SuperMerger's checker."
     )
 
+    def baseline_merge(self) -> MergeRequest | None:
+        """The baseline as a merge request (planned, never written), or None for model_a alone."""
+        if not self.model_b:
+            return None
+        return MergeRequest(
+            model_a=self.model_a,
+            model_b=self.model_b,
+            model_c=self.model_c,
+            mode=self.mode,
+            alpha=self.alpha,
+            beta=self.beta,
+            base_alpha=self.base_alpha,
+            elemental=self.elemental,
+        )
+
     @model_validator(mode="after")
     def _seeds_in_range(self) -> SweepRequest:
         for i, seed in enumerate(self.seeds):
@@ -342,17 +357,8 @@ def expand_variants(request: SweepRequest, arch: Architecture) -> list[Variant]:
 
 
 def prepare_sweep(request: SweepRequest, library: ModelLibrary) -> dict[str, Any]:
-    if request.model_b:
-        merge = MergeRequest(
-            model_a=request.model_a,
-            model_b=request.model_b,
-            model_c=request.model_c,
-            mode=request.mode,
-            alpha=request.alpha,
-            beta=request.beta,
-            base_alpha=request.base_alpha,
-            elemental=request.elemental,
-        )
+    merge = request.baseline_merge()
+    if merge is not None:
         plan = plan_merge(merge, library, output_name="sweep-baseline.safetensors")
         arch = plan.arch
         models = {slot: p.name for slot, p in plan.paths.items()}

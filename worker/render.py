@@ -84,24 +84,26 @@ def feature_grid(feature: Any, colorize: Colorize) -> Image.Image:
 # --- attention grid --------------------------------------------------------------------------------------
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font: nothing to download or install."""
     return ImageFont.load_default()
 
 
-def _clean_label(text: str) -> str:
+def clean_label(text: str) -> str:
+    """Printable ASCII only (the built-in font has no other glyphs)."""
     return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in str(text))
 
 
-def _text_width(font: Any, text: str) -> int:
+def text_width(font: Any, text: str) -> int:
     left, _, right, _ = font.getbbox(text) if text else (0, 0, 0, 0)
     return int(math.ceil(right - left))
 
 
-def _fit(font: Any, text: str, width: int) -> str:
+def fit_label(font: Any, text: str, width: int) -> str:
     """`text`, cut and ended with `..` when wider than `width` pixels."""
-    if _text_width(font, text) <= width:
+    if text_width(font, text) <= width:
         return text
-    while text and _text_width(font, text + "..") > width:
+    while text and text_width(font, text + "..") > width:
         text = text[:-1]
     return text + ".." if text else ""
 
@@ -126,12 +128,12 @@ def attention_layout(heads: int, tokens: int, map_h: int, map_w: int) -> Attenti
     strip is as high as the font's line plus 2·LABEL_PAD; the head column as wide as
     the widest head index plus 2·LABEL_PAD.
     """
-    font = _font()
+    font = label_font()
     scale = max(1, math.ceil(MIN_CELL_PX / map_h))
     cell_w, cell_h = map_w * scale, map_h * scale
     _, text_top, _, text_bottom = font.getbbox("Ag|y0")
     top = int(math.ceil(text_bottom)) + 2 * LABEL_PAD
-    left = _text_width(font, str(heads - 1)) + 2 * LABEL_PAD
+    left = text_width(font, str(heads - 1)) + 2 * LABEL_PAD
     width = left + tokens * (cell_w + 1) - 1
     height = top + heads * (cell_h + 1) - 1
     return AttentionLayout(scale, cell_w, cell_h, left, top, width, height)
@@ -160,9 +162,9 @@ def attention_grid(probs: Any, token_labels: list[str], colorize: Colorize) -> I
     image = Image.fromarray(canvas, "RGB")
 
     draw = ImageDraw.Draw(image)
-    font = _font()
+    font = label_font()
     for t, label in enumerate(token_labels):
-        text = _fit(font, _clean_label(label), layout.cell_w - 2)
+        text = fit_label(font, clean_label(label), layout.cell_w - 2)
         if text:
             x = layout.left + t * (layout.cell_w + 1)
             draw.text((x, LABEL_PAD), text, fill=TEXT_COLOR, font=font)

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from worker.render import png_bytes
+from worker.render import clean_label, fit_label, label_font, png_bytes, text_width
 
 __all__ = [
     "BACKGROUND",
@@ -200,28 +200,6 @@ def difference_image(
 # --- text ------------------------------------------------------------------------------------------------
 
 
-def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
-
-
-def _clean(text: str) -> str:
-    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in str(text))
-
-
-def _text_width(font: Any, text: str) -> int:
-    left, _, right, _ = font.getbbox(text) if text else (0, 0, 0, 0)
-    return int(math.ceil(right - left))
-
-
-def _fit(font: Any, text: str, width: int) -> str:
-    """`text`, cut and ended with `..` when wider than `width` pixels."""
-    if _text_width(font, text) <= width:
-        return text
-    while text and _text_width(font, text + "..") > width:
-        text = text[:-1]
-    return text + ".." if text else ""
-
-
 def _line_height(font: Any) -> int:
     _, _, _, bottom = font.getbbox("Ag|y0")
     return int(math.ceil(bottom))
@@ -229,17 +207,17 @@ def _line_height(font: Any) -> int:
 
 def label_height() -> int:
     """Height of one text strip: the font's line plus 2·LABEL_PAD (the label strip of `label_cell`)."""
-    return _line_height(_font()) + 2 * LABEL_PAD
+    return _line_height(label_font()) + 2 * LABEL_PAD
 
 
 def _draw_text(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], text: str, *, center: bool) -> None:
     """`text` (cleaned, cut to fit) in box (x0, y0, x1, y1): vertically centred, left-aligned or centred."""
-    font = _font()
+    font = label_font()
     x0, y0, x1, y1 = box
-    text = _fit(font, _clean(text), x1 - x0 - 2 * LABEL_PAD)
+    text = fit_label(font, clean_label(text), x1 - x0 - 2 * LABEL_PAD)
     if not text:
         return
-    width = _text_width(font, text)
+    width = text_width(font, text)
     x = x0 + (x1 - x0 - width) // 2 if center else x0 + LABEL_PAD
     y = y0 + max(0, (y1 - y0 - _line_height(font)) // 2)
     draw.text((x, y), text, fill=TEXT_COLOR, font=font)
@@ -434,8 +412,8 @@ def xy_geometry(
     top = (2 if x_title else 1)·`label_height()` + GRID_GAP (a title line, then the x
     labels); left = the widest of the y labels and y_title (as drawn) + 2·LABEL_PAD + GRID_GAP.
     """
-    font = _font()
-    widest = max(_text_width(font, _clean(text)) for text in [*y_labels, y_title])
+    font = label_font()
+    widest = max(text_width(font, clean_label(text)) for text in [*y_labels, y_title])
     lines = 2 if x_title else 1
     return GridGeometry(
         rows=len(y_labels),
@@ -499,8 +477,8 @@ def xy_grid(
 def rows_geometry(labels: Sequence[str], cell_size: tuple[int, int]) -> GridGeometry:
     """`rows_grid`'s geometry for row labels `labels` ("baseline" first, then the elements):
     one column, left = the widest label + 2·LABEL_PAD + GRID_GAP, top = 0."""
-    font = _font()
-    widest = max(_text_width(font, _clean(text)) for text in labels)
+    font = label_font()
+    widest = max(text_width(font, clean_label(text)) for text in labels)
     return GridGeometry(
         rows=len(labels),
         cols=1,
@@ -538,11 +516,11 @@ def rows_grid(rows: Sequence[tuple[str, Image.Image]], baseline: Image.Image) ->
 def _corner_label(image: Image.Image, text: str) -> Image.Image:
     """A copy of `image` with `text` in a black box at the top-left corner (cut to the width)."""
     frame = image.convert("RGB")
-    font = _font()
-    text = _fit(font, _clean(text), frame.width - 2 * LABEL_PAD)
+    font = label_font()
+    text = fit_label(font, clean_label(text), frame.width - 2 * LABEL_PAD)
     if text:
         draw = ImageDraw.Draw(frame)
-        width = _text_width(font, text) + 2 * LABEL_PAD
+        width = text_width(font, text) + 2 * LABEL_PAD
         draw.rectangle((0, 0, min(width, frame.width) - 1, label_height() - 1), fill=_GIF_LABEL_BG)
         draw.text((LABEL_PAD, LABEL_PAD), text, fill=_GIF_LABEL_FG, font=font)
     return frame

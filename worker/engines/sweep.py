@@ -20,7 +20,7 @@ import torch
 
 from mergeprobe.archs import block_of_key, element_of_key, get_arch
 from mergeprobe.merge_methods import MERGE_METHODS
-from mergeprobe.merge_plan import MergeRequest, plan_merge
+from mergeprobe.merge_plan import plan_merge
 from mergeprobe.sweep_request import SweepRequest, Variant, XYVariants, rule_matches_json
 from worker.checkpoint_io import MappedCheckpoint
 from worker.context import JobContext
@@ -160,17 +160,8 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
     pipe, cached, device = get_pipeline(paths["a"], headers["a"], arch, library.hashes(paths["a"])[0])
     others = {}
     plan = None
-    if "b" in paths:
-        merge = MergeRequest(
-            model_a=request.model_a,
-            model_b=request.model_b,
-            model_c=request.model_c,
-            mode=request.mode,
-            alpha=request.alpha,
-            beta=request.beta,
-            base_alpha=request.base_alpha,
-            elemental=request.elemental,
-        )
+    merge = request.baseline_merge()
+    if merge is not None:
         plan = plan_merge(merge, library, output_name="sweep-baseline.safetensors")
         if any(k.action != "copy_a" and k.block == "BASE" for k in plan.keys if k.action != "keep_a"):
             for slot in ("b", "c"):
