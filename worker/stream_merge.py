@@ -18,6 +18,7 @@ same bytes (see ``_Combiner._lerp``).
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import os
 import queue
@@ -294,7 +295,8 @@ def stream_merge(
             try:
                 for task in _tasks(plan):
                     check_cancel()
-                    pending.append((task, pool.submit(work, task)))
+                    # copy_context: log lines from merge threads keep the job id (mergeprobe.logging).
+                    pending.append((task, pool.submit(contextvars.copy_context().run, work, task)))
                     while len(pending) >= MAX_IN_FLIGHT:
                         finish_one()
                 while pending:
