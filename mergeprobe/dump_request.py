@@ -170,8 +170,12 @@ class DumpResult(BaseModel):
         default_factory=list, description="Things that ran but probably not as meant."
     )
     seconds: float = Field(description="Wall time of the generation and captures.", examples=[4.2])
-    device: str = Field(
-        default="cpu", description="Where it ran (cuda runs in fp16, cpu in fp32).", examples=["cuda"]
+    device: str = Field(default="cpu", description="Where it ran.", examples=["cuda"])
+    dtype: str = Field(
+        default="float32",
+        description="Precision of the pipeline (setting MERGEPROBE_GENERATION_DTYPE; `auto` runs float16 "
+        "on cuda, float32 on a CPU).",
+        examples=["float16"],
     )
     pipeline_cached: bool = Field(default=False, description="The worker had the pipeline loaded already.")
 

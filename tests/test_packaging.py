@@ -15,7 +15,7 @@ def test_create_app_imports_no_torch(tmp_path):
         "from app.main import create_app\n"
         "from mergeprobe.settings import Settings\n"
         f"create_app(Settings(redis_url='redis://127.0.0.1:1/0', data_dir={str(tmp_path)!r}))\n"
-        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'safetensors.torch') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate', 'safetensors.torch') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
         "print('clean')\n"
     )

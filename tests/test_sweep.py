@@ -56,6 +56,9 @@ def test_layer_influence_study_u_grid(sweep_service, client):
     assert all(0 <= float(r["changed_share"]) <= 1 and float(r["ssim"]) <= 1 for r in rows)
     ranking = job["result"]["ranking"]
     assert len(ranking) == 25
+    result = job["result"]
+    assert 0 < result["seconds_switching"] and 0 < result["seconds_generating"]
+    assert result["seconds_switching"] + result["seconds_generating"] <= result["seconds"]
     assert [r["changed_share"] for r in ranking] == sorted(
         (r["changed_share"] for r in ranking), reverse=True
     )
@@ -158,11 +161,10 @@ def test_sweep_validation(client, service, tiny_models):
     assert needs_c.status_code == 400 and needs_c.json()["field"] == "variants.mode"
 
 
-def test_weights_are_restored_bit_for_bit(service, tiny_models, monkeypatch):
-    """In-process, real engine and Redis: after the sweep the cached pipeline holds model A's
-    weights exactly, and generating again reproduces the baseline image."""
-    from safetensors.torch import load_file
-
+@pytest.fixture
+def sweep_in_process(service, tiny_models, monkeypatch):
+    """Runs a sweep request through the real engine in this process (real Redis, artifacts, files);
+    returns (result, context). Settings come from the environment at each call."""
     from mergeprobe.artifacts import ArtifactStore
     from mergeprobe.jobs import JobStore
     from mergeprobe.library import ModelLibrary
@@ -170,24 +172,37 @@ def test_weights_are_restored_bit_for_bit(service, tiny_models, monkeypatch):
     from worker import generation
     from worker.context import JobContext
     from worker.engines.sweep import run_sweep
-    from worker.param_map import ldm_keys_of
 
-    install_model(service, tiny_models["sd1"])
-    install_model(service, tiny_models["sd1-b"])
+    for name in ("sd1", "sd1-b", "sd2", "sdxl"):
+        install_model(service, tiny_models[name])
     for key, value in service.env.items():
         if key.startswith(("MERGEPROBE_", "REDIS_URL")):
             monkeypatch.setenv(key, value)
     monkeypatch.setattr(generation, "_cache", None)
-    settings = service.settings()
-    library, store = ModelLibrary(settings), JobStore(redis.Redis.from_url(settings.redis_url), settings)
 
     def sweep(body):
+        settings = service.settings()
+        library, store = ModelLibrary(settings), JobStore(redis.Redis.from_url(settings.redis_url), settings)
         request = SweepRequest.model_validate(body)
         job, _ = store.create("sweep", request.model_dump(mode="json"), prepare_sweep(request, library))
         store.claim(job["id"], "test")
         ctx = JobContext(store.get(job["id"]), store, library, ArtifactStore(settings))
         return run_sweep(ctx), ctx
 
+    return sweep
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_are_restored_bit_for_bit(service, sweep_in_process, monkeypatch, dtype):
+    """After the sweep the cached pipeline holds model A's weights exactly, and generating again
+    reproduces the baseline image, in either CPU precision."""
+    from safetensors.torch import load_file
+
+    from worker import generation
+    from worker.param_map import ldm_keys_of
+
+    monkeypatch.setenv("MERGEPROBE_GENERATION_DTYPE", dtype)
+    sweep = sweep_in_process
     merged = {
         "model_a": "tiny-sd1-a",
         "model_b": "tiny-sd1-b",
@@ -202,6 +217,7 @@ def test_weights_are_restored_bit_for_bit(service, tiny_models, monkeypatch):
     baseline_again = next(a for a in ctx2.artifacts if a["name"] == "baseline_s5.png")
     assert baseline_path["sha256"] == baseline_again["sha256"], "a variant left the baseline changed"
     assert again["pipeline_cached"] is True
+    assert first["dtype"] == again["dtype"] == dtype
 
     pipe = next(iter(generation._cache._entries.values()))[0]
     a_file = load_file(service.models_dir / "tiny-sd1-a.safetensors")
@@ -210,3 +226,42 @@ def test_weights_are_restored_bit_for_bit(service, tiny_models, monkeypatch):
         if component == "unet":
             param = dict(pipe.unet.named_parameters())[name]
             assert torch.equal(param.detach(), a_file[key].to(param.dtype).view(param.shape)), key
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_batched_variants_match_one_variant_per_call(sweep_in_process, monkeypatch, arch):
+    """All the study's variants in one pipeline call give the images they get one call each (up
+    to the last bits of float arithmetic at another batch size)."""
+    from mergeprobe.archs import get_arch
+    from mergeprobe.artifacts import ArtifactStore
+    from mergeprobe.settings import Settings
+
+    blocks = list(get_arch(arch).unet_blocks)
+    body = {
+        "model_a": f"tiny-{arch}-a",
+        "variants": {"blocks": f"{blocks[0]}-{blocks[-1]}", "alpha": 0, "beta": 0.5},
+        "seeds": [3, 4],
+        **SMALL,
+    }
+    if arch == "sd1":
+        body.update(model_b="tiny-sd1-b", alpha=0.3, variants={**body["variants"], "alpha": 1})
+    monkeypatch.setenv("MERGEPROBE_SWEEP_BATCH_PIXELS", "0")
+    alone, ctx_alone = sweep_in_process(body)
+    monkeypatch.delenv("MERGEPROBE_SWEEP_BATCH_PIXELS")
+    batched, ctx_batched = sweep_in_process(body)
+    assert (alone["pipeline_calls"], batched["pipeline_calls"]) == (len(blocks) + 1, 2)
+
+    store = ArtifactStore(Settings())
+
+    def pixels(ctx, name):
+        image = Image.open(io.BytesIO(store.read_bytes(ctx.job_id, name))).convert("RGB")
+        return torch.tensor(list(image.getdata()), dtype=torch.int16)
+
+    changed = 0
+    for block in blocks:
+        for seed in (3, 4):
+            name = f"{block}_s{seed}.png"
+            one, many = pixels(ctx_alone, name), pixels(ctx_batched, name)
+            assert (one - many).abs().max() <= 2, name
+            changed += not torch.equal(one, pixels(ctx_alone, f"baseline_s{seed}.png"))
+    assert changed > len(blocks), "the variants should mostly differ from the baseline"

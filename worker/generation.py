@@ -86,7 +86,7 @@ class PromptEncoder:
 def get_pipeline(path: Path, header: CheckpointHeader, arch: str, sha256: str):
     """(pipeline, was it cached, device): loaded once per model version and worker."""
     settings = Settings()
-    device, dtype = pick_device()
+    device, dtype = pick_device(settings.generation_dtype)
     config_dir = find_config_dir(arch, header, settings)
     pipe, cached = pipeline_cache(settings).get(
         sha256, lambda: load_pipeline(path, arch, config_dir, device, dtype)

@@ -66,10 +66,17 @@ def find_config_dir(arch: str, header: CheckpointHeader, settings: Settings) -> 
     )
 
 
-def pick_device() -> tuple[torch.device, torch.dtype]:
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.float16
-    return torch.device("cpu"), torch.float32
+def pick_device(generation_dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Device and precision for generation; `generation_dtype` is the setting of that name.
+
+    `auto` is float16 on CUDA and float32 on a CPU. bfloat16 runs a CPU with native bfloat16
+    (AVX512-BF16, AMX) about 2.5x faster, but it rounds away 3 of the 10 mantissa bits of an
+    fp16 checkpoint's weights, so it is a choice the operator makes, not a default.
+    """
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if generation_dtype == "auto":
+        return device, torch.float16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, generation_dtype)
 
 
 def load_pipeline(path: Path, arch: str, config_dir: Path, device: torch.device, dtype: torch.dtype):

@@ -71,8 +71,9 @@ class BlockCrossAttention:
         query = attn.head_to_batch_dim(attn.to_q(hidden_states))
         key = attn.head_to_batch_dim(attn.to_k(context))
         value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, mask)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        # Scores in float32 whatever the pipeline's precision: the recorded maps are what users study.
+        probs = attn.get_attention_scores(query.float(), key.float(), mask)
+        out = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
         out = attn.to_out[1](attn.to_out[0](out))
         heads = attn.heads
         per_head = probs.reshape(batch, heads, queries, probs.shape[-1])

@@ -306,5 +306,6 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
         "captures": len(recorder.manifest),
         "pipeline_cached": cached,
         "device": str(device),
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "seconds": round(time.monotonic() - started, 3),
     }

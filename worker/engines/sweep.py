@@ -1,10 +1,11 @@
-"""sweep jobs: one baseline in memory, a variant at a time patched in, generated, and restored.
+"""sweep jobs: one baseline in memory, the variants generated against it in batches.
 
 The pipeline is the worker's cached one for model_a. A baseline merge is applied to its
 parameters in place (U-Net tensors computed from the mapped input files, text encoders
-and VAE from the other models' pipelines); each variant then overwrites only the U-Net
-parameters whose ratios it changes and puts the saved baseline values back bit for bit
-afterwards; at the end model_a's own values return, so the cached pipeline is unchanged.
+and VAE from the other models' pipelines) and model_a's own values go back at the end, so
+the cached pipeline is unchanged. Variants never write into the pipeline: each one's changed
+U-Net tensors are computed aside and substituted for its own rows of a batched U-Net call
+(``worker.variant_batch``), so the baseline's weights stay bit for bit what they were.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from mergeprobe.archs import block_of_key, element_of_key, get_arch
 from mergeprobe.merge_methods import MERGE_METHODS
 from mergeprobe.merge_plan import plan_merge
+from mergeprobe.settings import Settings
 from mergeprobe.sweep_request import SweepRequest, Variant, XYVariants, rule_matches_json
 from worker.checkpoint_io import MappedCheckpoint
 from worker.context import JobContext
@@ -28,6 +30,7 @@ from worker.generation import PromptEncoder, get_pipeline, make_scheduler
 from worker.param_map import ldm_keys_of
 from worker.render import png_bytes
 from worker.sweep_render import difference_image, flip_gif, influence, label_cell, rows_grid, u_grid, xy_grid
+from worker.variant_batch import VariantBatch
 
 CSV_COLUMNS = ("variant", "label", "seed", "changed_share", "mean_abs_diff", "ssim")
 _COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -148,6 +151,23 @@ def _variant_ratios(weights: _Weights, variant: Variant, baseline, default_mode:
     return changed
 
 
+def _variant_patch(weights: _Weights, changed) -> dict[str, torch.Tensor]:
+    """U-Net parameter name → the variant's tensor, for the parameters whose value it really changes."""
+    patch = {}
+    for param_id, (mode, alpha, beta) in changed.items():
+        param = weights.params[param_id]
+        value = weights.compute(param_id, mode, alpha, beta, 0).to(param.dtype)
+        if not torch.equal(value, param.detach()):
+            patch[param_id[1]] = value
+    return patch
+
+
+def variants_per_call(request: SweepRequest, seeds: int, settings: Settings) -> int:
+    """How many variants one pipeline call generates: as many as fit MERGEPROBE_SWEEP_BATCH_PIXELS."""
+    images = settings.sweep_batch_pixels // (request.width * request.height)
+    return max(1, images // seeds)
+
+
 def run_sweep(ctx: JobContext) -> dict[str, Any]:
     started = time.monotonic()
     request = SweepRequest.model_validate(ctx.request)
@@ -156,6 +176,7 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
     library = ctx.library
     paths = {slot: library.resolve(name) for slot, name in inputs["models"].items()}
     headers = {slot: library.header(p) for slot, p in paths.items()}
+    settings = Settings()
     ctx.progress(0, 1, "loading pipeline")
     pipe, cached, device = get_pipeline(paths["a"], headers["a"], arch, library.hashes(paths["a"])[0])
     others = {}
@@ -178,6 +199,8 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
     baselines_needed = {(tuple(v.seeds or request.seeds), v.prompt or request.prompt) for v in variants}
     total = sum(len(s) for s, _ in baselines_needed) + sum(len(v.seeds or request.seeds) for v in variants)
     done = 0
+    timings = {"generating": 0.0, "switching": 0.0}  # where the time went, for the result
+    calls = 0
     artifacts: list[dict[str, Any]] = []
 
     def save(name: str, data: bytes, media_type: str, **facts: Any) -> None:
@@ -185,17 +208,21 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
         artifacts.append({"name": name, "url": record["url"], **facts})
 
     def generate(prompt: str, seeds: list[int]):
-        nonlocal done
+        nonlocal done, calls
+        calls += 1
         pos, pooled = encoder(prompt)
         neg, neg_pooled = encoder(request.negative_prompt, negative=True)
         kwargs: dict[str, Any] = {"prompt_embeds": pos, "negative_prompt_embeds": neg}
         if arch == "sdxl":
             kwargs.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=neg_pooled)
 
-        def on_step_end(_pipe, _index, _timestep, callback_kwargs):
+        def on_step_end(_pipe, index, _timestep, callback_kwargs):
             ctx.check_cancel()
+            # A batched call finishes all its images at once: say how far it is meanwhile.
+            ctx.progress(done, total, f"generating {len(seeds)} images, step {index + 1} of {request.steps}")
             return callback_kwargs
 
+        generation_started = time.monotonic()
         with torch.no_grad():
             images = pipe(
                 **kwargs,
@@ -208,6 +235,7 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
                 callback_on_step_end=on_step_end,
                 output_type="pil",
             ).images
+        timings["generating"] += time.monotonic() - generation_started
         done += len(seeds)
         ctx.progress(done, total, "generating")
         return images
@@ -230,20 +258,8 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
                         seed=seed,
                         prompt=prompt,
                     )
-        for variant in variants:
-            ctx.check_cancel()
-            changed = _variant_ratios(weights, variant, baseline, default_mode)
-            saved = {pid: weights.params[pid].detach().clone() for pid in changed}
-            try:
-                for pid, (mode, alpha, beta) in changed.items():
-                    weights.assign(pid, weights.compute(pid, mode, alpha, beta, 0))
-                prompt = variant.prompt or request.prompt
-                seeds = variant.seeds or request.seeds
-                images = generate(prompt, seeds)
-            finally:
-                with torch.no_grad():
-                    for pid, value in saved.items():
-                        weights.params[pid].copy_(value)
+
+        def record(variant: Variant, prompt: str, seeds: list[int], images: list[Any]) -> None:
             cells[variant.name] = label_cell(images, variant.label)
             for seed, image in zip(seeds, images, strict=True):
                 base = baseline_images[(prompt, seed)]
@@ -265,6 +281,47 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
                     kind="flip",
                     **facts,
                 )
+
+        def run_call(call: list[tuple[Variant, dict[str, torch.Tensor]]]) -> None:
+            """One pipeline call for variants that share prompt and seeds."""
+            nonlocal done
+            prompt = call[0][0].prompt or request.prompt
+            seeds = list(call[0][0].seeds or request.seeds)
+            live = [(variant, patch) for variant, patch in call if patch]
+            images: dict[str, list[Any]] = {}
+            if live:
+                with VariantBatch(pipe.unet, [patch for _, patch in live], len(seeds)):
+                    generated = generate(prompt, seeds * len(live))
+                for i, (variant, _) in enumerate(live):
+                    images[variant.name] = generated[i * len(seeds) : (i + 1) * len(seeds)]
+            for variant, patch in call:
+                if not patch:
+                    # Its weights are the baseline's bit for bit, so its images are the baseline's.
+                    images[variant.name] = [baseline_images[(prompt, seed)] for seed in seeds]
+                    done += len(seeds)
+                    ctx.progress(done, total, "generating")
+                record(variant, prompt, seeds, images[variant.name])
+
+        call: list[tuple[Variant, dict[str, torch.Tensor]]] = []
+        call_bytes = 0
+        for variant in variants:
+            ctx.check_cancel()
+            switch_started = time.monotonic()
+            patch = _variant_patch(weights, _variant_ratios(weights, variant, baseline, default_mode))
+            timings["switching"] += time.monotonic() - switch_started
+            patch_bytes = sum(t.numel() * t.element_size() for t in patch.values())
+            seeds = variant.seeds or request.seeds
+            if call and (
+                (variant.prompt, variant.seeds) != (call[0][0].prompt, call[0][0].seeds)
+                or sum(1 for _, p in call if p) >= variants_per_call(request, len(seeds), settings)
+                or call_bytes + patch_bytes > settings.sweep_batch_bytes
+            ):
+                run_call(call)
+                call, call_bytes = [], 0
+            call.append((variant, patch))
+            call_bytes += patch_bytes
+        if call:
+            run_call(call)
     finally:
         weights.restore_a()
         for source in sources.values():
@@ -289,7 +346,11 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
         "images": done,
         "pipeline_cached": cached,
         "device": str(device),
+        "dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "seconds": round(time.monotonic() - started, 3),
+        "seconds_generating": round(timings["generating"], 3),
+        "pipeline_calls": calls,
+        "seconds_switching": round(timings["switching"], 3),
     }
 
 
