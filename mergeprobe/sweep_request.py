@@ -300,7 +300,7 @@ def _axis_parts(axis: Axis, arch: Architecture, field_name: str) -> list[dict[st
             number = float(value)
             if axis.kind == "block":
                 parts.append(
-                    {"label": f"{axis.block} α={number:g}", "overrides": [Override(blocks, alpha=number)]}
+                    {"label": f"{axis.block} alpha={number:g}", "overrides": [Override(blocks, alpha=number)]}
                 )
             else:
                 override = Override(arch.unet_blocks, **{axis.kind: number})
