@@ -22,19 +22,10 @@ def _tagged(module: torch.nn.Module) -> tuple[list[str], dict[str, torch.Tensor]
     return names, {name: torch.tensor([float(i)], dtype=torch.float64) for i, name in enumerate(names)}
 
 
-def _invert(names: list[str], converted: dict[str, torch.Tensor]) -> dict[str, str]:
-    mapping: dict[str, str] = {}
-    for ldm_key, tensor in converted.items():
-        if not tensor.is_floating_point() or tensor.dtype != torch.float64:
-            continue  # generated buffers (position_ids, logit_scale) come from no parameter
-        for value in tensor.reshape(-1).tolist():
-            mapping[names[int(value)]] = ldm_key
-    return mapping
-
-
-def ldm_keys_of(pipe: Any, arch: str) -> dict[tuple[Component, str], str]:
-    """(component, parameter name) → the LDM key it corresponds to."""
-    result: dict[tuple[Component, str], str] = {}
+def ldm_groups_of(pipe: Any, arch: str) -> dict[str, list[tuple[Component, str]]]:
+    """LDM key → the parameters its tensor is built from, in the order it stacks them along dim 0
+    (OpenCLIP's fused in_proj holds q, k, v); most keys have exactly one."""
+    groups: dict[str, list[tuple[Component, str]]] = {}
     converters: list[tuple[Component, Any]] = [("unet", lc.unet_to_ldm), ("vae", lc.vae_to_ldm)]
     if arch == "sd1":
         converters.append(("text_encoder", lambda sd: lc.clip_l_to_ldm(sd, lc.SD1_CLIP_PREFIX)))
@@ -45,6 +36,13 @@ def ldm_keys_of(pipe: Any, arch: str) -> dict[tuple[Component, str], str]:
         converters.append(("text_encoder_2", lambda sd: lc.open_clip_to_ldm(sd, lc.SDXL_OPENCLIP_PREFIX)))
     for component, convert in converters:
         names, tagged = _tagged(getattr(pipe, component))
-        for name, key in _invert(names, convert(tagged)).items():
-            result[(component, name)] = key
-    return result
+        for ldm_key, tensor in convert(tagged).items():
+            if not tensor.is_floating_point() or tensor.dtype != torch.float64:
+                continue  # generated buffers (position_ids, logit_scale) come from no parameter
+            groups[ldm_key] = [(component, names[int(value)]) for value in tensor.reshape(-1).tolist()]
+    return groups
+
+
+def ldm_keys_of(pipe: Any, arch: str) -> dict[tuple[Component, str], str]:
+    """(component, parameter name) → the LDM key it corresponds to."""
+    return {param: key for key, params in ldm_groups_of(pipe, arch).items() for param in params}

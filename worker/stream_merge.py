@@ -33,7 +33,7 @@ import torch
 
 from mergeprobe.checkpoint_headers import DTYPE_SIZES
 from mergeprobe.merge_metadata import HASH_PLACEHOLDER
-from mergeprobe.merge_methods import weighted_sum
+from mergeprobe.merge_methods import MergeMethod, weighted_sum
 from mergeprobe.merge_plan import CONV_IN, VAE_PREFIX, KeyPlan, MergePlan
 from mergeprobe.safetensors_layout import build_header
 from worker.checkpoint_io import TORCH_DTYPES, MappedCheckpoint
@@ -58,22 +58,30 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cuda")
 
 
-def _seed_for(seed: int, key: str, start: int) -> int:
+def chunk_ranges(method: MergeMethod, key: str, numel: int) -> list[tuple[int, int]]:
+    """The element ranges of the flat tensor `key` is merged in: CHUNK_ELEMENTS at a time for
+    element-wise methods, else (and for conv_in, whose channels may differ) the whole tensor.
+    Random methods draw per range (`chunk_rng`), so anything that must reproduce a written merge
+    (sweep baselines) merges in these same ranges."""
+    if not method.elementwise or key == CONV_IN or numel <= CHUNK_ELEMENTS:
+        return [(0, numel)]
+    return [(start, min(start + CHUNK_ELEMENTS, numel)) for start in range(0, numel, CHUNK_ELEMENTS)]
+
+
+def chunk_rng(seed: int, key: str, start: int) -> torch.Generator:
+    """The generator of one range's random draws (dare): from the merge seed, the key and the range."""
     digest = hashlib.sha256(f"{seed}:{key}:{start}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def _tasks(plan: MergePlan) -> Iterator[_Task]:
-    chunkable = plan.method.elementwise
     for index, key_plan in enumerate(plan.keys):
-        numel = 1
-        for dim in key_plan.shape:
-            numel *= dim
-        if key_plan.action != "merge" or not chunkable or key_plan.key == CONV_IN or numel <= CHUNK_ELEMENTS:
+        numel = _numel(key_plan.shape)
+        if key_plan.action != "merge":
             yield _Task(key_plan, 0, numel, index)
             continue
-        for start in range(0, numel, CHUNK_ELEMENTS):
-            yield _Task(key_plan, start, min(start + CHUNK_ELEMENTS, numel), index)
+        for start, stop in chunk_ranges(plan.method, key_plan.key, numel):
+            yield _Task(key_plan, start, stop, index)
 
 
 class _Result:
@@ -211,9 +219,7 @@ class _Combiner:
         return _Result(memoryview(out.view(torch.uint8).numpy()), buffer)
 
     def _apply(self, kp: KeyPlan, a, b, c, start: int) -> torch.Tensor:
-        rng = torch.Generator(device="cpu")
-        rng.manual_seed(_seed_for(self.seed, kp.key, start))
-        return self.plan.method.fn(a, b, c, kp.alpha, kp.beta, rng)
+        return self.plan.method.fn(a, b, c, kp.alpha, kp.beta, chunk_rng(self.seed, kp.key, start))
 
     def _channels_differ(self, key: str) -> bool:
         shapes = {

@@ -1,9 +1,9 @@
 """sweep jobs: one baseline in memory, the variants generated against it in batches.
 
 The pipeline is the worker's cached one for model_a. A baseline merge is applied to its
-parameters in place (U-Net tensors computed from the mapped input files, text encoders
-and VAE from the other models' pipelines) and model_a's own values go back at the end, so
-the cached pipeline is unchanged. Variants never write into the pipeline: each one's changed
+parameters in place, every tensor computed from the memory-mapped input files exactly as
+stream_merge computes it (same ranges and random draws, OpenCLIP's fused q/k/v as stored), and
+model_a's own values go back at the end, so the cached pipeline is unchanged. Variants never write into the pipeline: each one's changed
 U-Net tensors are computed aside and substituted for its own rows of a batched U-Net call
 (``worker.variant_batch``), so the baseline's weights stay bit for bit what they were.
 """
@@ -27,8 +27,9 @@ from mergeprobe.sweep_request import SweepRequest, Variant, XYVariants, rule_mat
 from worker.checkpoint_io import MappedCheckpoint
 from worker.context import JobContext
 from worker.generation import PromptEncoder, get_pipeline, make_scheduler
-from worker.param_map import ldm_keys_of
+from worker.param_map import ldm_groups_of
 from worker.render import png_bytes
+from worker.stream_merge import chunk_ranges, chunk_rng
 from worker.sweep_render import difference_image, flip_gif, influence, label_cell, rows_grid, u_grid, xy_grid
 from worker.variant_batch import VariantBatch
 
@@ -36,59 +37,66 @@ CSV_COLUMNS = ("variant", "label", "seed", "changed_share", "mean_abs_diff", "ss
 _COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
-def _rng(seed: int, key: str) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}:{key}:0".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+# LDM tensors stored as the transpose of their diffusers parameter (OpenCLIP's orientation; see
+# worker/ldm_convert.open_clip_to_ldm). Every other single-parameter key differs at most in shape.
+_TRANSPOSED_IN_LDM = ("text_projection",)
 
 
 class _Weights:
-    """The pipeline's parameters by LDM key, and the input tensors to recompute them from."""
+    """The pipeline's parameters by LDM key, and the checkpoint files to recompute them from."""
 
-    def __init__(
-        self, pipe: Any, arch: str, sources: dict[str, MappedCheckpoint], others: dict[str, Any]
-    ) -> None:
+    def __init__(self, pipe: Any, arch: str, sources: dict[str, MappedCheckpoint]) -> None:
         self.arch = get_arch(arch)
         self.sources = sources
-        self.others = others  # slot → pipeline of model b / c (for BASE parameters)
         self.params: dict[tuple[str, str], torch.nn.Parameter] = {}
         for component in _COMPONENTS:
             module = getattr(pipe, component, None)
             if module is not None:
                 self.params.update({(component, n): p for n, p in module.named_parameters()})
-        self.keys = ldm_keys_of(pipe, arch)
+        self.groups = ldm_groups_of(pipe, arch)
+        self.keys = {param_id: key for key, group in self.groups.items() for param_id in group}
         self.a_values: dict[tuple[str, str], torch.Tensor] = {}  # model_a's values of params we changed
 
-    def source_value(self, slot: str, param_id: tuple[str, str]) -> torch.Tensor | None:
-        component, name = param_id
-        param = self.params[param_id]
-        if slot == "a":
-            value = self.a_values.get(param_id, param.detach())
-            return value.to(dtype=torch.float32, copy=True)
-        if component == "unet":
-            source = self.sources.get(slot)
-            key = self.keys[param_id]
-            if source is None or key not in source.header.tensors:
-                return None
-            return (
-                source.get(key).reshape(param.shape).to(device=param.device, dtype=torch.float32, copy=True)
-            )
-        other = self.others.get(slot)
-        if other is None:
+    def _file_tensor(self, slot: str, key: str) -> torch.Tensor | None:
+        """The LDM tensor as stored in that slot's file (a zero-copy view), or None."""
+        source = self.sources.get(slot)
+        if source is None or key not in source.header.tensors:
             return None
-        return (
-            dict(getattr(other, component).named_parameters())[name]
-            .detach()
-            .to(param.device, torch.float32, copy=True)
-        )
+        return source.get(key)
 
-    def compute(self, param_id, mode: str, alpha, beta, seed: int) -> torch.Tensor:
+    def to_params(self, key: str, tensor: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
+        """An LDM tensor cut into the pipeline parameters it feeds (q/k/v of a fused in_proj)."""
+        group = self.groups[key]
+        if len(group) == 1:
+            if key.endswith(_TRANSPOSED_IN_LDM):
+                tensor = tensor.t()
+            return {group[0]: tensor.reshape(self.params[group[0]].shape)}
+        rows = [self.params[param_id].shape[0] for param_id in group]
+        return {
+            param_id: part.reshape(self.params[param_id].shape)
+            for param_id, part in zip(group, tensor.split(rows), strict=True)
+        }
+
+    def merged(self, key: str, mode: str, alpha, beta, seed: int) -> dict[tuple[str, str], torch.Tensor]:
+        """The merge of one LDM tensor from the files, in fp32, computed range by range with the
+        same random draws as stream_merge, so a baseline equals the merge job's output."""
         method = MERGE_METHODS[mode]
-        a = self.source_value("a", param_id)
-        b = self.source_value("b", param_id)
-        if b is None:
-            b = a.clone()  # without model_b, B is A (a scaled_sum variant then scales A alone)
-        c = self.source_value("c", param_id)
-        return method.fn(a, b, c, alpha, beta, _rng(seed, self.keys[param_id]))
+        device = self.params[self.groups[key][0]].device
+        flat = {
+            slot: t.reshape(-1) for slot in ("a", "b", "c") if (t := self._file_tensor(slot, key)) is not None
+        }
+        out = torch.empty(flat["a"].numel(), dtype=torch.float32, device=device)
+        for start, stop in chunk_ranges(method, key, out.numel()):
+            part = {
+                s: t[start:stop].to(device=device, dtype=torch.float32, copy=True) for s, t in flat.items()
+            }
+            a = part["a"]
+            b = part["b"] if "b" in part else a.clone()  # without model_b, B is A (scaled_sum scales A)
+            out[start:stop] = method.fn(a, b, part.get("c"), alpha, beta, chunk_rng(seed, key, start))
+        return self.to_params(key, out.reshape(self.sources["a"].header.tensors[key].shape))
+
+    def copied(self, slot: str, key: str) -> dict[tuple[str, str], torch.Tensor]:
+        return self.to_params(key, self._file_tensor(slot, key))
 
     def assign(self, param_id, value: torch.Tensor) -> None:
         param = self.params[param_id]
@@ -108,19 +116,21 @@ def _apply_baseline(
     """Merge the baseline into the pipeline; returns each U-Net param's baseline (mode, α, β)."""
     by_key = {k.key: k for k in plan.keys} if plan is not None else {}
     ratios = {}
-    for param_id, param in weights.params.items():
-        key = weights.keys.get(param_id)
+    for key, group in weights.groups.items():
         kp = by_key.get(key)
-        if param_id[0] == "unet" and kp is not None and kp.alpha is not None:
-            ratios[param_id] = (plan.method.name, kp.alpha, kp.beta)
-        if kp is None or kp.action in ("copy_a", "keep_a"):
+        if kp is None:
             continue
-        weights.a_values[param_id] = param.detach().clone()
+        if group[0][0] == "unet" and kp.alpha is not None:
+            ratios.update({param_id: (plan.method.name, kp.alpha, kp.beta) for param_id in group})
+        if kp.action in ("copy_a", "keep_a"):
+            continue
         if kp.action == "copy_b":
-            value = weights.source_value("b", param_id)
+            values = weights.copied("b", key)
         else:
-            value = weights.compute(param_id, plan.method.name, kp.alpha, kp.beta, seed)
-        weights.assign(param_id, value)
+            values = weights.merged(key, plan.method.name, kp.alpha, kp.beta, seed)
+        for param_id, value in values.items():
+            weights.a_values[param_id] = weights.params[param_id].detach().clone()
+            weights.assign(param_id, value)
     return ratios
 
 
@@ -151,12 +161,12 @@ def _variant_ratios(weights: _Weights, variant: Variant, baseline, default_mode:
     return changed
 
 
-def _variant_patch(weights: _Weights, changed) -> dict[str, torch.Tensor]:
+def _variant_patch(weights: _Weights, changed, seed: int) -> dict[str, torch.Tensor]:
     """U-Net parameter name → the variant's tensor, for the parameters whose value it really changes."""
     patch = {}
     for param_id, (mode, alpha, beta) in changed.items():
         param = weights.params[param_id]
-        value = weights.compute(param_id, mode, alpha, beta, 0).to(param.dtype)
+        value = weights.merged(weights.keys[param_id], mode, alpha, beta, seed)[param_id].to(param.dtype)
         if not torch.equal(value, param.detach()):
             patch[param_id[1]] = value
     return patch
@@ -179,19 +189,13 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
     settings = Settings()
     ctx.progress(0, 1, "loading pipeline")
     pipe, cached, device = get_pipeline(paths["a"], headers["a"], arch, library.hashes(paths["a"])[0])
-    others = {}
     plan = None
     merge = request.baseline_merge()
+    merge_seed = merge.seed if merge is not None else 0
     if merge is not None:
         plan = plan_merge(merge, library, output_name="sweep-baseline.safetensors")
-        if any(k.action != "copy_a" and k.block == "BASE" for k in plan.keys if k.action != "keep_a"):
-            for slot in ("b", "c"):
-                if slot in paths:
-                    others[slot] = get_pipeline(
-                        paths[slot], headers[slot], arch, library.hashes(paths[slot])[0]
-                    )[0]
     sources = {slot: MappedCheckpoint(p, headers[slot]) for slot, p in paths.items()}
-    weights = _Weights(pipe, arch, sources, others)
+    weights = _Weights(pipe, arch, sources)
     variants = [Variant.from_json(v) for v in inputs["variants"]]
     default_mode = plan.method.name if plan is not None else "scaled_sum"
     encoder = PromptEncoder(pipe, arch == "sdxl", device)
@@ -245,7 +249,7 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
     baseline_images: dict[tuple[str, int], Any] = {}
     try:
         ctx.progress(0, total, "merging the baseline")
-        baseline = _apply_baseline(weights, plan, 0)
+        baseline = _apply_baseline(weights, plan, merge_seed)
         for seeds, prompt in sorted(baselines_needed):
             for seed, image in zip(seeds, generate(prompt, list(seeds)), strict=True):
                 if (prompt, seed) not in baseline_images:
@@ -307,7 +311,9 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
         for variant in variants:
             ctx.check_cancel()
             switch_started = time.monotonic()
-            patch = _variant_patch(weights, _variant_ratios(weights, variant, baseline, default_mode))
+            patch = _variant_patch(
+                weights, _variant_ratios(weights, variant, baseline, default_mode), merge_seed
+            )
             timings["switching"] += time.monotonic() - switch_started
             patch_bytes = sum(t.numel() * t.element_size() for t in patch.values())
             seeds = variant.seeds or request.seeds
