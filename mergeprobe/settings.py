@@ -69,8 +69,8 @@ class Settings(BaseSettings):
         default=32 * 128 * 128,
         ge=0,
         description="Image pixels one pipeline call of a sweep generates: variants that share prompt and seeds "
-        "are batched up to this (at least one variant per call). The default batches 8 variants of 4 seeds at "
-        "128x128 and runs one variant per call from 256x256 with 4 seeds up.",
+        "are batched up to this (at least one variant per call). The default is 32 images of 128x128: with 4 "
+        "seeds, 8 variants per call at 128x128, 2 at 256x256, one from 512x512 up.",
     )
     sweep_batch_bytes: int = Field(
         default=2 * 1024**3,

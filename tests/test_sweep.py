@@ -265,3 +265,22 @@ def test_batched_variants_match_one_variant_per_call(sweep_in_process, monkeypat
             assert (one - many).abs().max() <= 2, name
             changed += not torch.equal(one, pixels(ctx_alone, f"baseline_s{seed}.png"))
     assert changed > len(blocks), "the variants should mostly differ from the baseline"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_variant_repeating_a_merged_baselines_ratios_changes_nothing(sweep_in_process, monkeypatch, dtype):
+    """Recomputing a block of a merged baseline with the baseline's own α gives its tensors bit for
+    bit (A comes from model_a, never from the merged pipeline), so the variants reuse its images."""
+    monkeypatch.setenv("MERGEPROBE_GENERATION_DTYPE", dtype)
+    result, _ = sweep_in_process(
+        {
+            "model_a": "tiny-sd1-a",
+            "model_b": "tiny-sd1-b",
+            "alpha": 0.3,
+            "variants": {"blocks": "IN04, M00, OUT11", "alpha": 0.3},
+            "seeds": [3],
+            **SMALL,
+        }
+    )
+    assert result["pipeline_calls"] == 1
+    assert all(r["changed_share"] == 0 and r["mean_abs_diff"] == 0 for r in result["rows"])

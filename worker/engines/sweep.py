@@ -24,7 +24,7 @@ from mergeprobe.merge_methods import MERGE_METHODS
 from mergeprobe.merge_plan import plan_merge
 from mergeprobe.settings import Settings
 from mergeprobe.sweep_request import SweepRequest, Variant, XYVariants, rule_matches_json
-from worker.checkpoint_io import MappedCheckpoint
+from worker.checkpoint_io import TORCH_DTYPES, MappedCheckpoint
 from worker.context import JobContext
 from worker.generation import PromptEncoder, get_pipeline, make_scheduler
 from worker.param_map import ldm_groups_of
@@ -40,6 +40,7 @@ _COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # LDM tensors stored as the transpose of their diffusers parameter (OpenCLIP's orientation; see
 # worker/ldm_convert.open_clip_to_ldm). Every other single-parameter key differs at most in shape.
 _TRANSPOSED_IN_LDM = ("text_projection",)
+_EXACT_IN_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _Weights:
@@ -64,6 +65,18 @@ class _Weights:
             return None
         return source.get(key)
 
+    def _a_held_exactly(self, key: str) -> torch.Tensor | None:
+        """model_a's tensor as the pipeline holds it, flat, where that is exactly the file's value
+        (a float32 pipeline, or the file's own dtype): no page faults, and already on the device."""
+        group = self.groups[key]
+        if len(group) != 1 or key.endswith(_TRANSPOSED_IN_LDM):
+            return None
+        value = self.a_values.get(group[0], self.params[group[0]].detach())
+        stored = TORCH_DTYPES.get(self.sources["a"].header.tensors[key].dtype)
+        if value.dtype != stored and not (value.dtype == torch.float32 and stored in _EXACT_IN_FLOAT32):
+            return None
+        return value.reshape(-1)
+
     def to_params(self, key: str, tensor: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
         """An LDM tensor cut into the pipeline parameters it feeds (q/k/v of a fused in_proj)."""
         group = self.groups[key]
@@ -85,6 +98,9 @@ class _Weights:
         flat = {
             slot: t.reshape(-1) for slot in ("a", "b", "c") if (t := self._file_tensor(slot, key)) is not None
         }
+        held = self._a_held_exactly(key)
+        if held is not None:
+            flat["a"] = held
         out = torch.empty(flat["a"].numel(), dtype=torch.float32, device=device)
         for start, stop in chunk_ranges(method, key, out.numel()):
             part = {
