@@ -68,6 +68,14 @@ def bench_service(root: Path, prefix: str):
     return server, ModelLibrary(settings), JobStore(server, settings), ArtifactStore(settings)
 
 
+def bench_teardown(root: Path, server, store, keep: bool) -> None:
+    """Undo bench_service: the jobs' keys, the private Redis, and the model unless --keep."""
+    store.purge_namespace()
+    server.shutdown(nosave=True)
+    if not keep:
+        shutil.rmtree(root / "models", ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -127,10 +135,7 @@ def main() -> int:
         print(f"dump every block  {d:8.2f} s  ({captures} feature PNGs)")
         print(f"ratio dump/plain  {d / p:8.3f}  (target <= 1.15)")
     finally:
-        store.purge_namespace()
-        server.shutdown(nosave=True)
-        if not args.keep:
-            shutil.rmtree(root / "models", ignore_errors=True)
+        bench_teardown(root, server, store, args.keep)
     return 0
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ["MERGEPROBE_GENERATION_DTYPE"] = args.dtype
 
-    from probe_bench import _setup, bench_service
+    from probe_bench import _setup, bench_service, bench_teardown
 
     root = args.dir.resolve()
     _setup(root, args.keep)
@@ -162,10 +161,7 @@ def main() -> int:
         )
         print(f"speed-up naive/sweep: {naive_total / sweep_seconds:.1f}x (target >= 5)")
     finally:
-        store.purge_namespace()
-        server.shutdown(nosave=True)
-        if not args.keep:
-            shutil.rmtree(root / "models", ignore_errors=True)
+        bench_teardown(root, server, store, args.keep)
     return 0
 
 

@@ -3,9 +3,10 @@
 The pipeline is the worker's cached one for model_a. A baseline merge is applied to its
 parameters in place, every tensor computed from the memory-mapped input files exactly as
 stream_merge computes it (same ranges and random draws, OpenCLIP's fused q/k/v as stored), and
-model_a's own values go back at the end, so the cached pipeline is unchanged. Variants never write into the pipeline: each one's changed
-U-Net tensors are computed aside and substituted for its own rows of a batched U-Net call
-(``worker.variant_batch``), so the baseline's weights stay bit for bit what they were.
+model_a's own values go back at the end, so the cached pipeline is unchanged. Variants never
+write into the pipeline: each one's changed U-Net tensors are computed aside and substituted
+for its own rows of a batched U-Net call (``worker.variant_batch``), so the baseline's weights
+stay bit for bit what they were.
 """
 
 from __future__ import annotations
