@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import redis
 from fastapi import FastAPI, Request
@@ -10,8 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mergeprobe.colorize import problem_from_error
-from mergeprobe.problems import PROBLEM_MEDIA_TYPE, Problem
+from mergeprobe.colorize_grammar import error_from_validation
+from mergeprobe.errors import MergeprobeError
+from mergeprobe.problems import PROBLEM_MEDIA_TYPE, Problem, problem_of
 
 log = logging.getLogger("mergeprobe.api")
 
@@ -31,12 +33,27 @@ def _field_path(loc: tuple) -> str:
     return ".".join(parts) if parts else ".".join(str(p) for p in loc)
 
 
+def _non_finite(value: object) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def _validation_problem(exc: RequestValidationError) -> Problem:
     for error in exc.errors():
         # A colorize expression is a spec string: a 400 with its position, like the other grammars.
-        expression_problem = problem_from_error(error, _field_path(tuple(error.get("loc", ()))))
-        if expression_problem is not None:
-            return expression_problem
+        expression_error = error_from_validation(error, _field_path(tuple(error.get("loc", ()))))
+        if expression_error is not None:
+            return problem_of(expression_error)
+    for error in exc.errors():
+        if _non_finite(error.get("input")):
+            field = _field_path(tuple(error.get("loc", ())))
+            return Problem(
+                400,
+                "non-finite-number",
+                "Invalid request",
+                f"{field}: {error['input']} is not a finite number (NaN, Infinity and numbers beyond "
+                "±1.8e308 are refused)",
+                field=field,
+            )
     errors = [
         {
             "field": _field_path(tuple(e.get("loc", ()))),
@@ -62,6 +79,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc, request)
+
+    @app.exception_handler(MergeprobeError)
+    async def _domain_error(request: Request, exc: MergeprobeError) -> JSONResponse:
+        return problem_response(problem_of(exc), request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -69,7 +69,7 @@ def block_weights(arch_name: str) -> dict[str, float]:
     return weights
 
 
-def merge_request(arch_name: str, output_name: str):
+def merge_request(arch_name: str, output_name: str, device: str = "cpu"):
     from mergeprobe.merge_plan import MergeRequest
 
     weights = block_weights(arch_name)
@@ -79,7 +79,7 @@ def merge_request(arch_name: str, output_name: str):
         mode="weighted_sum",
         alpha=list(weights.values()),  # BASE first, then the U-Net blocks in order
         output={"name": output_name, "dtype": "fp16"},
-        device="cpu",
+        device=device,
     )
 
 
@@ -130,7 +130,7 @@ def _library(directory: Path):
     return ModelLibrary(Settings())
 
 
-def child_engine(arch: str, directory: Path) -> dict:
+def child_engine(arch: str, directory: Path, device: str = "cpu") -> dict:
     import torch
 
     from mergeprobe.merge_metadata import merge_metadata
@@ -138,7 +138,7 @@ def child_engine(arch: str, directory: Path) -> dict:
     from worker.stream_merge import stream_merge
 
     library = _library(directory)
-    request = merge_request(arch, "bench-out-engine.safetensors")
+    request = merge_request(arch, "bench-out-engine.safetensors", device)
     t0 = time.perf_counter()
     plan = plan_merge(request, library)
     plan_s = time.perf_counter() - t0
@@ -149,7 +149,7 @@ def child_engine(arch: str, directory: Path) -> dict:
     prefault(PREFAULT_MB)
     baseline = _rss_anon_mb()
     with _Timed() as timed:
-        digest = stream_merge(plan, out, metadata, device=torch.device("cpu"), threads=threads)
+        digest = stream_merge(plan, out, metadata, device=torch.device(device), threads=threads)
     size = out.stat().st_size
     out.unlink()
     return timed.report(
@@ -157,45 +157,40 @@ def child_engine(arch: str, directory: Path) -> dict:
     )
 
 
-class _NullStore:
-    """Stands in for the job store (Redis): counters and the like go nowhere."""
+class _StageClock:
+    """A job reporter (see worker.context.JobReporter) that notes when each stage first reports."""
 
-    def __getattr__(self, name: str):
-        return lambda *args, **kwargs: None
-
-
-class _JobContext:
-    """The part of worker.context.JobContext the merge engine uses."""
-
-    def __init__(self, library, request: dict, output_name: str) -> None:
-        self.job_id = "merge-bench"
-        self.job = {"id": self.job_id, "request": request}
-        self.store = _NullStore()
-        self.library = library
-        self.request = request
-        self.inputs = {"output": output_name}
+    def __init__(self) -> None:
         self.stages: dict[str, float] = {}
         self.merged_at: float | None = None
 
-    def progress(self, completed: int, total: int, stage: str) -> None:
+    def set_progress(self, job_id: str, completed: int, total: int, stage: str) -> None:
         self.stages.setdefault(stage, time.perf_counter())
         if stage == "merging tensors" and completed >= total:
             self.merged_at = time.perf_counter()
 
-    def check_cancel(self) -> None:
-        pass
+    def cancel_requested(self, job_id: str) -> bool:
+        return False
 
-    def warn(self, message: str) -> None:
+    def add_counter(self, name: str, value: float) -> None:
         pass
 
 
 def child_job(arch: str, directory: Path) -> dict:
+    from mergeprobe.kinds import KINDS
+    from mergeprobe.settings import Settings
+    from worker.context import JobContext
     from worker.engines.merge import run_merge
 
     library = _library(directory)
-    shutil.rmtree(library.hash_cache_dir, ignore_errors=True)  # hash the inputs as a first job would
+    # The inputs are hashed when the job is accepted (prepare pins them), as on a first submission;
+    # the job's clock starts after that.
+    shutil.rmtree(library.hash_cache_dir, ignore_errors=True)
     name = "bench-out-job.safetensors"
-    ctx = _JobContext(library, merge_request(arch, name).model_dump(mode="json"), name)
+    clock = _StageClock()
+    ctx = JobContext.local(
+        KINDS["merge"], merge_request(arch, name), settings=Settings(), library=library, reporter=clock
+    )
     prefault(PREFAULT_MB)
     baseline = _rss_anon_mb()
     with _Timed() as timed:
@@ -203,9 +198,9 @@ def child_job(arch: str, directory: Path) -> dict:
     (library.root / name).unlink()
     shutil.rmtree(library.hash_cache_dir, ignore_errors=True)
     t0 = timed.t0
-    hashing_started = ctx.stages.get("hashing inputs", t0)
-    merging_started = ctx.stages.get("merging tensors", t0)
-    merged_at = ctx.merged_at or t0
+    hashing_started = clock.stages.get("hashing inputs", t0)
+    merging_started = clock.stages.get("merging tensors", t0)
+    merged_at = clock.merged_at or t0
     return timed.report(
         baseline_rss_anon_mb=baseline,
         plan_seconds=hashing_started - t0,

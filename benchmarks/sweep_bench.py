@@ -37,6 +37,71 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+# The variants the naive way is measured on, in order (the first --naive-variants of them).
+NAIVE_BLOCKS = ("IN04", "M00", "OUT05", "IN08", "OUT11", "IN00", "OUT02")
+
+
+def study_body(model: str, seeds: list[int], steps: int, size: int) -> dict:
+    """The study as a sweep request: baseline = the model, per block β = 0.75, α = 0 (scaled_sum)."""
+    return {
+        "model_a": model,
+        "variants": {"blocks": "IN00-OUT11", "alpha": 0, "beta": 0.75},
+        "seeds": seeds,
+        "prompt": "a cute girl, best quality",
+        "steps": steps,
+        "width": size,
+        "height": size,
+        "sampler": "euler_a",
+    }
+
+
+def naive_variant(library, body: dict, block: str, out: Path, config_dir: Path) -> tuple[float, float, float]:
+    """One variant of the study the naive way: write the merged checkpoint to `out` (stream_merge),
+    load it (``from_single_file``, configs from `config_dir`), generate the study's seeds; `out` is
+    deleted afterwards. Returns the seconds of (write, load, generate)."""
+    import torch
+
+    from mergeprobe.merge_plan import MergeRequest, plan_merge
+    from mergeprobe.settings import Settings
+    from worker.generation import PromptEncoder, make_scheduler
+    from worker.pipelines import load_pipeline, pick_device
+    from worker.stream_merge import stream_merge
+
+    device, dtype = pick_device(Settings().generation_dtype)
+    seeds = body["seeds"]
+    started = time.perf_counter()
+    merge = MergeRequest(
+        model_a=body["model_a"],
+        model_b=body["model_a"],
+        mode="scaled_sum",
+        alpha=f"{block}:0, _:0",
+        beta=f"{block}:0.75, _:1",
+        output={"name": out.name, "dtype": "fp16"},
+    )
+    plan = plan_merge(merge, library)
+    stream_merge(plan, out, {"format": "pt", "modelspec.hash_sha256": "0x" + "0" * 64}, device=device)
+    written = time.perf_counter()
+    pipe = load_pipeline(out, "sd1", config_dir, device, dtype)
+    loaded = time.perf_counter()
+    pipe.scheduler = make_scheduler(body["sampler"], pipe.scheduler.config)
+    encoder = PromptEncoder(pipe, False, device)
+    pos, _ = encoder(body["prompt"])
+    neg, _ = encoder("", negative=True)
+    with torch.no_grad():
+        pipe(
+            prompt_embeds=pos,
+            negative_prompt_embeds=neg,
+            num_inference_steps=body["steps"],
+            width=body["width"],
+            height=body["height"],
+            num_images_per_prompt=len(seeds),
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+        )
+    done = time.perf_counter()
+    del pipe
+    out.unlink()
+    return written - started, loaded - written, done - loaded
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(
@@ -57,49 +122,33 @@ def main() -> int:
     root = args.dir.resolve()
     _setup(root, args.keep)
     server, library, store, artifacts = bench_service(root, "sweep-bench")
-    import torch
-
-    from mergeprobe.merge_plan import MergeRequest, plan_merge
+    from mergeprobe.kinds import KINDS
     from mergeprobe.settings import Settings
-    from mergeprobe.sweep_request import SweepRequest, prepare_sweep
+    from mergeprobe.sweep_request import SweepRequest
     from worker.context import JobContext
     from worker.engines.sweep import run_sweep
-    from worker.generation import PromptEncoder, get_pipeline, make_scheduler
-    from worker.pipelines import load_pipeline, pick_device
-    from worker.stream_merge import stream_merge
+    from worker.generation import get_pipeline
 
     seeds = list(range(1, args.seeds + 1))
-    common = {
-        "prompt": "a cute girl, best quality",
-        "steps": args.steps,
-        "width": args.size,
-        "height": args.size,
-        "sampler": "euler_a",
-    }
+    body = study_body("full-sd1", seeds, args.steps, args.size)
     try:
         path = library.resolve("full-sd1")
         header = library.header(path)
         started = time.perf_counter()
-        pipe, _, device = get_pipeline(path, header, "sd1", library.hashes(path)[0])
+        pipe, _, device = get_pipeline(Settings(), path, header, "sd1", library.hashes(path)[0])
         print(
             f"pipeline load (once per worker): {time.perf_counter() - started:.1f} s; "
             f"generation on {device} in {str(pipe.unet.dtype).removeprefix('torch.')}"
         )
 
-        request = SweepRequest.model_validate(
-            {
-                "model_a": "full-sd1",
-                "variants": {"blocks": "IN00-OUT11", "alpha": 0, "beta": 0.75},
-                "seeds": seeds,
-                **common,
-            }
+        request = SweepRequest.model_validate(body)
+        ctx = JobContext.local(
+            KINDS["sweep"], request, settings=Settings(), library=library, artifacts=artifacts
         )
-        job, _ = store.create("sweep", request.model_dump(mode="json"), prepare_sweep(request, library))
-        store.claim(job["id"], "bench")
         started = time.perf_counter()
-        result = run_sweep(JobContext(store.get(job["id"]), store, library, artifacts))
+        result = run_sweep(ctx)
         sweep_seconds = time.perf_counter() - started
-        artifacts.remove_job(job["id"])
+        artifacts.remove_job(ctx.job_id)
         switching = result["seconds_switching"]
         print(
             f"sweep: {sweep_seconds:.1f} s for {result['images']} images (25 variants + baseline, {len(seeds)} seeds): "
@@ -107,53 +156,21 @@ def main() -> int:
             f"the rest (artifacts, metrics, baseline merge) {sweep_seconds - result['seconds_generating'] - switching:.1f} s"
         )
 
-        device, dtype = pick_device(Settings().generation_dtype)
         config_dir = root / "configs" / "sd1"
         per_variant, write_load = [], []
-        for block in ["IN04", "M00", "OUT05", "IN08", "OUT11", "IN00", "OUT02"][: args.naive_variants]:
-            started = time.perf_counter()
-            merge = MergeRequest(
-                model_a="full-sd1",
-                model_b="full-sd1",
-                mode="scaled_sum",
-                alpha=f"{block}:0, _:0",
-                beta=f"{block}:0.75, _:1",
-                output={"name": "naive.safetensors", "dtype": "fp16"},
+        for block in NAIVE_BLOCKS[: args.naive_variants]:
+            write, load, generate = naive_variant(
+                library, body, block, root / "naive.safetensors", config_dir
             )
-            plan = plan_merge(merge, library)
-            out = root / "naive.safetensors"
-            stream_merge(plan, out, {"format": "pt", "modelspec.hash_sha256": "0x" + "0" * 64}, device=device)
-            written = time.perf_counter()
-            pipe = load_pipeline(out, "sd1", config_dir, device, dtype)
-            loaded = time.perf_counter()
-            pipe.scheduler = make_scheduler("euler_a", pipe.scheduler.config)
-            encoder = PromptEncoder(pipe, False, device)
-            pos, _ = encoder(common["prompt"])
-            neg, _ = encoder("", negative=True)
-            with torch.no_grad():
-                pipe(
-                    prompt_embeds=pos,
-                    negative_prompt_embeds=neg,
-                    num_inference_steps=args.steps,
-                    width=args.size,
-                    height=args.size,
-                    num_images_per_prompt=len(seeds),
-                    generator=[torch.Generator().manual_seed(s) for s in seeds],
-                )
-            done = time.perf_counter()
-            per_variant.append(done - started)
-            write_load.append(loaded - started)
-            print(
-                f"naive {block}: write {written - started:.1f} s, load {loaded - written:.1f} s, generate {done - loaded:.1f} s"
-            )
-            del pipe
-            out.unlink()
+            per_variant.append(write + load + generate)
+            write_load.append(write + load)
+            print(f"naive {block}: write {write:.1f} s, load {load:.1f} s, generate {generate:.1f} s")
         if not per_variant:
             return 0
-        naive_variant = sum(per_variant) / len(per_variant)
-        naive_total = 25 * naive_variant  # the baseline's own generation is left out: it favours naive
+        naive_mean = sum(per_variant) / len(per_variant)
+        naive_total = 25 * naive_mean  # the baseline's own generation is left out: it favours naive
         print(
-            f"naive: {naive_variant:.1f} s per variant (measured on {len(per_variant)}), {naive_total:.1f} s for 25 (extrapolated)"
+            f"naive: {naive_mean:.1f} s per variant (measured on {len(per_variant)}), {naive_total:.1f} s for 25 (extrapolated)"
         )
         print(
             f"variant switch: sweep {1000 * switching / 25:.0f} ms (its changed tensors) vs naive "

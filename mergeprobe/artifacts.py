@@ -29,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mergeprobe.problems import Problem
+from mergeprobe.errors import NotFound
 from mergeprobe.settings import Settings
 
 log = logging.getLogger("mergeprobe.artifacts")
@@ -80,15 +80,13 @@ class ArtifactStore:
 
     def job_dir(self, job_id: str) -> Path:
         if not _JOB_ID.match(job_id):
-            raise Problem(404, "unknown-job", "Unknown job", f"no job {job_id!r}")
+            raise NotFound("unknown-job", "Unknown job", f"no job {job_id!r}")
         return self.root / job_id
 
     def path_of(self, job_id: str, name: str) -> Path:
         """The local file of an artifact (where the local backend keeps it)."""
         if ".." in name or not _ARTIFACT_NAME.match(name):
-            raise Problem(
-                404, "unknown-artifact", "Unknown artifact", f"no artifact {name!r} in job {job_id}"
-            )
+            raise NotFound("unknown-artifact", "Unknown artifact", f"no artifact {name!r} in job {job_id}")
         return self.job_dir(job_id) / name
 
     # -- writing ---------------------------------------------------------------------------

@@ -24,7 +24,7 @@ Block weights (`resolve_block_weights`): a number, a list of numbers, a
 preset name, a comma-separated number string, or a spec
 `IN00-IN05:0.2, M00:1, OUT00-OUT11(+2):0.7, _:0.5`; see that function.
 
-Every error is a 400 `Problem` with slug `invalid-spec`, the request field,
+Every error is an `InvalidInput` error with slug `invalid-spec`, the request field,
 and `position`: the 0-based character offset of the offending token in the
 string as the client sent it (plus the caller's `offset`).
 """
@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergeprobe.archs import ARCHITECTURES, BASE, MIDDLE, Architecture
+from mergeprobe.errors import InvalidInput
 from mergeprobe.presets import PRESETS, find_preset
-from mergeprobe.problems import Problem
 
 SLUG = "invalid-spec"
 TITLE = "Invalid spec"
@@ -55,9 +55,9 @@ _STEP = re.compile(r"\s*\+\s*([0-9]+)\s*")
 _ANY_ARCH_BLOCKS = frozenset(b for a in ARCHITECTURES.values() for b in a.unet_blocks)
 
 
-def spec_problem(detail: str, *, field: str, position: int | None = None) -> Problem:
+def spec_problem(detail: str, *, field: str, position: int | None = None) -> InvalidInput:
     """The 400 every grammar here raises."""
-    return Problem(400, SLUG, TITLE, detail, field=field, position=position)
+    return InvalidInput(SLUG, TITLE, detail, field=field, position=position)
 
 
 def describe_blocks(arch: Architecture, *, with_base: bool = False) -> str:
@@ -123,7 +123,7 @@ def _scan_item(
 ) -> _Item:
     """One `A`, `A-B` or `A-B(+N)` in text[start:end]; positions in the result are raw (no offset)."""
 
-    def fail(detail: str, at: int) -> Problem:
+    def fail(detail: str, at: int) -> InvalidInput:
         return spec_problem(detail, field=field, position=at + offset)
 
     item = text[start:end].strip()

@@ -18,9 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from mergeprobe.archs import UNKNOWN, Architecture, detect_arch, get_arch
 from mergeprobe.blockspec import format_blocks, parse_block_set, parse_steps, spec_problem
 from mergeprobe.colorize import Colorize
+from mergeprobe.errors import InvalidInput
 from mergeprobe.layer_prompts import LayerPrompt, parse_layer_prompt
-from mergeprobe.library import ModelLibrary
-from mergeprobe.problems import Problem
+from mergeprobe.library import ModelLibrary, PinnedModel
+from mergeprobe.request_model import RequestModel
 
 Sampler = Literal["euler_a", "euler", "dpmpp_2m", "dpmpp_2m_karras", "ddim"]
 MAX_PROMPT_CHARS = 2000
@@ -43,11 +44,10 @@ _PROMPT_DOC = (
 )
 
 
-class Capture(BaseModel):
+class Capture(RequestModel):
     """Which blocks to capture, at which sampler steps, and how to render them."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={"examples": [{"layers": "IN00-OUT11(+2)", "steps": "1,5-20(+5)"}]},
     )
 
@@ -66,11 +66,10 @@ class Capture(BaseModel):
     )
 
 
-class DumpRequest(BaseModel):
+class DumpRequest(RequestModel):
     """Generate an image with one model, capturing U-Net block outputs and attention maps."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "examples": [
                 {
@@ -180,9 +179,8 @@ class DumpResult(BaseModel):
     pipeline_cached: bool = Field(default=False, description="The worker had the pipeline loaded already.")
 
 
-def _unknown_arch(name: str) -> Problem:
-    return Problem(
-        400,
+def _unknown_arch(name: str) -> InvalidInput:
+    return InvalidInput(
         "unknown-architecture",
         "Unknown architecture",
         f"{name}: its keys match none of sd1, sd2, sdxl, so it has no block table",
@@ -190,9 +188,33 @@ def _unknown_arch(name: str) -> Problem:
     )
 
 
+class CaptureInputs(BaseModel):
+    """A capture as resolved at submission: block names, 1-based steps, the colorize settings."""
+
+    layers: list[str]
+    steps: list[int]
+    colorize: dict[str, Any]
+    save_tensors: bool
+
+
+class DumpInputs(BaseModel):
+    """What a dump job runs: the pinned model, resolved captures and each block's prompts."""
+
+    model: PinnedModel
+    arch: str
+    features: CaptureInputs | None
+    attention: CaptureInputs | None
+    prompts: dict[str, str] = Field(description="Block → its prompt.")
+    negative_prompts: dict[str, str]
+    plain_prompt: str = Field(description="The prompt without per-block groups.")
+    plain_negative_prompt: str
+    has_groups: bool
+    warnings: list[str]
+
+
 def _capture_inputs(
     capture: Capture, arch: Architecture, total_steps: int, *, field: str, warnings: list[str]
-) -> dict[str, Any]:
+) -> CaptureInputs:
     attention = field == "attention"
     if capture.layers is None:
         layers = [b for b in arch.unet_blocks if not (attention and b in arch.textless_blocks)]
@@ -214,17 +236,18 @@ def _capture_inputs(
                 )
     steps = parse_steps(capture.steps, total_steps, field=f"{field}.steps")
     capture.colorize.validate(f"{field}.colorize")  # the schema checked it; this names the field in full
-    return {
-        "layers": layers,
-        "steps": steps,
-        "colorize": capture.colorize.model_dump(mode="json"),
-        "save_tensors": capture.save_tensors,
-    }
+    return CaptureInputs(
+        layers=layers,
+        steps=steps,
+        colorize=capture.colorize.model_dump(mode="json"),
+        save_tensors=capture.save_tensors,
+    )
 
 
-def prepare_dump(request: DumpRequest, library: ModelLibrary) -> dict[str, Any]:
+def prepare_dump(request: DumpRequest, library: ModelLibrary) -> DumpInputs:
     """Validate a dump against its model and resolve everything the engine needs (400 on any spec error)."""
-    path = library.resolve(request.model, field="model")
+    pinned = library.pin(request.model, field="model")
+    path = library.open_pinned(pinned, field="model")
     header = library.header(path, field="model")
     arch_name = detect_arch(header.tensors)
     if arch_name == UNKNOWN:
@@ -252,8 +275,7 @@ def prepare_dump(request: DumpRequest, library: ModelLibrary) -> dict[str, Any]:
     prompts, negative_prompts = prompt.resolve(), negative.resolve()
     if request.layer_prompt_diff:
         if not has_groups:
-            raise Problem(
-                400,
+            raise InvalidInput(
                 "invalid-request",
                 "Invalid request",
                 "layer_prompt_diff compares a run with per-block prompts to one without them, but neither "
@@ -266,18 +288,18 @@ def prepare_dump(request: DumpRequest, library: ModelLibrary) -> dict[str, Any]:
                 "the difference maps will be zero"
             )
 
-    return {
-        "model": path.name,
-        "arch": arch.name,
-        "features": features,
-        "attention": attention,
-        "prompts": prompts,
-        "negative_prompts": negative_prompts,
-        "plain_prompt": prompt.plain(),
-        "plain_negative_prompt": negative.plain(),
-        "has_groups": has_groups,
-        "warnings": warnings,
-    }
+    return DumpInputs(
+        model=pinned,
+        arch=arch.name,
+        features=features,
+        attention=attention,
+        prompts=prompts,
+        negative_prompts=negative_prompts,
+        plain_prompt=prompt.plain(),
+        plain_negative_prompt=negative.plain(),
+        has_groups=has_groups,
+        warnings=warnings,
+    )
 
 
 def _changes_nothing(parsed: LayerPrompt, resolved: dict[str, str]) -> bool:

@@ -29,10 +29,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mergeprobe.archs import Architecture, block_of_key, element_of_key
 from mergeprobe.blockspec import parse_block_words, parse_number, spec_problem
-from mergeprobe.problems import Problem
+from mergeprobe.errors import InvalidInput
 
 NOT = "NOT"
 _WORDS = re.compile(r"\S+")
@@ -57,6 +58,30 @@ class ElementalRule:
     source: str
     index: int
     position: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The rule as a job's inputs keep it (a sweep variant's rules)."""
+        return {
+            "blocks": sorted(self.blocks),
+            "elements": list(self.elements),
+            "negated": self.elements_negated,
+            "ratio": self.ratio,
+            "source": self.source,
+            "index": self.index,
+            "position": self.position,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ElementalRule:
+        return cls(
+            frozenset(data["blocks"]),
+            tuple(data["elements"]),
+            data["negated"],
+            data["ratio"],
+            data["source"],
+            data["index"],
+            data["position"],
+        )
 
 
 def _entries(text: str) -> list[tuple[int, int]]:
@@ -89,7 +114,7 @@ def parse_elemental(text: str, arch: Architecture, *, field: str) -> list[Elemen
         source = text[start:end].strip()
         label = f"entry {number} (`{source}`)"
 
-        def fail(column: int, problem: Problem, label: str = label) -> Problem:
+        def fail(column: int, problem: InvalidInput, label: str = label) -> InvalidInput:
             return spec_problem(
                 f"{label}, column {column}: {problem.detail}", field=field, position=problem.position
             )
@@ -113,7 +138,7 @@ def parse_elemental(text: str, arch: Architecture, *, field: str) -> list[Elemen
         if words:
             try:
                 named = set(parse_block_words(text[rest:c1], arch, field=field, offset=rest))
-            except Problem as problem:
+            except InvalidInput as problem:
                 raise fail(1, problem) from None
         else:
             named = set(arch.blocks)
@@ -130,7 +155,7 @@ def parse_elemental(text: str, arch: Architecture, *, field: str) -> list[Elemen
 
         try:
             ratio = parse_number(text, field=field, start=c2 + 1, end=end, what="ratio")
-        except Problem as problem:
+        except InvalidInput as problem:
             raise fail(3, problem) from None
 
         rules.append(ElementalRule(blocks, elements, elements_negated, ratio, source, number, pos))

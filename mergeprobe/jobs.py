@@ -21,6 +21,7 @@ from rq import Queue
 from rq.job import Job as RqJob
 from rq.serializers import JSONSerializer
 
+from mergeprobe.errors import Conflict, NotFound, Overloaded
 from mergeprobe.metrics import COUNTERS, bucket_label
 from mergeprobe.problems import Problem
 from mergeprobe.settings import Settings
@@ -95,6 +96,8 @@ class JobStore:
         request: dict[str, Any],
         inputs: dict[str, Any],
         idempotency: tuple[str, str] | None = None,
+        *,
+        timeout: int,
     ) -> tuple[dict, bool]:
         """Store and enqueue a job. Returns (job, created); with an idempotency
         (key, fingerprint) already seen, returns the first job instead, or 409
@@ -109,8 +112,7 @@ class JobStore:
             if not claimed:
                 seen = json.loads(self.redis.get(idem_key) or "{}")
                 if seen.get("fp") != fingerprint:
-                    raise Problem(
-                        409,
+                    raise Conflict(
                         "idempotency-key-reused",
                         "Idempotency key reused",
                         "this Idempotency-Key was already used with a different request body",
@@ -145,7 +147,7 @@ class JobStore:
                 TASK_PATH,
                 job_id,
                 job_id=job_id,
-                job_timeout=self.settings.timeout_for(kind),
+                job_timeout=timeout,
                 result_ttl=3600,
                 failure_ttl=24 * 3600,
                 description=f"{kind} {job_id}",
@@ -170,7 +172,7 @@ class JobStore:
     def require(self, job_id: str) -> dict:
         job = self.get(job_id) if len(job_id) == 24 else None
         if job is None:
-            raise Problem(404, "unknown-job", "Unknown job", f"no job {job_id!r}", field="id")
+            raise NotFound("unknown-job", "Unknown job", f"no job {job_id!r}", field="id")
         return job
 
     def list(
@@ -382,12 +384,11 @@ class JobStore:
         depth = self.queue_depth()
         if depth >= limit:
             self.add_counter("jobs_rejected", 1)
-            raise Problem(
-                429,
+            raise Overloaded(
                 "queue-full",
                 "Queue full",
                 f"{depth} jobs are waiting for a worker (MERGEPROBE_MAX_QUEUED={limit}); retry later",
-                headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER)},
+                retry_after=QUEUE_FULL_RETRY_AFTER,
             )
 
     def purge_namespace(self) -> None:

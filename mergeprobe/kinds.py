@@ -1,9 +1,9 @@
 """Job kinds: the request schema of each kind and its validation against the model
 library, done by the API before anything is queued. Engines live in worker/engines.
 
-To add a kind: a request model, a `prepare` function returning the inputs the
-engine needs (resolved file names), an entry in KINDS here, and an engine in
-worker/engines registered in worker/tasks.py.
+To add a kind: a request model, an inputs model, a result model, a `prepare` function that
+returns the inputs (every model pinned to its sha256), an engine in worker/engines, and one
+entry in KINDS here that names them all.
 """
 
 from __future__ import annotations
@@ -15,18 +15,20 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from mergeprobe.archs import UNKNOWN
-from mergeprobe.dump_request import DumpRequest, DumpResult, prepare_dump
-from mergeprobe.library import ModelLibrary
+from mergeprobe.dump_request import DumpInputs, DumpRequest, DumpResult, prepare_dump
+from mergeprobe.errors import InvalidInput
+from mergeprobe.library import ModelLibrary, PinnedModel
 from mergeprobe.merge_methods import MERGE_METHODS
-from mergeprobe.merge_plan import ElementalRequest, MergeRequest, plan_merge
-from mergeprobe.problems import Problem
-from mergeprobe.sweep_request import SweepRequest, SweepResult, prepare_sweep
+from mergeprobe.merge_plan import ElementalRequest, MergeInputs, MergeRequest, plan_merge
+from mergeprobe.request_model import RequestModel
+from mergeprobe.settings import Settings
+from mergeprobe.sweep_request import SweepInputs, SweepRequest, SweepResult, prepare_sweep
 
 
-class InspectRequest(BaseModel):
+class InspectRequest(RequestModel):
     """Per-block statistics of one model: what users read before choosing block weights."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"model": "tiny-sd1-a"}]})
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "tiny-sd1-a"}]})
 
     model: str = Field(
         description="Model id, file name, short hash or sha256 from the library.", examples=["tiny-sd1-a"]
@@ -50,19 +52,23 @@ class InspectResult(BaseModel):
     blocks: list[BlockStats] = Field(description="BASE first, then the U-Net blocks in U-Net order.")
 
 
-def prepare_inspect(request: InspectRequest, library: ModelLibrary) -> dict[str, Any]:
-    path = library.resolve(request.model, field="model")
-    header = library.header(path, field="model")
+class InspectInputs(BaseModel):
+    model: PinnedModel
+    arch: str
+
+
+def prepare_inspect(request: InspectRequest, library: ModelLibrary) -> InspectInputs:
+    pinned = library.pin(request.model, field="model")
+    header = library.header(library.open_pinned(pinned, field="model"), field="model")
     arch = header.arch
     if arch == UNKNOWN:
-        raise Problem(
-            400,
+        raise InvalidInput(
             "unknown-architecture",
             "Unknown architecture",
-            f"{path.name}: its keys match none of sd1, sd2, sdxl, so it has no block table",
+            f"{pinned.name}: its keys match none of sd1, sd2, sdxl, so it has no block table",
             field="model",
         )
-    return {"model": path.name, "arch": arch}
+    return InspectInputs(model=pinned, arch=arch)
 
 
 class MergedModel(BaseModel):
@@ -87,7 +93,7 @@ class MergeResult(BaseModel):
     torch: str = Field(description="torch version that computed it.")
 
 
-def prepare_merge(request: MergeRequest, library: ModelLibrary) -> dict[str, Any]:
+def prepare_merge(request: MergeRequest, library: ModelLibrary) -> MergeInputs:
     plan = plan_merge(request, library)
     library.check_name_free(plan.output_name)
     return plan.inputs()
@@ -168,13 +174,27 @@ difference exceeds `diff_threshold` in any channel; mean_abs_diff; ssim on lumin
 
 @dataclass(frozen=True)
 class JobKind:
+    """Everything about one kind of job, in one place: the API builds its route from the request
+    model, `prepare` turns a valid request into pinned typed inputs before queueing, the worker
+    imports `engine` (a `module:function` path, so the API never imports torch) and checks what it
+    returns against `result_model`."""
+
     name: str
     summary: str
     description: str
     request_model: type[BaseModel]
+    inputs_model: type[BaseModel]
     result_model: type[BaseModel]
-    prepare: Callable[[Any, ModelLibrary], dict[str, Any]]
+    prepare: Callable[[Any, ModelLibrary], BaseModel]
+    engine: str
+    timeout: int  # seconds before rq stops a job of this kind; MERGEPROBE_JOB_TIMEOUTS overrides
 
+    def timeout_in(self, settings: Settings) -> int:
+        return int(settings.job_timeouts.get(self.name, self.timeout))
+
+
+# A merge of two SDXL checkpoints from a slow disk is the longest thing we do.
+_HOUR = 3600
 
 KINDS: dict[str, JobKind] = {
     kind.name: kind
@@ -188,16 +208,22 @@ KINDS: dict[str, JobKind] = {
                 "The result holds the table; the artifact `blocks.csv` holds the same rows."
             ),
             request_model=InspectRequest,
+            inputs_model=InspectInputs,
             result_model=InspectResult,
             prepare=prepare_inspect,
+            engine="worker.engines.inspect:run_inspect",
+            timeout=_HOUR // 2,
         ),
         JobKind(
             name="merge",
             summary="Merge two or three checkpoints block by block",
             description=_merge_description(),
             request_model=MergeRequest,
+            inputs_model=MergeInputs,
             result_model=MergeResult,
             prepare=prepare_merge,
+            engine="worker.engines.merge:run_merge",
+            timeout=3 * _HOUR,
         ),
         JobKind(
             name="elemental",
@@ -210,24 +236,33 @@ KINDS: dict[str, JobKind] = {
                 "Entries that match no key are warnings. Element names per block: GET /v1/archs/{arch}/elements."
             ),
             request_model=ElementalRequest,
+            inputs_model=MergeInputs,
             result_model=MergeResult,
             prepare=prepare_merge,
+            engine="worker.engines.merge:run_elemental",
+            timeout=3 * _HOUR,
         ),
         JobKind(
             name="dump",
             summary="Probe U-Net blocks during generation (Dump U-Net)",
             description=DUMP_DESCRIPTION,
             request_model=DumpRequest,
+            inputs_model=DumpInputs,
             result_model=DumpResult,
             prepare=prepare_dump,
+            engine="worker.engines.dump:run_dump",
+            timeout=_HOUR,
         ),
         JobKind(
             name="sweep",
             summary="Layer-influence studies and XY grids, in memory",
             description=SWEEP_DESCRIPTION,
             request_model=SweepRequest,
+            inputs_model=SweepInputs,
             result_model=SweepResult,
             prepare=prepare_sweep,
+            engine="worker.engines.sweep:run_sweep",
+            timeout=6 * _HOUR,
         ),
     )
 }

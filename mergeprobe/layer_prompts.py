@@ -40,7 +40,7 @@ tokenizes that exactly as `a girl`, and a block whose groups give it no text
 reads a prompt *identical* to plain() (so a layer-prompt difference map is
 exactly zero for it).
 
-Every error is a 400 `Problem` (`invalid-spec`) with the request field and the
+Every error is an `InvalidInput` error (`invalid-spec`) with the request field and the
 0-based character offset in the whole prompt.
 """
 

@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from mergeprobe.archs import detect_arch
 from mergeprobe.checkpoint_headers import CheckpointFormatError, CheckpointHeader, read_checkpoint_header
-from mergeprobe.problems import Problem
+from mergeprobe.errors import Conflict, InvalidInput, MergeprobeError, NotFound, TooLarge
 from mergeprobe.settings import Settings
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt")
@@ -62,8 +64,7 @@ def _shown(text: object, limit: int = 100) -> str:
 def validate_model_name(name: str, *, field: str = "name") -> str:
     """A file name for the models directory, or a 400 saying what is wrong with it."""
     if not name or len(name) > _MAX_NAME or ".." in name or not _NAME_RE.match(name):
-        raise Problem(
-            400,
+        raise InvalidInput(
             "invalid-model-name",
             "Invalid model name",
             f"{_shown(name)} is not a valid model name: use letters, digits and _ + = , @ - . "
@@ -71,8 +72,7 @@ def validate_model_name(name: str, *, field: str = "name") -> str:
             field=field,
         )
     if not name.endswith(MODEL_EXTENSIONS):
-        raise Problem(
-            400,
+        raise InvalidInput(
             "invalid-model-name",
             "Invalid model name",
             f"{name!r} must end with .safetensors or .ckpt",
@@ -93,6 +93,16 @@ def sha256_of(path: Path) -> str:
         while chunk := fh.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class PinnedModel(BaseModel):
+    """A model reference as resolved when a job was accepted: its file name and the sha256 of its
+    bytes then. Jobs carry these, so a worker runs on the bytes that were validated, or not at all."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
 
 
 class ModelLibrary:
@@ -124,8 +134,7 @@ class ModelLibrary:
         """The resolved path, refusing symlinks that lead out of the library."""
         resolved = path.resolve()
         if resolved.parent != self.root.resolve() and self.root.resolve() not in resolved.parents:
-            raise Problem(
-                400,
+            raise InvalidInput(
                 "invalid-model-name",
                 "Invalid model name",
                 f"{ref!r} leads outside the model library",
@@ -142,8 +151,7 @@ class ModelLibrary:
             or ".." in ref
             or not _NAME_RE.match(ref)
         ):
-            raise Problem(
-                400,
+            raise InvalidInput(
                 "invalid-model-name",
                 "Invalid model reference",
                 f"{_shown(ref)} is not a model id or name",
@@ -158,10 +166,33 @@ class ModelLibrary:
                 (p for p in ids.values() if self._cached_hashes(p).get("sha256", "").startswith(ref)), None
             )
         if path is None:
-            raise Problem(
-                404, "unknown-model", "Unknown model", f"no model {ref!r} in the library", field=field
-            )
+            raise NotFound("unknown-model", "Unknown model", f"no model {ref!r} in the library", field=field)
         return self._contained(path, ref, field)
+
+    def pin(self, ref: str, *, field: str = "model") -> PinnedModel:
+        """Resolve a reference for a job: its file and the sha256 of its bytes now."""
+        path = self.resolve(ref, field=field)
+        return PinnedModel(name=path.name, sha256=self.hashes(path)[0])
+
+    def open_pinned(self, pinned: PinnedModel, *, field: str = "model") -> Path:
+        """The file that holds a pinned model's bytes: its own name while it still holds them, else
+        another library file with the same sha256; a 409 naming the model when none does (it was
+        replaced or deleted after the job was accepted)."""
+        path = self.root / pinned.name
+        if path.is_file() and self.hashes(path)[0] == pinned.sha256:
+            return self._contained(path, pinned.name, field)
+        for other in self._ids().values():
+            if self._cached_hashes(other).get("sha256") == pinned.sha256:
+                return self._contained(other, pinned.name, field)
+        stem = pinned.name.rsplit(".", 1)[0]
+        what = "changed" if path.is_file() else "was removed"
+        raise Conflict(
+            "model-changed",
+            "Model changed",
+            f"{stem} {what} since the job was accepted (sha256 {pinned.sha256[:10]}… is no longer in "
+            "the library); submit the job again to run it on the library as it is now",
+            field=field,
+        )
 
     def id_of(self, path: Path) -> str:
         return next((i for i, p in self._ids().items() if p.name == path.name), path.name)
@@ -177,8 +208,8 @@ class ModelLibrary:
         try:
             header = read_checkpoint_header(path)
         except CheckpointFormatError as exc:
-            raise Problem(
-                400, "invalid-checkpoint", "Invalid checkpoint", f"{path.name}: {exc}", field=field
+            raise InvalidInput(
+                "invalid-checkpoint", "Invalid checkpoint", f"{path.name}: {exc}", field=field
             ) from exc
         with self._lock:
             if len(self._headers) > 64:
@@ -238,7 +269,7 @@ class ModelLibrary:
         for path in self._ids().values():
             try:
                 infos.append(self.info(path))
-            except Problem:
+            except MergeprobeError:
                 continue  # a broken file dropped into the directory is not a model
         return infos
 
@@ -283,8 +314,7 @@ class ModelLibrary:
                 os.link(tmp, final)  # atomic create-if-absent
             except FileExistsError:
                 tmp.unlink(missing_ok=True)
-                raise Problem(
-                    409,
+                raise Conflict(
                     "model-exists",
                     "Model exists",
                     f"a model named {name!r} already exists",
@@ -298,8 +328,8 @@ class ModelLibrary:
     def check_name_free(self, name: str) -> None:
         stem = name.rsplit(".", 1)[0]
         if (self.root / name).exists() or stem in self._ids():
-            raise Problem(
-                409, "model-exists", "Model exists", f"a model named {name!r} already exists", field="name"
+            raise Conflict(
+                "model-exists", "Model exists", f"a model named {name!r} already exists", field="name"
             )
 
     async def store_upload(
@@ -325,8 +355,8 @@ class ModelLibrary:
             try:
                 read_checkpoint_header(tmp)
             except CheckpointFormatError as exc:
-                raise Problem(
-                    400, "invalid-checkpoint", "Invalid checkpoint", f"{name}: {exc}", field="body"
+                raise InvalidInput(
+                    "invalid-checkpoint", "Invalid checkpoint", f"{name}: {exc}", field="body"
                 ) from exc
             final = self.commit(tmp, name, sha256=digest.hexdigest())
         finally:
@@ -334,9 +364,8 @@ class ModelLibrary:
         return self.info(final)
 
 
-def _too_large(size: int, limit: int) -> Problem:
-    return Problem(
-        413,
+def _too_large(size: int, limit: int) -> TooLarge:
+    return TooLarge(
         "upload-too-large",
         "Upload too large",
         f"the upload is {size} bytes or more; the limit (MERGEPROBE_MAX_UPLOAD_BYTES) is {limit}",

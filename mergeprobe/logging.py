@@ -36,10 +36,6 @@ def job_logging(job_id: str, kind: str | None = None) -> Iterator[None]:
         _JOB.reset(token)
 
 
-def current_job() -> dict[str, str] | None:
-    return _JOB.get()
-
-
 class JobContextFilter(logging.Filter):
     """Copies the current job's id and kind onto each record (never drops one)."""
 

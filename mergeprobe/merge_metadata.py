@@ -22,7 +22,6 @@ _MODELSPEC_IMPL = {
     "sd2": "https://github.com/Stability-AI/stablediffusion",
     "sdxl": "https://github.com/Stability-AI/generative-models",
 }
-SLOT_FIELDS = {"a": "model_a", "b": "model_b", "c": "model_c", "vae": "output.bake_vae"}
 
 
 def _parent_lineage(metadata: dict[str, str]) -> dict[str, Any]:

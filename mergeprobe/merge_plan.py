@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from mergeprobe.archs import (
     BASE,
@@ -29,14 +30,17 @@ from mergeprobe.archs import (
 from mergeprobe.blockspec import resolve_block_weights
 from mergeprobe.checkpoint_headers import CheckpointHeader, TensorInfo
 from mergeprobe.elemental import (
+    ElementalRule,
     elemental_ratio,
     elements_by_block,
     parse_elemental,
+    rule_matches,
     unmatched_rules,
 )
-from mergeprobe.library import ModelLibrary, validate_model_name
+from mergeprobe.errors import InvalidInput
+from mergeprobe.library import ModelLibrary, PinnedModel, validate_model_name
 from mergeprobe.merge_methods import MERGE_METHODS, MergeMethod
-from mergeprobe.problems import Problem
+from mergeprobe.request_model import RequestModel
 
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
@@ -48,7 +52,21 @@ CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 
 Action = Literal["merge", "copy_a", "copy_b", "keep_a", "copy_vae"]
 WeightValue = float | list[float] | str
-MergeMode = Literal[tuple(MERGE_METHODS)]  # type: ignore[valid-type]
+
+
+def _known_method(name: str) -> str:
+    if name not in MERGE_METHODS:
+        raise ValueError(f"unknown mode {name!r}; known: {', '.join(MERGE_METHODS)}")
+    return name
+
+
+# Checked against the registry when a request is validated, so a method registered later (a
+# plug-in, a test) is accepted like the built-in ones; the schema lists those known at start.
+MergeMode = Annotated[
+    str,
+    AfterValidator(_known_method),
+    WithJsonSchema({"type": "string", "enum": list(MERGE_METHODS)}),
+]
 
 _WEIGHT_DOC = (
     "A number; a list of per-block numbers (sd1/sd2: 25 values IN00…OUT11 or 26 with BASE first; sdxl: 19 "
@@ -58,9 +76,7 @@ _WEIGHT_DOC = (
 )
 
 
-class MergeOutput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class MergeOutput(RequestModel):
     name: str | None = Field(
         default=None,
         description="File name of the result in the library (ends .safetensors). Default: derived from the inputs.",
@@ -83,27 +99,14 @@ class MergeOutput(BaseModel):
     )
 
 
-class MergeRequest(BaseModel):
-    """A block-weighted merge of two or three checkpoints, streamed tensor by tensor."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "model_a": "tiny-sd1-a",
-                    "model_b": "tiny-sd1-b",
-                    "mode": "weighted_sum",
-                    "alpha": "IN00-IN11:0.2, M00:0.5, OUT00-OUT11:0.8",
-                    "base_alpha": 0,
-                    "output": {"name": "blend.safetensors", "dtype": "fp16"},
-                }
-            ]
-        },
-    )
+class MergeRecipe(RequestModel):
+    """What a merge computes: its inputs, method and ratios. Merge jobs write it; sweeps compute it
+    in memory as their baseline (one set of fields, so neither can drop one)."""
 
     model_a: str = Field(description="Model id or name from the library: the base.", examples=["tiny-sd1-a"])
-    model_b: str = Field(description="Model id or name: α is its share.", examples=["tiny-sd1-b"])
+    model_b: str | None = Field(
+        default=None, description="Model id or name: α is its share.", examples=["tiny-sd1-b"]
+    )
     model_c: str | None = Field(
         default=None, description="Third model, only for modes that use one.", examples=["tiny-sd1-c"]
     )
@@ -132,6 +135,31 @@ class MergeRequest(BaseModel):
     )
     elemental_beta: str | None = Field(default=None, description="Per-element overrides of β (same syntax).")
     seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Seed of random merge methods (dare).")
+
+    def recipe(self) -> dict[str, Any]:
+        """The recipe fields of this request, as a MergeRequest takes them."""
+        return self.model_dump(include=set(MergeRecipe.model_fields))
+
+
+class MergeRequest(MergeRecipe):
+    """A block-weighted merge of two or three checkpoints, streamed tensor by tensor."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_a": "tiny-sd1-a",
+                    "model_b": "tiny-sd1-b",
+                    "mode": "weighted_sum",
+                    "alpha": "IN00-IN11:0.2, M00:0.5, OUT00-OUT11:0.8",
+                    "base_alpha": 0,
+                    "output": {"name": "blend.safetensors", "dtype": "fp16"},
+                }
+            ]
+        },
+    )
+
+    model_b: str = Field(description="Model id or name: α is its share.", examples=["tiny-sd1-b"])
     output: MergeOutput = Field(default_factory=MergeOutput)
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where tensors are combined.")
 
@@ -140,7 +168,6 @@ class ElementalRequest(MergeRequest):
     """A merge whose `elemental` overrides are the point: the plan is written as plan.csv."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "examples": [
                 {
@@ -157,6 +184,14 @@ class ElementalRequest(MergeRequest):
         description="Per-element overrides of α: `blocks:elements:ratio`, e.g. `OUT05:attn2:0.2`.",
         examples=["OUT03 OUT04 OUT05:attn2 attn1.to_out:0.5"],
     )
+
+
+class MergeInputs(BaseModel):
+    """What a merge or elemental job runs on, pinned when it was accepted."""
+
+    arch: str
+    models: dict[str, PinnedModel] = Field(description="Slot (a, b, c, vae) → the pinned model.")
+    output: str = Field(description="File name of the result.")
 
 
 @dataclass(frozen=True)
@@ -185,11 +220,32 @@ class KeyPlan:
 class MergePlan:
     arch: Architecture
     method: MergeMethod
-    paths: dict[str, Path]  # "a", "b", optionally "c" and "vae"
+    pins: dict[str, PinnedModel]  # "a", "b", optionally "c" and "vae"
+    paths: dict[str, Path]  # the files that hold the pinned bytes
     headers: dict[str, CheckpointHeader]
     keys: list[KeyPlan]
     output_name: str
     warnings: list[str] = field(default_factory=list)
+    vae_keys: dict[str, str] = field(default_factory=dict)  # output key → its key in output.bake_vae
+
+    def copied_from(self, kp: KeyPlan) -> tuple[str, str] | None:
+        """(slot, key in that input) a key's bytes are copied from, or None when it is merged."""
+        if kp.action in ("copy_a", "keep_a"):
+            return "a", kp.key
+        if kp.action == "copy_b":
+            return "b", kp.key
+        if kp.action == "copy_vae":
+            return "vae", self.vae_keys[kp.key]
+        return None
+
+    def reads(self, kp: KeyPlan) -> list[tuple[str, str]]:
+        """(slot, key) of every input tensor computing `kp` reads."""
+        copied = self.copied_from(kp)
+        if copied is not None:
+            return [copied]
+        return [
+            (slot, kp.key) for slot in self.headers if slot != "vae" and kp.key in self.headers[slot].tensors
+        ]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -200,29 +256,26 @@ class MergePlan:
             "warnings": self.warnings,
         }
 
-    def inputs(self) -> dict[str, Any]:
-        """What the job record keeps, so the worker re-plans from the same files."""
-        return {
-            "arch": self.arch.name,
-            "models": {k: p.name for k, p in self.paths.items()},
-            "output": self.output_name,
-        }
+    def inputs(self) -> MergeInputs:
+        """What the job record keeps, so the worker re-plans from the same bytes."""
+        return MergeInputs(arch=self.arch.name, models=self.pins, output=self.output_name)
 
 
 def _resolve_models(
-    request: MergeRequest, library: ModelLibrary
-) -> tuple[dict[str, Path], dict[str, CheckpointHeader]]:
+    request: MergeRequest, library: ModelLibrary, pinned: dict[str, PinnedModel] | None
+) -> tuple[dict[str, PinnedModel], dict[str, Path], dict[str, CheckpointHeader]]:
+    """Each slot's pinned model, file and header: pinned now from the request's references (the
+    API), or opened from the pins a job carries (the worker), never resolved by name again."""
     method = MERGE_METHODS[request.mode]
     refs = {"a": ("model_a", request.model_a), "b": ("model_b", request.model_b)}
     if method.needs_c:
         if not request.model_c:
-            raise Problem(
-                400, "missing-model", "Invalid request", f"mode {method.name} needs model_c", field="model_c"
+            raise InvalidInput(
+                "missing-model", "Invalid request", f"mode {method.name} needs model_c", field="model_c"
             )
         refs["c"] = ("model_c", request.model_c)
-    elif request.model_c and request.mode not in ("ties", "dare"):
-        raise Problem(
-            400,
+    elif request.model_c and not method.accepts("c"):
+        raise InvalidInput(
             "unused-model",
             "Invalid request",
             f"mode {method.name} does not use model_c",
@@ -232,18 +285,21 @@ def _resolve_models(
         refs["c"] = ("model_c", request.model_c)
     if request.output.bake_vae:
         refs["vae"] = ("output.bake_vae", request.output.bake_vae)
-    paths, headers = {}, {}
+    pins, paths, headers = {}, {}, {}
     for slot, (field_name, ref) in refs.items():
-        paths[slot] = library.resolve(ref, field=field_name)
+        if pinned is None:
+            pins[slot] = library.pin(ref, field=field_name)
+        else:
+            pins[slot] = pinned[slot]
+        paths[slot] = library.open_pinned(pins[slot], field=field_name)
         headers[slot] = library.header(paths[slot], field=field_name)
-    return paths, headers
+    return pins, paths, headers
 
 
 def _arch_of(headers: dict[str, CheckpointHeader]) -> Architecture:
     archs = {slot: detect_arch(h.tensors) for slot, h in headers.items() if slot != "vae"}
     if archs["a"] == UNKNOWN:
-        raise Problem(
-            400,
+        raise InvalidInput(
             "unknown-architecture",
             "Unknown architecture",
             "model_a matches none of sd1, sd2, sdxl",
@@ -251,8 +307,7 @@ def _arch_of(headers: dict[str, CheckpointHeader]) -> Architecture:
         )
     for slot, arch in archs.items():
         if arch != archs["a"]:
-            raise Problem(
-                400,
+            raise InvalidInput(
                 "architecture-mismatch",
                 "Architecture mismatch",
                 f"model_a is {archs['a']} but model_{slot} is {arch}: they cannot be merged",
@@ -303,8 +358,8 @@ def _vae_tensors(header: CheckpointHeader) -> dict[str, str]:
         if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
     }
     if not standalone:
-        raise Problem(
-            400, "not-a-vae", "Invalid request", "output.bake_vae has no VAE keys", field="output.bake_vae"
+        raise InvalidInput(
+            "not-a-vae", "Invalid request", "output.bake_vae has no VAE keys", field="output.bake_vae"
         )
     return standalone
 
@@ -314,23 +369,28 @@ def default_output_name(request: MergeRequest, paths: dict[str, Path]) -> str:
     return f"{stems}_{request.mode}_{secrets.token_hex(3)}.safetensors"
 
 
-def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str | None = None) -> MergePlan:
+def plan_merge(
+    request: MergeRequest,
+    library: ModelLibrary,
+    *,
+    output_name: str | None = None,
+    pinned: dict[str, PinnedModel] | None = None,
+) -> MergePlan:
+    """The plan of a merge request. `pinned` (a job's inputs) replaces resolving the model names."""
     if request.mode not in MERGE_METHODS:
-        raise Problem(
-            400,
+        raise InvalidInput(
             "unknown-mode",
             "Invalid request",
             f"unknown mode {request.mode!r}; known: {', '.join(MERGE_METHODS)}",
             field="mode",
         )
     method = MERGE_METHODS[request.mode]
-    paths, headers = _resolve_models(request, library)
+    pins, paths, headers = _resolve_models(request, library, pinned)
     arch = _arch_of(headers)
     name = output_name or request.output.name or default_output_name(request, paths)
     validate_model_name(name, field="output.name")
     if not name.endswith(".safetensors"):
-        raise Problem(
-            400,
+        raise InvalidInput(
             "invalid-model-name",
             "Invalid request",
             "the output is written as .safetensors",
@@ -339,12 +399,11 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
 
     alphas = _weights(request.alpha, request.base_alpha, arch, "alpha", 0.0)
     if request.beta is None:
-        if method.beta_required:
-            raise Problem(
-                400,
+        if method.beta is not None and method.beta.required:
+            raise InvalidInput(
                 "missing-beta",
                 "Invalid request",
-                f"mode {method.name} needs beta ({method.beta})",
+                f"mode {method.name} needs beta ({method.beta.meaning})",
                 field="beta",
             )
         # Only BASE's β may be given; the U-Net blocks keep the mode's default (None).
@@ -352,11 +411,10 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
         betas[BASE] = request.base_beta
     else:
         betas = _weights(request.beta, request.base_beta, arch, "beta", None)
-        if betas[BASE] is None and method.name != "scaled_sum":
-            betas[BASE] = 0.0
+        if betas[BASE] is None and method.beta is not None:
+            betas[BASE] = method.beta.base_default
     if method.beta is None and (request.beta is not None or request.base_beta is not None):
-        raise Problem(
-            400,
+        raise InvalidInput(
             "unused-beta",
             "Invalid request",
             f"mode {method.name} does not use beta",
@@ -369,8 +427,7 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
         else []
     )
     if rules_b and method.beta is None:
-        raise Problem(
-            400,
+        raise InvalidInput(
             "unused-beta",
             "Invalid request",
             f"mode {method.name} does not use beta",
@@ -390,8 +447,8 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
         try:
             block, element = block_of_key(arch, key), element_of_key(arch, key)
         except ValueError as exc:
-            raise Problem(
-                400, "unknown-key", "Invalid checkpoint", str(exc), field="model_a" if key in a else "model_b"
+            raise InvalidInput(
+                "unknown-key", "Invalid checkpoint", str(exc), field="model_a" if key in a else "model_b"
             ) from None
         alpha = alphas[block]
         beta = betas[block]
@@ -455,39 +512,110 @@ def plan_merge(request: MergeRequest, library: ModelLibrary, *, output_name: str
             if other[key].shape != ta.shape and not _conv_in_channels_differ(key, ta, other[key]):
                 raise _shape_problem(key, ta, other[key], f"model_{slot}")
         else:
-            # Mixed channel counts always take the arithmetic path: only it keeps A's extra channels.
-            partial = any(o is not None and key in o and o[key].shape != ta.shape for o in (b, c))
-            action = "merge" if partial else _shortcut(method, alpha, beta)
+            action = _action(method, headers, key, alpha, beta)
             keys.append(KeyPlan(key, block, element, alpha, beta, action, out, ta.shape))
-    if method.name == "dare":
-        for k in keys:
-            if k.action == "merge" and not 0.0 <= (k.beta or 0.0) < 1.0:
-                raise Problem(
-                    400,
-                    "invalid-beta",
-                    "Invalid request",
-                    f"dare's β (drop probability) must be in [0, 1); {k.key} has {k.beta}",
-                    field="beta",
-                )
+    check_ratios(method, keys, fields=_ratio_fields(request, rules_a, rules_b))
     for rules, field_name in ((rules_a, "elemental"), (rules_b, "elemental_beta")):
         if rules:
             grouped = elements_by_block(arch, [k.key for k in keys])
             for rule in unmatched_rules(rules, grouped):
                 warnings.append(f"{field_name} entry {rule.index} (`{rule.source}`) matches no key")
-    return MergePlan(arch, method, paths, headers, keys, name, warnings)
+    return MergePlan(arch, method, pins, paths, headers, keys, name, warnings, vae)
 
 
-def _shortcut(method: MergeMethod, alpha: float | None, beta: float | None) -> Action:
-    """Exact results that need no arithmetic: taken byte for byte (and faster)."""
-    if method.name == "weighted_sum" and alpha == 0.0:
-        return "copy_a"
-    if method.name == "weighted_sum" and alpha == 1.0:
-        return "copy_b"
-    if method.name in ("add_difference", "train_difference") and alpha == 0.0:
-        return "copy_a"
-    if method.name == "scaled_sum" and alpha == 0.0 and beta == 1.0:
-        return "copy_a"
-    return "merge"
+def _ratio_fields(
+    request: MergeRequest, rules_a: list[ElementalRule], rules_b: list[ElementalRule]
+) -> Callable[[KeyPlan, str], str]:
+    """Which request field set a key's α or β, for error messages: the elemental entry that
+    matched it, else BASE's own field or the per-block one."""
+
+    def field_of(key: KeyPlan, param: str) -> str:
+        rules = rules_a if param == "alpha" else rules_b
+        if rules and elemental_ratio(rules, key.block, key.element) is not None:
+            return "elemental" if param == "alpha" else "elemental_beta"
+        if key.block == BASE and getattr(request, f"base_{param}") is not None:
+            return f"base_{param}"
+        return param
+
+    return field_of
+
+
+def check_ratios(
+    method: MergeMethod, keys: Iterable[KeyPlan], *, fields: Callable[[KeyPlan, str], str]
+) -> None:
+    """A 400 for the first key whose α or β the method does not accept (dare's β = 1 divides
+    by zero); `fields` names the request field the value came from."""
+    for key in keys:
+        if key.alpha is None:
+            continue  # copied or kept: no arithmetic
+        if method.beta is not None and method.beta.required and key.beta is None:
+            raise InvalidInput(
+                "missing-beta",
+                "Invalid request",
+                f"mode {method.name} needs beta ({method.beta.meaning}); {key.key} has none",
+                field=fields(key, "beta"),
+            )
+        for param, why in method.ratio_problems(key.alpha, key.beta):
+            raise InvalidInput(
+                f"invalid-{param}", "Invalid request", f"{why} on {key.key}", field=fields(key, param)
+            )
+
+
+def _action(
+    method: MergeMethod, headers: dict[str, CheckpointHeader], key: str, alpha: float, beta: float | None
+) -> Action:
+    """`merge`, or the input the result equals exactly (copied byte for byte, and faster)."""
+    shapes = {h.tensors[key].shape for slot, h in headers.items() if slot != "vae" and key in h.tensors}
+    if len(shapes) > 1:
+        return "merge"  # mixed channel counts (inpainting conv_in): only arithmetic keeps A's extra ones
+    return method.shortcut(alpha, beta) or "merge"
+
+
+@dataclass(frozen=True)
+class RatioOverride:
+    """α and/or β on every key of some blocks (None keeps the plan's value)."""
+
+    blocks: frozenset[str]
+    alpha: float | None = None
+    beta: float | None = None
+
+
+@dataclass(frozen=True)
+class PlanChange:
+    """A change to a plan's ratios: block overrides, then elemental rules (their ratio is α,
+    `rule_beta` their β), later ones winning; optionally another method for the keys it touches.
+    A sweep variant is one."""
+
+    overrides: tuple[RatioOverride, ...] = ()
+    rules: tuple[ElementalRule, ...] = ()
+    rule_beta: float | None = None
+    method: MergeMethod | None = None
+
+
+def change_plan(plan: MergePlan, change: PlanChange, blocks: Collection[str]) -> MergePlan:
+    """The keys of `blocks` that `change` touches, with their new α, β and action, as a plan of
+    their own on the same inputs: what a sweep variant computes instead of the baseline. Keys
+    without ratios (copied from one input, kept) are never touched."""
+    method = change.method or plan.method
+    keys = []
+    for kp in plan.keys:
+        if kp.alpha is None or kp.block not in blocks:
+            continue
+        alpha, beta, touched = kp.alpha, kp.beta, False
+        for override in change.overrides:
+            if kp.block in override.blocks:
+                touched = True
+                alpha = override.alpha if override.alpha is not None else alpha
+                beta = override.beta if override.beta is not None else beta
+        for rule in change.rules:
+            if rule_matches(rule, kp.block, kp.element):
+                touched = True
+                alpha = rule.ratio
+                beta = change.rule_beta if change.rule_beta is not None else beta
+        if touched:
+            action = _action(method, plan.headers, kp.key, alpha, beta)
+            keys.append(replace(kp, alpha=alpha, beta=beta, action=action))
+    return replace(plan, method=method, keys=keys, warnings=[])
 
 
 def _conv_in_channels_differ(key: str, ta: TensorInfo, tb: TensorInfo) -> bool:
@@ -500,9 +628,8 @@ def _conv_in_channels_differ(key: str, ta: TensorInfo, tb: TensorInfo) -> bool:
     )
 
 
-def _shape_problem(key: str, ta: TensorInfo, other: TensorInfo, field_name: str) -> Problem:
-    return Problem(
-        400,
+def _shape_problem(key: str, ta: TensorInfo, other: TensorInfo, field_name: str) -> InvalidInput:
+    return InvalidInput(
         "shape-mismatch",
         "Shape mismatch",
         f"{key}: model_a has shape {list(ta.shape)} but {field_name} has {list(other.shape)}",

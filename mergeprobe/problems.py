@@ -1,8 +1,21 @@
-"""RFC 9457 problem details, raised anywhere and rendered by the API."""
+"""RFC 9457 problem details: what the API answers with and a failed job records.
+
+Domain code raises `mergeprobe.errors`; `problem_of` gives each its status here. `Problem` itself
+is raised only by the HTTP layer (`app/`)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from mergeprobe.errors import (
+    Conflict,
+    InvalidInput,
+    MergeprobeError,
+    NotFound,
+    Overloaded,
+    TooLarge,
+    Unprocessable,
+)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _TYPE_BASE = "https://mergeprobe.dev/problems/"
@@ -51,23 +64,29 @@ class Problem(Exception):
             body["errors"] = self.errors
         return body
 
-    @classmethod
-    def from_dict(cls, body: dict[str, Any]) -> Problem:
-        slug = str(body.get("type", "")).removeprefix(_TYPE_BASE) or "about-blank"
-        return cls(
-            int(body.get("status", 500)),
-            slug,
-            str(body.get("title", "Error")),
-            body.get("detail"),
-            field=body.get("field"),
-            position=body.get("position"),
-            errors=body.get("errors"),
-        )
+
+# The status of each kind of domain error, most specific first.
+_STATUS: tuple[tuple[type[MergeprobeError], int], ...] = (
+    (InvalidInput, 400),
+    (NotFound, 404),
+    (Conflict, 409),
+    (TooLarge, 413),
+    (Unprocessable, 422),
+    (Overloaded, 429),
+)
 
 
-def bad_request(slug: str, detail: str, *, field: str | None = None, position: int | None = None) -> Problem:
-    return Problem(400, slug, "Invalid request", detail, field=field, position=position)
-
-
-def not_found(slug: str, detail: str, *, field: str | None = None) -> Problem:
-    return Problem(404, slug, "Not found", detail, field=field)
+def problem_of(error: MergeprobeError) -> Problem:
+    """The problem a client is shown for a domain error."""
+    status = next((code for cls, code in _STATUS if isinstance(error, cls)), 500)
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else None
+    return Problem(
+        status,
+        error.slug,
+        error.title,
+        error.detail,
+        field=error.field,
+        position=error.position,
+        errors=error.errors,
+        headers=headers,
+    )

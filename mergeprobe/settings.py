@@ -10,16 +10,6 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# Seconds a job of each kind may run before rq stops it. A merge of two SDXL
-# checkpoints from a slow disk is the longest thing we do.
-DEFAULT_JOB_TIMEOUTS = {
-    "inspect": 1800,
-    "merge": 3 * 3600,
-    "elemental": 3 * 3600,
-    "dump": 3600,
-    "sweep": 6 * 3600,
-}
-
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MERGEPROBE_", extra="ignore", populate_by_name=True)
@@ -38,7 +28,8 @@ class Settings(BaseSettings):
     key_prefix: str = Field(default="mergeprobe", description="Prefix of every Redis key and rq queue name.")
     # NoDecode: the validator below parses the JSON itself, so an empty value means "no overrides".
     job_timeouts: Annotated[dict[str, int], NoDecode] = Field(
-        default_factory=dict, description="JSON object kind -> seconds."
+        default_factory=dict,
+        description="JSON object kind -> seconds, overriding each kind's own limit (mergeprobe/kinds.py).",
     )
     worker_ttl: int = Field(
         default=20, ge=3, description="Seconds without a heartbeat before a worker is lost."
@@ -51,6 +42,12 @@ class Settings(BaseSettings):
     )
     log_format: Literal["json", "text"] = Field(
         default="json", description="`json`: one JSON object per log line; `text`: plain lines."
+    )
+    debug_tensor_delay: float = Field(
+        default=0.0,
+        ge=0,
+        description="Fault injection for operators and tests: seconds to sleep per tensor read, to simulate "
+        "a slow disk and so exercise cancel and worker-loss paths on tiny models.",
     )
     log_level: str = Field(default="INFO", description="Level of the root logger (DEBUG, INFO, WARNING...).")
     pipeline_configs_dir: Path | None = Field(
@@ -122,9 +119,6 @@ class Settings(BaseSettings):
     @cached_property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
-
-    def timeout_for(self, kind: str) -> int:
-        return int(self.job_timeouts.get(kind, DEFAULT_JOB_TIMEOUTS.get(kind, 3600)))
 
     def ensure_dirs(self) -> None:
         for path in (self.models_path, self.artifacts_path, self.cache_path):

@@ -17,19 +17,33 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mergeprobe.archs import BASE, UNKNOWN, Architecture, detect_arch, get_arch
+from mergeprobe.archs import BASE, Architecture
 from mergeprobe.blockspec import parse_block_set, parse_number
 from mergeprobe.dump_request import MAX_PROMPT_CHARS, Sampler
 from mergeprobe.elemental import ElementalRule, parse_elemental
-from mergeprobe.library import ModelLibrary
+from mergeprobe.errors import InvalidInput
+from mergeprobe.library import ModelLibrary, PinnedModel
 from mergeprobe.merge_methods import MERGE_METHODS
-from mergeprobe.merge_plan import MergeMode, MergeRequest, WeightValue, plan_merge
-from mergeprobe.problems import Problem
+from mergeprobe.merge_plan import (
+    MergeMode,
+    MergeRecipe,
+    MergeRequest,
+    PlanChange,
+    RatioOverride,
+    change_plan,
+    check_ratios,
+    plan_merge,
+)
+from mergeprobe.request_model import RequestModel
 
 MAX_IMAGES = 2000
+BASELINE_NAME = "sweep-baseline.safetensors"  # the plan's output name; nothing is written
+# A sweep of model_a alone: β·A + α·B with B = A, α = 0, β = 1 is A; variants then change α and β
+# (α = 0, β = 0.75 on one block weakens it to 75 %: the layer-influence study).
+SOLO_BASELINE = {"mode": "scaled_sum", "alpha": 0.0, "beta": 1.0}
 
 
-class PerBlockVariants(BaseModel):
+class PerBlockVariants(RequestModel):
     """One variant per named block (the layer-influence study)."""
 
     model_config = ConfigDict(
@@ -46,11 +60,10 @@ class PerBlockVariants(BaseModel):
     )
 
 
-class PerElementVariants(BaseModel):
+class PerElementVariants(RequestModel):
     """One variant per elemental entry (SuperMerger's effective elemental checker)."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={"examples": [{"elements": ["OUT05:attn2:0", "OUT05:attn1:0", "IN04::0"]}]},
     )
 
@@ -63,9 +76,7 @@ class PerElementVariants(BaseModel):
     mode: MergeMode | None = None
 
 
-class Axis(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Axis(RequestModel):
     kind: Literal["alpha", "beta", "block", "seed", "prompt", "elemental"] = Field(
         description="What varies: α or β on every U-Net block, α of one block (`block`), the seed, the prompt, "
         "or an elemental entry string (α overrides)."
@@ -76,11 +87,10 @@ class Axis(BaseModel):
     values: list[float | int | str] = Field(min_length=1, max_length=32)
 
 
-class XYVariants(BaseModel):
+class XYVariants(RequestModel):
     """An X × Y grid; each cell combines one value of each axis."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "examples": [
                 {"x": {"kind": "alpha", "values": [0, 0.5, 1]}, "y": {"kind": "seed", "values": [1, 2]}}
@@ -93,9 +103,8 @@ class XYVariants(BaseModel):
     mode: MergeMode | None = None
 
 
-class SweepRequest(BaseModel):
+class SweepRequest(MergeRecipe):
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "examples": [
                 {
@@ -112,15 +121,12 @@ class SweepRequest(BaseModel):
     model_a: str = Field(
         description="The baseline model (or the base of the baseline merge).", examples=["tiny-sd1-a"]
     )
-    model_b: str | None = Field(default=None, description="With a merge: model B of the baseline.")
-    model_c: str | None = Field(default=None, description="With a merge: model C of the baseline.")
-    mode: MergeMode = Field(
-        default="weighted_sum", description="The baseline merge's mode (when model_b is given)."
+    model_b: str | None = Field(
+        default=None,
+        description="With a merge: model B of the baseline. The other merge fields (`model_c`, `mode`, "
+        "`alpha`, `beta`, `base_alpha`, `base_beta`, `elemental`, `elemental_beta`, `seed`) are a merge "
+        "job's.",
     )
-    alpha: WeightValue = Field(default=0.5, description="The baseline merge's α (as in merge jobs).")
-    beta: WeightValue | None = Field(default=None, description="The baseline merge's β.")
-    base_alpha: float | None = None
-    elemental: str | None = Field(default=None, description="The baseline merge's elemental overrides.")
     variants: PerBlockVariants | PerElementVariants | XYVariants
     prompt: str = Field(max_length=MAX_PROMPT_CHARS, examples=["a cute girl"])
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
@@ -134,20 +140,12 @@ class SweepRequest(BaseModel):
         default=20.0, ge=0, le=255, description="On the 0–255 scale, as SuperMerger's checker."
     )
 
-    def baseline_merge(self) -> MergeRequest | None:
-        """The baseline as a merge request (planned, never written), or None for model_a alone."""
+    def baseline_merge(self) -> MergeRequest:
+        """The baseline as a merge request (planned, never written). Without model_b it is model_a
+        merged with itself by SOLO_BASELINE, whose every key is model_a's, copied byte for byte."""
         if not self.model_b:
-            return None
-        return MergeRequest(
-            model_a=self.model_a,
-            model_b=self.model_b,
-            model_c=self.model_c,
-            mode=self.mode,
-            alpha=self.alpha,
-            beta=self.beta,
-            base_alpha=self.base_alpha,
-            elemental=self.elemental,
-        )
+            return MergeRequest(model_a=self.model_a, model_b=self.model_a, seed=self.seed, **SOLO_BASELINE)
+        return MergeRequest(**self.recipe())
 
     @model_validator(mode="after")
     def _seeds_in_range(self) -> SweepRequest:
@@ -191,37 +189,37 @@ class SweepResult(BaseModel):
 
 
 @dataclass
-class Override:
-    """α and/or β on every key of some blocks."""
-
-    blocks: tuple[str, ...]
-    alpha: float | None = None
-    beta: float | None = None
-
-
-@dataclass
 class Variant:
     """One cell: overrides of α/β on U-Net keys (blocks first, then elemental rules, later wins),
     and optionally its own seeds or prompt."""
 
     name: str
     label: str
-    overrides: list[Override] = field(default_factory=list)
-    rules: list[dict[str, Any]] = field(default_factory=list)  # elemental rules: α = ratio, β = rule_beta
+    overrides: list[RatioOverride] = field(default_factory=list)
+    rules: list[ElementalRule] = field(default_factory=list)  # α = each rule's ratio, β = rule_beta
     rule_beta: float | None = None
     mode: str | None = None
     seeds: list[int] | None = None
     prompt: str | None = None
     position: tuple[int, int] | None = None  # (x, y) in an XY grid
 
+    def change(self) -> PlanChange:
+        """What this variant changes in the baseline's plan."""
+        return PlanChange(
+            overrides=tuple(self.overrides),
+            rules=tuple(self.rules),
+            rule_beta=self.rule_beta,
+            method=MERGE_METHODS[self.mode] if self.mode else None,
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "label": self.label,
             "overrides": [
-                {"blocks": list(o.blocks), "alpha": o.alpha, "beta": o.beta} for o in self.overrides
+                {"blocks": sorted(o.blocks), "alpha": o.alpha, "beta": o.beta} for o in self.overrides
             ],
-            "rules": self.rules,
+            "rules": [rule.to_json() for rule in self.rules],
             "rule_beta": self.rule_beta,
             "mode": self.mode,
             "seeds": self.seeds,
@@ -234,8 +232,10 @@ class Variant:
         return cls(
             name=data["name"],
             label=data["label"],
-            overrides=[Override(tuple(o["blocks"]), o["alpha"], o["beta"]) for o in data["overrides"]],
-            rules=data["rules"],
+            overrides=[
+                RatioOverride(frozenset(o["blocks"]), o["alpha"], o["beta"]) for o in data["overrides"]
+            ],
+            rules=[ElementalRule.from_json(rule) for rule in data["rules"]],
             rule_beta=data["rule_beta"],
             mode=data["mode"],
             seeds=data["seeds"],
@@ -244,32 +244,10 @@ class Variant:
         )
 
 
-def _rules_json(rules: list[ElementalRule]) -> list[dict[str, Any]]:
-    return [
-        {
-            "blocks": sorted(r.blocks - {BASE}),
-            "elements": list(r.elements),
-            "negated": r.elements_negated,
-            "ratio": r.ratio,
-            "source": r.source,
-        }
-        for r in rules
-    ]
-
-
-def rule_matches_json(rule: dict[str, Any], block: str, element: str) -> bool:
-    if block not in rule["blocks"]:
-        return False
-    if not rule["elements"]:
-        return True
-    return any(e in element for e in rule["elements"]) != rule["negated"]
-
-
 def _no_base_only(rules: list[ElementalRule], field_name: str) -> None:
     for rule in rules:
         if rule.blocks == {BASE}:
-            raise Problem(
-                400,
+            raise InvalidInput(
                 "invalid-variant",
                 "Invalid request",
                 f"entry {rule.index} (`{rule.source}`) names only BASE: sweep variants act on U-Net blocks "
@@ -284,14 +262,13 @@ def _axis_parts(axis: Axis, arch: Architecture, field_name: str) -> list[dict[st
     parts = []
     if axis.kind == "block":
         if not axis.block:
-            raise Problem(
-                400,
+            raise InvalidInput(
                 "invalid-variant",
                 "Invalid request",
                 "axis kind `block` needs `block`",
                 field=f"{field_name}.block",
             )
-        blocks = tuple(parse_block_set(axis.block, arch, field=f"{field_name}.block"))
+        blocks = frozenset(parse_block_set(axis.block, arch, field=f"{field_name}.block"))
     for i, value in enumerate(axis.values):
         where = f"{field_name}.values[{i}]"
         if axis.kind in ("alpha", "beta", "block"):
@@ -300,27 +277,29 @@ def _axis_parts(axis: Axis, arch: Architecture, field_name: str) -> list[dict[st
             number = float(value)
             if axis.kind == "block":
                 parts.append(
-                    {"label": f"{axis.block} alpha={number:g}", "overrides": [Override(blocks, alpha=number)]}
+                    {
+                        "label": f"{axis.block} alpha={number:g}",
+                        "overrides": [RatioOverride(blocks, alpha=number)],
+                    }
                 )
             else:
-                override = Override(arch.unet_blocks, **{axis.kind: number})
+                override = RatioOverride(frozenset(arch.unet_blocks), **{axis.kind: number})
                 parts.append({"label": f"{axis.kind}={number:g}", "overrides": [override]})
         elif axis.kind == "seed":
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
-                raise Problem(
-                    400, "invalid-variant", "Invalid request", "seeds are integers in [0, 2**32)", field=where
+                raise InvalidInput(
+                    "invalid-variant", "Invalid request", "seeds are integers in [0, 2**32)", field=where
                 )
             parts.append({"label": f"seed={value}", "seeds": [value]})
         elif axis.kind == "prompt":
             if not isinstance(value, str) or len(value) > MAX_PROMPT_CHARS:
-                raise Problem(
-                    400, "invalid-variant", "Invalid request", "prompt values are strings", field=where
+                raise InvalidInput(
+                    "invalid-variant", "Invalid request", "prompt values are strings", field=where
                 )
             parts.append({"label": value[:40], "prompt": value})
         else:
             if not isinstance(value, str):
-                raise Problem(
-                    400,
+                raise InvalidInput(
                     "invalid-variant",
                     "Invalid request",
                     "elemental values are entry strings",
@@ -328,7 +307,7 @@ def _axis_parts(axis: Axis, arch: Architecture, field_name: str) -> list[dict[st
                 )
             rules = parse_elemental(value, arch, field=where)
             _no_base_only(rules, where)
-            parts.append({"label": value[:40], "rules": _rules_json(rules)})
+            parts.append({"label": value[:40], "rules": rules})
     return parts
 
 
@@ -337,20 +316,18 @@ def expand_variants(request: SweepRequest, arch: Architecture) -> list[Variant]:
     if isinstance(spec, PerBlockVariants):
         blocks = parse_block_set(spec.blocks, arch, field="variants.blocks")
         return [
-            Variant(b, b, overrides=[Override((b,), spec.alpha, spec.beta)], mode=spec.mode) for b in blocks
+            Variant(b, b, overrides=[RatioOverride(frozenset((b,)), spec.alpha, spec.beta)], mode=spec.mode)
+            for b in blocks
         ]
     if isinstance(spec, PerElementVariants):
         variants = []
         for i, entry in enumerate(spec.elements):
             rules = parse_elemental(entry, arch, field=f"variants.elements[{i}]")
             _no_base_only(rules, f"variants.elements[{i}]")
-            variants.append(
-                Variant(f"e{i:02d}", entry, rules=_rules_json(rules), rule_beta=spec.beta, mode=spec.mode)
-            )
+            variants.append(Variant(f"e{i:02d}", entry, rules=rules, rule_beta=spec.beta, mode=spec.mode))
         return variants
     if spec.x.kind == spec.y.kind and spec.x.kind in ("seed", "prompt", "alpha", "beta"):
-        raise Problem(
-            400,
+        raise InvalidInput(
             "invalid-variant",
             "Invalid request",
             f"x and y both vary {spec.x.kind}",
@@ -376,66 +353,39 @@ def expand_variants(request: SweepRequest, arch: Architecture) -> list[Variant]:
     return variants
 
 
-def prepare_sweep(request: SweepRequest, library: ModelLibrary) -> dict[str, Any]:
-    merge = request.baseline_merge()
-    if merge is not None:
-        plan = plan_merge(merge, library, output_name="sweep-baseline.safetensors")
-        arch = plan.arch
-        models = {slot: p.name for slot, p in plan.paths.items()}
-    else:
-        if request.model_c or request.elemental:
-            raise Problem(
-                400, "invalid-request", "Invalid request", "a baseline merge needs model_b", field="model_b"
-            )
-        path = library.resolve(request.model_a, field="model_a")
-        arch_name = detect_arch(library.header(path, field="model_a").tensors)
-        if arch_name == UNKNOWN:
-            raise Problem(
-                400,
-                "unknown-architecture",
-                "Unknown architecture",
-                f"{path.name} matches none of sd1, sd2, sdxl",
-                field="model_a",
-            )
-        arch = get_arch(arch_name)
-        models = {"a": path.name}
-    variants = expand_variants(request, arch)
-    default_mode = request.mode if request.model_b else "scaled_sum"
+class SweepInputs(BaseModel):
+    """What a sweep job runs: the baseline's pinned models and the expanded variants."""
+
+    arch: str
+    models: dict[str, PinnedModel] = Field(description="Slot (a, b, c) → the baseline merge's pinned model.")
+    variants: list[dict[str, Any]] = Field(description="Each variant as `Variant.to_json` writes it.")
+
+
+def prepare_sweep(request: SweepRequest, library: ModelLibrary) -> SweepInputs:
+    if not request.model_b and (request.model_c or request.elemental or request.elemental_beta):
+        raise InvalidInput(
+            "invalid-request", "Invalid request", "a baseline merge needs model_b", field="model_b"
+        )
+    plan = plan_merge(request.baseline_merge(), library, output_name=BASELINE_NAME)
+    variants = expand_variants(request, plan.arch)
     for variant in variants:
-        method = MERGE_METHODS[variant.mode or default_mode]
-        if method.needs_c and not request.model_c:
-            raise Problem(
-                400,
+        changed = change_plan(plan, variant.change(), plan.arch.unet_blocks)
+        if changed.method.needs_c and "c" not in plan.pins:
+            raise InvalidInput(
                 "invalid-variant",
                 "Invalid request",
-                f"variant mode {method.name} needs model_c",
+                f"variant mode {changed.method.name} needs model_c",
                 field="variants.mode",
             )
-        gives_beta = (
-            any(o.beta is not None for o in variant.overrides)
-            or variant.rule_beta is not None
-            or request.beta is not None
-        )
-        if method.beta_required and not gives_beta:
-            raise Problem(
-                400,
-                "invalid-variant",
-                "Invalid request",
-                f"variant mode {method.name} needs beta ({method.beta})",
-                field="variants.beta",
-            )
+        # The same rules as a merge's: dare's β = 1 is refused here as it is in a merge job.
+        check_ratios(changed.method, changed.keys, fields=lambda key, param: f"variants.{param}")
     baselines = {(tuple(v.seeds or request.seeds), v.prompt) for v in variants}
     images = sum(len(v.seeds or request.seeds) for v in variants) + sum(len(seeds) for seeds, _ in baselines)
     if images > MAX_IMAGES:
-        raise Problem(
-            400,
+        raise InvalidInput(
             "too-many-images",
             "Invalid request",
             f"the sweep would generate {images} images; the limit is {MAX_IMAGES}",
             field="variants",
         )
-    return {
-        "arch": arch.name,
-        "models": models,
-        "variants": [v.to_json() for v in variants],
-    }
+    return SweepInputs(arch=plan.arch.name, models=plan.pins, variants=[v.to_json() for v in variants])

@@ -29,7 +29,8 @@ def test_inspect_job_end_to_end_with_range_and_etag(service, client, sd1):
     assert response.status_code == 202, response.text
     job = response.json()
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
-    assert job["status"] == "queued" and job["inputs"] == {"model": sd1.name, "arch": "sd1"}
+    pinned = {"name": sd1.name, "sha256": hashlib.sha256(sd1.read_bytes()).hexdigest()}
+    assert job["status"] == "queued" and job["inputs"] == {"model": pinned, "arch": "sd1"}
 
     job = wait_for_job(client, job["id"])
     assert job["status"] == "succeeded", job

@@ -16,17 +16,20 @@ from mergeprobe.blockspec import (
     parse_steps,
     resolve_block_weights,
 )
+from mergeprobe.errors import MergeprobeError
 from mergeprobe.presets import PRESETS
 from mergeprobe.problems import Problem
+from mergeprobe.problems import problem_of as as_problem
 
 SD1_UNET = list(SD1.unet_blocks)
 SDXL_UNET = list(SDXL.unet_blocks)
 
 
 def problem_of(fn, *args, **kwargs) -> Problem:
-    with pytest.raises(Problem) as info:
+    """The problem the client is shown for the domain error the call raises."""
+    with pytest.raises(MergeprobeError) as info:
         fn(*args, **kwargs)
-    p = info.value
+    p = as_problem(info.value)
     assert (p.status, p.slug, p.title) == (400, "invalid-spec", "Invalid spec")
     return p
 

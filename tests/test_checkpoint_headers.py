@@ -21,16 +21,17 @@ import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
 
-import mergeprobe.checkpoint_headers as ch
+import mergeprobe.ckpt_unpickler as ckpt
+import mergeprobe.safetensors_header as st
 from mergeprobe.checkpoint_headers import (
     DTYPE_SIZES,
     MAX_HEADER_BYTES,
     CheckpointFormatError,
     read_checkpoint_header,
-    read_ckpt_header,
-    read_safetensors_header,
     sniff_format,
 )
+from mergeprobe.ckpt_unpickler import read_ckpt_header
+from mergeprobe.safetensors_header import read_safetensors_header
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -318,7 +319,7 @@ def test_duplicate_key_and_tensor_cap(tmp_path, monkeypatch):
     path = _write_st(tmp_path / "dup.safetensors", f'{{"a": {entry}, "a": {entry}}}'.encode(), b"x")
     with pytest.raises(CheckpointFormatError, match="key 'a' twice"):
         read_safetensors_header(path)
-    monkeypatch.setattr(ch, "MAX_TENSORS", 1)
+    monkeypatch.setattr(st, "MAX_TENSORS", 1)
     header = {"a": json.loads(entry), "b": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}
     path = _write_st(tmp_path / "many.safetensors", header, b"xy")
     with pytest.raises(CheckpointFormatError, match="lists 2 tensors; at most 1"):
@@ -354,7 +355,7 @@ def _check_against_torch(path: Path, expected: dict[str, torch.Tensor]) -> None:
     assert header.format == "ckpt" and header.metadata == {} and header.data_start == 0
     assert header.file_size == path.stat().st_size
     assert list(header.tensors) == list(expected)  # pickle order
-    names = {v: k for k, v in ch._TORCH_DTYPES.items()}
+    names = {v: k for k, v in ckpt._TORCH_DTYPES.items()}
     for key, tensor in expected.items():
         info = header.tensors[key]
         assert info.key == key and info.data_offsets is None
@@ -509,7 +510,8 @@ def test_ckpt_deeply_nested_dict_key_does_not_crash(tmp_path):
     pkl = b"\x80\x02}" + b")" + b"\x85" * 100_000 + b"K\x01s."
     path = _torch_zip(tmp_path / "deep.ckpt", pkl)
     code = (
-        "import sys; from mergeprobe.checkpoint_headers import read_ckpt_header, CheckpointFormatError\n"
+        "import sys; from mergeprobe.checkpoint_headers import CheckpointFormatError\n"
+        "from mergeprobe.ckpt_unpickler import read_ckpt_header\n"
         "try:\n    read_ckpt_header(sys.argv[1])\nexcept CheckpointFormatError as e:\n    print('refused:', e)\n"
     )
     result = subprocess.run(
@@ -522,16 +524,16 @@ def test_ckpt_deeply_nested_dict_key_does_not_crash(tmp_path):
 def test_ckpt_limits(tmp_path, monkeypatch):
     path = tmp_path / "x.ckpt"
     torch.save({"state_dict": {f"w{i}": torch.ones(1) for i in range(50)}}, path)
-    monkeypatch.setattr(ch, "MAX_PICKLE_OPS", 100)
+    monkeypatch.setattr(ckpt, "MAX_PICKLE_OPS", 100)
     with pytest.raises(CheckpointFormatError, match="more than 100 opcodes"):
         read_ckpt_header(path)
-    monkeypatch.setattr(ch, "_MAX_CENTRAL_DIRECTORY", 200)
+    monkeypatch.setattr(ckpt, "_MAX_CENTRAL_DIRECTORY", 200)
     with pytest.raises(
         CheckpointFormatError, match=r"central directory is \d+ bytes; more than 200 bytes is refused"
     ):
         read_ckpt_header(path)
     monkeypatch.undo()
-    monkeypatch.setattr(ch, "MAX_PICKLE_BYTES", 100)
+    monkeypatch.setattr(ckpt, "MAX_PICKLE_BYTES", 100)
     with pytest.raises(CheckpointFormatError, match="pickles over 100 bytes are refused"):
         read_ckpt_header(path)
     monkeypatch.undo()
@@ -652,15 +654,15 @@ def test_sniff_format(tmp_path):
 def test_dtype_table():
     assert DTYPE_SIZES["F16"] == 2 and DTYPE_SIZES["BF16"] == 2 and DTYPE_SIZES["F8_E4M3"] == 1
     assert DTYPE_SIZES["I64"] == 8 and DTYPE_SIZES["BOOL"] == 1 and DTYPE_SIZES["U16"] == 2
-    assert set(ch._TORCH_DTYPES.values()) == set(DTYPE_SIZES)
-    for name, code in ch._TORCH_DTYPES.items():
+    assert set(ckpt._TORCH_DTYPES.values()) == set(DTYPE_SIZES)
+    for name, code in ckpt._TORCH_DTYPES.items():
         assert getattr(torch, name).itemsize == DTYPE_SIZES[code]
 
 
-def test_module_does_not_import_torch():
+def test_modules_do_not_import_torch():
     code = (
         "import sys\n"
-        "import mergeprobe.checkpoint_headers\n"
+        "import mergeprobe.checkpoint_headers, mergeprobe.ckpt_unpickler, mergeprobe.safetensors_header\n"
         "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not loaded, loaded\n"
     )

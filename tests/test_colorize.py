@@ -13,41 +13,45 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 import mergeprobe.colorize as colorize_module
-from mergeprobe.colorize import (
+import mergeprobe.colorize_grammar as grammar_module
+import mergeprobe.colorize_render as render_module
+from mergeprobe.colorize import Colorize
+from mergeprobe.colorize_grammar import (
     ERROR_TYPE,
+    FUNCTIONS,
     MAX_DEPTH,
     MAX_LENGTH,
-    Colorize,
-    colorize,
-    hsl_to_rgb,
-    normalize,
+    error_from_validation,
     parse_expression,
-    problem_from_error,
-    to_bytes,
 )
+from mergeprobe.colorize_render import colorize, evaluate, hsl_to_rgb, normalize, to_bytes
+from mergeprobe.errors import MergeprobeError
 from mergeprobe.problems import Problem
+from mergeprobe.problems import problem_of as as_problem
 
 FIELD = "features.colorize.h"
 
 
 def problem_of(text: str, field: str = FIELD) -> Problem:
-    with pytest.raises(Problem) as info:
+    """The problem the client is shown for the domain error the call raises."""
+    with pytest.raises(MergeprobeError) as info:
         parse_expression(text, field=field)
-    p = info.value
+    p = as_problem(info.value)
     assert (p.status, p.slug, p.title) == (400, "invalid-expression", "Invalid colorize expression")
     assert p.field == field
     return p
 
 
 def ev(text: str, v) -> np.ndarray:
-    return parse_expression(text, field="f").evaluate(np.asarray(v, dtype=np.float64))
+    return evaluate(parse_expression(text, field="f"), np.asarray(v, dtype=np.float64))
 
 
 # --- safety ------------------------------------------------------------------------------------------
 
 
-def test_source_never_hands_text_to_python():
-    source = Path(colorize_module.__file__).read_text(encoding="utf-8")
+@pytest.mark.parametrize("module", [colorize_module, grammar_module, render_module])
+def test_source_never_hands_text_to_python(module):
+    source = Path(module.__file__).read_text(encoding="utf-8")
     for pattern in (
         r"(?<![\w.])eval\s*\(",  # builtins only: `re.compile(` is a regex, not code
         r"(?<![\w.])exec\s*\(",
@@ -64,8 +68,21 @@ def test_source_never_hands_text_to_python():
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, mergeprobe.colorize; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, mergeprobe.colorize, mergeprobe.colorize_render; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_request_model_and_the_grammar_need_no_numpy():
+    # The API imports these two to validate requests; only the worker's rendering needs numpy.
+    code = "import sys, mergeprobe.colorize; assert 'numpy' not in sys.modules, 'numpy imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_every_function_of_the_grammar_is_implemented():
+    assert set(render_module._FUNCTIONS) == set(FUNCTIONS)
 
 
 @pytest.mark.parametrize(
@@ -88,7 +105,7 @@ def test_crafted_expressions_run_nothing(tmp_path, template):
     with pytest.raises(ValidationError):
         Colorize(method="custom", h=text)
     unvalidated = Colorize.model_construct(method="custom", space="hsl", h=text)
-    with pytest.raises(Problem):
+    with pytest.raises(MergeprobeError):
         colorize(np.zeros((2, 2)), unvalidated)
     assert not marker.exists()
 
@@ -239,7 +256,7 @@ def test_depth_cap():
 
 
 def test_not_a_string():
-    with pytest.raises(Problem) as info:
+    with pytest.raises(MergeprobeError) as info:
         parse_expression(3, field="f")  # type: ignore[arg-type]
     assert info.value.position is None
 
@@ -251,11 +268,11 @@ def test_defaults_evaluate():
     v = np.array([-1.0, 0.0, 1.0])
     spec = Colorize()
     h, s, l = spec.expressions()  # noqa: E741
-    np.testing.assert_allclose(h.evaluate(v), [1 / 3, 2 / 3, 1.0])
-    np.testing.assert_array_equal(s.evaluate(v), [1.0, 1.0, 1.0])
-    np.testing.assert_array_equal(l.evaluate(v), [0.5, 0.5, 0.5])
+    np.testing.assert_allclose(evaluate(h, v), [1 / 3, 2 / 3, 1.0])
+    np.testing.assert_array_equal(evaluate(s, v), [1.0, 1.0, 1.0])
+    np.testing.assert_array_equal(evaluate(l, v), [0.5, 0.5, 0.5])
     r, g, b = spec.model_copy(update={"space": "rgb"}).expressions()
-    np.testing.assert_array_equal(r.evaluate(v), v)
+    np.testing.assert_array_equal(evaluate(r, v), v)
 
 
 def test_numbers_broadcast_to_the_shape_of_v():
@@ -374,9 +391,9 @@ def test_nested_model_error_maps_to_the_api_problem():
         DumpRequest.model_validate({"features": {"colorize": {"method": "custom", "s": "abs(v, 1)"}}})
     (error,) = info.value.errors()
     field = ".".join(str(p) for p in error["loc"])
-    problem = problem_from_error(error, field)
-    assert problem is not None
-    assert problem.to_dict() == {
+    domain_error = error_from_validation(error, field)
+    assert domain_error is not None
+    assert as_problem(domain_error).to_dict() == {
         "type": "https://mergeprobe.dev/problems/invalid-expression",
         "title": "Invalid colorize expression",
         "status": 400,
@@ -384,20 +401,20 @@ def test_nested_model_error_maps_to_the_api_problem():
         "field": "features.colorize.s",
         "position": 0,
     }
-    assert problem_from_error({"type": "missing", "loc": ("x",), "msg": "Field required"}, "x") is None
+    assert error_from_validation({"type": "missing", "loc": ("x",), "msg": "Field required"}, "x") is None
 
 
 def test_validate_raises_problems_under_the_prefix():
     Colorize().validate("features.colorize")
     bad = Colorize.model_construct(**{**Colorize().model_dump(), "g": "v +"})
-    with pytest.raises(Problem) as info:
+    with pytest.raises(MergeprobeError) as info:
         bad.validate("features.colorize")
-    p = info.value
+    p = as_problem(info.value)
     assert (p.status, p.slug, p.field, p.position) == (400, "invalid-expression", "features.colorize.g", 3)
     flipped = Colorize.model_construct(**{**Colorize().model_dump(), "min": 2.0, "max": 1.0})
-    with pytest.raises(Problem) as info:
+    with pytest.raises(MergeprobeError) as info:
         flipped.validate("features.colorize")
-    assert (info.value.status, info.value.field) == (422, "features.colorize.max")
+    assert (as_problem(info.value).status, info.value.field) == (422, "features.colorize.max")
 
 
 # --- colors --------------------------------------------------------------------------------------------

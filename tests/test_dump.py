@@ -6,7 +6,6 @@ import io
 import json
 
 import pytest
-import redis
 import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
@@ -220,14 +219,14 @@ def test_bad_inputs_are_400s(client, service, tiny_models):
 
 
 def test_cached_pipeline_after_a_failed_job_matches_a_fresh_one(service, tiny_models, monkeypatch):
-    """In-process, with the real engine and Redis: a job canceled mid-generation leaves the
+    """In-process, with the real engine and no queue: a job canceled mid-generation leaves the
     cached pipeline unpatched, so the next image equals one from a freshly loaded pipeline."""
     from mergeprobe.artifacts import ArtifactStore
-    from mergeprobe.dump_request import DumpRequest, prepare_dump
-    from mergeprobe.jobs import JobStore
+    from mergeprobe.dump_request import DumpRequest
+    from mergeprobe.kinds import KINDS
     from mergeprobe.library import ModelLibrary
     from worker import engines, generation
-    from worker.context import JobCanceled, JobContext
+    from worker.context import JobCanceled, JobContext, LocalReporter
     from worker.engines import dump as dump_engine
 
     install_model(service, tiny_models["sd1"])
@@ -235,20 +234,25 @@ def test_cached_pipeline_after_a_failed_job_matches_a_fresh_one(service, tiny_mo
         if key.startswith(("MERGEPROBE_", "REDIS_URL")):
             monkeypatch.setenv(key, value)
     settings = service.settings()
-    library, store = ModelLibrary(settings), JobStore(redis.Redis.from_url(settings.redis_url), settings)
+    library = ModelLibrary(settings)
     artifacts = ArtifactStore(settings)
     monkeypatch.setattr(generation, "_cache", None)
     assert engines is not None
 
     def run(body, cancel=False):
-        request = DumpRequest.model_validate(body)
-        job, _ = store.create("dump", request.model_dump(mode="json"), prepare_dump(request, library))
-        store.claim(job["id"], "test")
+        reporter = LocalReporter()
         if cancel:
-            store.redis.set(store.cancel_key(job["id"]), "1")
-        ctx = JobContext(store.get(job["id"]), store, library, artifacts)
+            reporter.cancel()
+        ctx = JobContext.local(
+            KINDS["dump"],
+            DumpRequest.model_validate(body),
+            settings=settings,
+            library=library,
+            artifacts=artifacts,
+            reporter=reporter,
+        )
         result = dump_engine.run_dump(ctx)
-        return artifacts.path_of(job["id"], result["images"][0]).read_bytes(), result
+        return artifacts.path_of(ctx.job_id, result["images"][0]).read_bytes(), result
 
     probe_everything = {
         "model": "tiny-sd1-a",

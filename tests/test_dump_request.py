@@ -10,8 +10,10 @@ from pydantic import ValidationError
 
 from mergeprobe.archs import SD1, SDXL
 from mergeprobe.dump_request import Capture, DumpRequest, DumpResult, prepare_dump
+from mergeprobe.errors import MergeprobeError
 from mergeprobe.library import ModelLibrary
 from mergeprobe.problems import Problem
+from mergeprobe.problems import problem_of as as_problem
 from mergeprobe.safetensors_layout import build_header
 from mergeprobe.settings import Settings
 
@@ -36,15 +38,17 @@ def library(tmp_path, monkeypatch, tiny_models) -> ModelLibrary:
 
 
 def dump(library: ModelLibrary, **fields) -> dict:
+    """The inputs a dump job would carry, as the job record stores them (JSON)."""
     fields.setdefault("model", "tiny-sd1-a")
     fields.setdefault("prompt", "a cute girl")
-    return prepare_dump(DumpRequest.model_validate(fields), library)
+    return prepare_dump(DumpRequest.model_validate(fields), library).model_dump(mode="json")
 
 
 def problem_of(library: ModelLibrary, **fields) -> Problem:
-    with pytest.raises(Problem) as info:
+    """The problem the client is shown for the domain error the call raises."""
+    with pytest.raises(MergeprobeError) as info:
         dump(library, **fields)
-    return info.value
+    return as_problem(info.value)
 
 
 def test_pure_python_no_torch():
@@ -117,7 +121,7 @@ def test_schema_has_examples():
 
 def test_plain_generation(library):
     inputs = dump(library)
-    assert inputs["model"] == "tiny-sd1-a.safetensors"
+    assert inputs["model"]["name"] == "tiny-sd1-a.safetensors" and len(inputs["model"]["sha256"]) == 64
     assert inputs["arch"] == "sd1"
     assert inputs["features"] is None and inputs["attention"] is None
     assert inputs["prompts"] == dict.fromkeys(SD1.unet_blocks, "a cute girl")

@@ -13,7 +13,9 @@ from mergeprobe.elemental import (
     rule_matches,
     unmatched_rules,
 )
+from mergeprobe.errors import MergeprobeError
 from mergeprobe.problems import Problem
+from mergeprobe.problems import problem_of as as_problem
 
 P = "model.diffusion_model."
 ATTN2_K = "1.transformer_blocks.0.attn2.to_k.weight"
@@ -32,9 +34,10 @@ def ratio(text: str, block: str, element: str, arch=SD1) -> float | None:
 
 
 def problem_of(text: str, arch=SD1) -> Problem:
-    with pytest.raises(Problem) as info:
+    """The problem the client is shown for the domain error the call raises."""
+    with pytest.raises(MergeprobeError) as info:
         parse_elemental(text, arch, field="merge.elemental")
-    p = info.value
+    p = as_problem(info.value)
     assert (p.status, p.slug, p.field) == (400, "invalid-spec", "merge.elemental")
     return p
 

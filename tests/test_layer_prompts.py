@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from mergeprobe.archs import SD1, SD2, SDXL
+from mergeprobe.errors import MergeprobeError
 from mergeprobe.layer_prompts import LayerPrompt, distinct_prompts, parse_layer_prompt
 from mergeprobe.problems import Problem
+from mergeprobe.problems import problem_of as as_problem
 
 EXAMPLE = "a (~: IN00-OUT11: cute; M00: excellent :~) girl"
 
@@ -16,9 +18,10 @@ def parse(text: str, arch=SD1, field: str = "prompt") -> LayerPrompt:
 
 
 def problem_of(text: str, arch=SD1, field: str = "prompt") -> Problem:
-    with pytest.raises(Problem) as info:
+    """The problem the client is shown for the domain error the call raises."""
+    with pytest.raises(MergeprobeError) as info:
         parse(text, arch, field)
-    p = info.value
+    p = as_problem(info.value)
     assert (p.status, p.slug, p.field) == (400, "invalid-spec", field)
     return p
 

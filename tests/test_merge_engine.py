@@ -22,12 +22,15 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 import worker.stream_merge as stream_merge_module
+from mergeprobe.errors import MergeprobeError
 from mergeprobe.library import ModelLibrary, legacy_hash_of, sha256_of
 from mergeprobe.merge_metadata import merge_metadata
 from mergeprobe.merge_methods import MERGE_METHODS
 from mergeprobe.merge_plan import MergeRequest, plan_merge
 from mergeprobe.problems import Problem
+from mergeprobe.problems import problem_of as as_problem
 from mergeprobe.settings import Settings
+from worker import merge_executor
 from worker.stream_merge import stream_merge
 from worker.tiny_models import tiny_config_dir, write_tiny_checkpoint
 
@@ -126,10 +129,11 @@ def by_key(plan) -> dict:
 
 
 def problem_of(library: ModelLibrary, **fields) -> Problem:
-    with pytest.raises(Problem) as info:
+    """The problem the client is shown for the domain error the call raises."""
+    with pytest.raises(MergeprobeError) as info:
         plan_of(library, **fields)
-    assert info.value.status == 400
-    return info.value
+    assert as_problem(info.value).status == 400
+    return as_problem(info.value)
 
 
 def run_merge(library: ModelLibrary, req: MergeRequest, out: Path | None = None, *, metadata=None, **kwargs):
@@ -528,7 +532,7 @@ def test_add_difference_with_a_ckpt_c(library, tensors):
 def test_ties_and_slerp_whole_tensors(library, tensors, monkeypatch):
     a, b, c = tensors("sd1-a.safetensors"), tensors("sd1-b.safetensors"), tensors("sd1-c.safetensors")
     # A chunk size far below the tensor sizes: non-elementwise methods must still see whole tensors.
-    monkeypatch.setattr(stream_merge_module, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(merge_executor, "CHUNK_ELEMENTS", 1000)
     req = request(mode="ties", model_c="sd1-c", alpha="M00:0.9, _:0.6", beta=0.3, output={"dtype": "fp32"})
     plan, path, _, _ = run_merge(library, req)
     out = load_file(path)
@@ -651,9 +655,10 @@ def test_output_header_metadata_and_hash(library, tensors, sources):
 def test_chunked_weighted_sum_is_byte_identical(library, monkeypatch, tmp_path):
     req = request(alpha=LIST_ALPHA, output={"dtype": "fp32", "name": "chunks.safetensors"})
     plan, whole, digest, metadata = run_merge(library, req, tmp_path / "whole.safetensors")
-    assert len(list(stream_merge_module._tasks(plan))) == len(plan.keys)
-    monkeypatch.setattr(stream_merge_module, "CHUNK_ELEMENTS", 1000)
-    assert len(list(stream_merge_module._tasks(plan))) > 3 * len(plan.keys)
+    executor = merge_executor.PlanExecutor(plan, {}, torch.device("cpu"), seed=0)
+    assert len(list(stream_merge_module._tasks(executor))) == len(plan.keys)
+    monkeypatch.setattr(merge_executor, "CHUNK_ELEMENTS", 1000)
+    assert len(list(stream_merge_module._tasks(executor))) > 3 * len(plan.keys)
     _, chunked, digest_chunked, _ = run_merge(
         library, req, tmp_path / "chunked.safetensors", metadata=metadata
     )
@@ -662,7 +667,7 @@ def test_chunked_weighted_sum_is_byte_identical(library, monkeypatch, tmp_path):
 
 
 def test_chunked_dare_is_seeded(library, monkeypatch, tmp_path, tensors):
-    monkeypatch.setattr(stream_merge_module, "CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr(merge_executor, "CHUNK_ELEMENTS", 1000)
     a, b = tensors("sd1-a.safetensors"), tensors("sd1-b.safetensors")
     runs = {}
     for label, seed in (("first", 7), ("again", 7), ("other", 8)):
@@ -704,7 +709,7 @@ def test_cancel_propagates(library):
 
 
 def test_progress_reaches_the_total(library, monkeypatch):
-    monkeypatch.setattr(stream_merge_module, "CHUNK_ELEMENTS", 10_000)
+    monkeypatch.setattr(merge_executor, "CHUNK_ELEMENTS", 10_000)
     seen = []
     plan, _, _, _ = run_merge(library, request(alpha=0.5), progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (len(plan.keys), len(plan.keys))
@@ -713,7 +718,7 @@ def test_progress_reaches_the_total(library, monkeypatch):
 
 
 def test_conv_in_nine_channels_with_four(library, tensors, monkeypatch):
-    monkeypatch.setattr(stream_merge_module, "CHUNK_ELEMENTS", 1000)  # conv_in (2 592 elements) stays whole
+    monkeypatch.setattr(merge_executor, "CHUNK_ELEMENTS", 1000)  # conv_in (2 592 elements) stays whole
     a9 = inpainting_variant(tensors("sd1-a.safetensors"))
     b = tensors("sd1-b.safetensors")
     save_model(library, "a-inpaint.safetensors", a9)

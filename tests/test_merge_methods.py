@@ -70,13 +70,36 @@ def test_registry_names():
 def test_registry_metadata():
     needs_c = {name for name, m in MERGE_METHODS.items() if m.needs_c}
     assert needs_c == {"add_difference", "triple_sum", "sum_twice", "train_difference"}
-    assert {name for name, m in MERGE_METHODS.items() if m.models == "ab"} == ALL_METHODS - needs_c
-    beta_required = {name for name, m in MERGE_METHODS.items() if m.beta_required}
+    assert {name for name, m in MERGE_METHODS.items() if m.inputs == ("a", "b")} == ALL_METHODS - needs_c
+    assert {name for name, m in MERGE_METHODS.items() if m.accepts("c") and not m.needs_c} == {"ties", "dare"}
+    beta_required = {name for name, m in MERGE_METHODS.items() if m.beta is not None and m.beta.required}
     assert beta_required == {"triple_sum", "sum_twice", "ties", "dare"}
     uses_beta = {name for name, m in MERGE_METHODS.items() if m.beta is not None}
     assert uses_beta == beta_required | {"scaled_sum"}
     not_elementwise = {name for name, m in MERGE_METHODS.items() if not m.elementwise}
     assert not_elementwise == {"ties", "slerp"}
+    assert {name for name, m in MERGE_METHODS.items() if m.lerp} == {"weighted_sum"}
+
+
+def test_methods_state_their_ranges():
+    dare, ties, weighted = MERGE_METHODS["dare"], MERGE_METHODS["ties"], MERGE_METHODS["weighted_sum"]
+    assert dare.ratio_problems(0.5, 0.0) == [] and dare.ratio_problems(0.5, 0.999) == []
+    assert [param for param, _ in dare.ratio_problems(0.5, 1.0)] == ["beta"]
+    assert "[0, 1)" in dare.ratio_problems(0.5, 1.0)[0][1]
+    assert ties.ratio_problems(1.0, 1.0) == [] and ties.ratio_problems(1.0, -0.1) != []
+    assert weighted.ratio_problems(1e308, None)[0][0] == "alpha"
+    assert weighted.ratio_problems(-2.0, None) == []  # extrapolation is a merge users make
+
+
+def test_shortcuts_are_the_methods_own():
+    shortcuts = {
+        name: (m.shortcut(0.0, None), m.shortcut(1.0, None), m.shortcut(0.0, 1.0))
+        for name, m in MERGE_METHODS.items()
+    }
+    assert shortcuts["weighted_sum"] == ("copy_a", "copy_b", "copy_a")
+    assert shortcuts["add_difference"] == shortcuts["train_difference"] == ("copy_a", None, "copy_a")
+    assert shortcuts["scaled_sum"] == (None, None, "copy_a")
+    assert shortcuts["dare"] == shortcuts["slerp"] == (None, None, None)
 
 
 def test_import_does_not_import_torch():
@@ -312,7 +335,7 @@ def test_methods_keep_shape_and_dtype(name):
     method = MERGE_METHODS[name]
     g = torch.Generator().manual_seed(0)
     a, b, c = (torch.randn(3, 4, generator=g) for _ in range(3))
-    beta = 0.5 if method.beta_required else None
+    beta = 0.5 if method.beta is not None and method.beta.required else None
     out = method.fn(a.clone(), b.clone(), c.clone() if method.needs_c else None, 0.3, beta, rng(0))
     assert out.shape == (3, 4)
     assert out.dtype == torch.float32

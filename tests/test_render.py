@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mergeprobe.colorize import Colorize, colorize
+from mergeprobe.colorize import Colorize
+from mergeprobe.colorize_render import colorize
 from worker.render import (
     GAP_COLOR,
     MIN_CELL_PX,

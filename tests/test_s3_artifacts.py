@@ -224,7 +224,7 @@ def test_failed_and_canceled_jobs_leave_no_objects(service, client, tiny_models,
         job = client.post("/v1/jobs/inspect", json={"model": "tiny-sd1-a"}).json()
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(tasks, "get_runtime", lambda: runtime)
-            patch.setitem(tasks.ENGINES, "inspect", engine)
+            patch.setattr(tasks, "engine_of", lambda kind, engine=engine: engine)
             assert tasks.run_job(job["id"]) == name
         assert len(uploaded[job["id"]]) == 4  # they were there while the job ran
         outcomes[name] = client.get(f"/v1/jobs/{job['id']}").json()

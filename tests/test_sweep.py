@@ -6,7 +6,6 @@ import csv
 import io
 
 import pytest
-import redis
 import torch
 from PIL import Image
 
@@ -165,10 +164,9 @@ def test_sweep_validation(client, service, tiny_models):
 def sweep_in_process(service, tiny_models, monkeypatch):
     """Runs a sweep request through the real engine in this process (real Redis, artifacts, files);
     returns (result, context). Settings come from the environment at each call."""
-    from mergeprobe.artifacts import ArtifactStore
-    from mergeprobe.jobs import JobStore
+    from mergeprobe.kinds import KINDS
     from mergeprobe.library import ModelLibrary
-    from mergeprobe.sweep_request import SweepRequest, prepare_sweep
+    from mergeprobe.sweep_request import SweepRequest
     from worker import generation
     from worker.context import JobContext
     from worker.engines.sweep import run_sweep
@@ -182,11 +180,12 @@ def sweep_in_process(service, tiny_models, monkeypatch):
 
     def sweep(body):
         settings = service.settings()
-        library, store = ModelLibrary(settings), JobStore(redis.Redis.from_url(settings.redis_url), settings)
-        request = SweepRequest.model_validate(body)
-        job, _ = store.create("sweep", request.model_dump(mode="json"), prepare_sweep(request, library))
-        store.claim(job["id"], "test")
-        ctx = JobContext(store.get(job["id"]), store, library, ArtifactStore(settings))
+        ctx = JobContext.local(
+            KINDS["sweep"],
+            SweepRequest.model_validate(body),
+            settings=settings,
+            library=ModelLibrary(settings),
+        )
         return run_sweep(ctx), ctx
 
     return sweep

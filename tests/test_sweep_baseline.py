@@ -13,6 +13,7 @@ from mergeprobe.checkpoint_headers import read_checkpoint_header
 from mergeprobe.library import ModelLibrary
 from mergeprobe.merge_plan import MergeRequest, plan_merge
 from mergeprobe.settings import Settings
+from worker import merge_executor
 from worker import stream_merge as stream_merge_module
 from worker.checkpoint_io import MappedCheckpoint
 from worker.engines.sweep import _apply_baseline, _Weights
@@ -31,7 +32,7 @@ from worker.tiny_models import tiny_config_dir, write_tiny_checkpoint
     ],
 )
 def test_baseline_equals_the_written_merge(tmp_path, tiny_models, monkeypatch, arch, mode, beta):
-    monkeypatch.setattr(stream_merge_module, "CHUNK_ELEMENTS", 1000)  # tiny tensors span many ranges
+    monkeypatch.setattr(merge_executor, "CHUNK_ELEMENTS", 1000)  # tiny tensors span many ranges
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(tiny_models[arch], models / f"tiny-{arch}-a.safetensors")

@@ -9,7 +9,6 @@ anonymous memory. .ckpt pickles load only through torch's weights_only unpickler
 from __future__ import annotations
 
 import mmap
-import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -19,10 +18,6 @@ from pathlib import Path
 import torch
 
 from mergeprobe.checkpoint_headers import CheckpointHeader
-
-# Fault injection for operators and tests: seconds to sleep per tensor read, to
-# simulate a slow disk and so exercise cancel and worker-loss paths on tiny models.
-_DEBUG_DELAY = float(os.environ.get("MERGEPROBE_DEBUG_TENSOR_DELAY", "0") or 0)
 
 TORCH_DTYPES = {
     "F64": torch.float64,
@@ -44,8 +39,9 @@ class MappedCheckpoint:
     """Tensors of one checkpoint by key, as views of the mapped file (safetensors) or of
     torch's mmapped load (.ckpt). Views are read-only: copy before writing to them."""
 
-    def __init__(self, path: Path, header: CheckpointHeader) -> None:
+    def __init__(self, path: Path, header: CheckpointHeader, *, read_delay: float = 0.0) -> None:
         self.header = header
+        self.read_delay = read_delay  # settings.debug_tensor_delay: a slow disk, simulated
         self._mmap: mmap.mmap | None = None
         self._state: dict[str, torch.Tensor] | None = None
         if header.format == "safetensors":
@@ -57,8 +53,8 @@ class MappedCheckpoint:
             self._state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else {}
 
     def get(self, key: str) -> torch.Tensor:
-        if _DEBUG_DELAY:
-            time.sleep(_DEBUG_DELAY)
+        if self.read_delay:
+            time.sleep(self.read_delay)
         if self._state is not None:
             return self._state[key]
         info = self.header.tensors[key]
@@ -90,8 +86,10 @@ class MappedCheckpoint:
 
 
 @contextmanager
-def open_checkpoint(path: Path, header: CheckpointHeader) -> Iterator[MappedCheckpoint]:
-    checkpoint = MappedCheckpoint(path, header)
+def open_checkpoint(
+    path: Path, header: CheckpointHeader, *, read_delay: float = 0.0
+) -> Iterator[MappedCheckpoint]:
+    checkpoint = MappedCheckpoint(path, header, read_delay=read_delay)
     try:
         yield checkpoint
     finally:

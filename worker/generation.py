@@ -83,9 +83,8 @@ class PromptEncoder:
         return self.cache[key]
 
 
-def get_pipeline(path: Path, header: CheckpointHeader, arch: str, sha256: str):
+def get_pipeline(settings: Settings, path: Path, header: CheckpointHeader, arch: str, sha256: str):
     """(pipeline, was it cached, device): loaded once per model version and worker."""
-    settings = Settings()
     device, dtype = pick_device(settings.generation_dtype)
     config_dir = find_config_dir(arch, header, settings)
     pipe, cached = pipeline_cache(settings).get(

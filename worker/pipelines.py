@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mergeprobe.checkpoint_headers import CheckpointHeader
-from mergeprobe.problems import Problem
+from mergeprobe.errors import Unprocessable
 from mergeprobe.settings import Settings
 
 SHIPPED_CONFIGS = Path(__file__).resolve().parent.parent / "mergeprobe" / "configs"
@@ -56,8 +56,7 @@ def find_config_dir(arch: str, header: CheckpointHeader, settings: Settings) -> 
         if not missing:
             return candidate
     where = settings.pipeline_configs_dir or "<MERGEPROBE_PIPELINE_CONFIGS_DIR>"
-    raise Problem(
-        422,
+    raise Unprocessable(
         "missing-pipeline-config",
         "Missing pipeline config",
         f"no complete diffusers config for this {arch} checkpoint: fill {where}/{arch} with model_index.json, "

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mergeprobe.colorize import Colorize
-from mergeprobe.colorize import colorize as colorize_values
+from mergeprobe.colorize_render import colorize as colorize_values
 
 GAP_COLOR = (40, 40, 40)
 TEXT_COLOR = (230, 230, 230)

@@ -33,12 +33,12 @@ import torch
 
 from mergeprobe.checkpoint_headers import DTYPE_SIZES
 from mergeprobe.merge_metadata import HASH_PLACEHOLDER
-from mergeprobe.merge_methods import MergeMethod, weighted_sum
-from mergeprobe.merge_plan import CONV_IN, VAE_PREFIX, KeyPlan, MergePlan
+from mergeprobe.merge_plan import KeyPlan, MergePlan
 from mergeprobe.safetensors_layout import build_header
+from worker import merge_executor
 from worker.checkpoint_io import TORCH_DTYPES, MappedCheckpoint
+from worker.merge_executor import PlanExecutor, numel_of
 
-CHUNK_ELEMENTS = 1 << 21  # 2 M elements: 8 MB per fp32 operand
 MAX_IN_FLIGHT = 6  # tasks submitted and not yet hashed
 
 
@@ -58,29 +58,12 @@ def pick_device(requested: str) -> torch.device:
     return torch.device("cuda")
 
 
-def chunk_ranges(method: MergeMethod, key: str, numel: int) -> list[tuple[int, int]]:
-    """The element ranges of the flat tensor `key` is merged in: CHUNK_ELEMENTS at a time for
-    element-wise methods, else (and for conv_in, whose channels may differ) the whole tensor.
-    Random methods draw per range (`chunk_rng`), so anything that must reproduce a written merge
-    (sweep baselines) merges in these same ranges."""
-    if not method.elementwise or key == CONV_IN or numel <= CHUNK_ELEMENTS:
-        return [(0, numel)]
-    return [(start, min(start + CHUNK_ELEMENTS, numel)) for start in range(0, numel, CHUNK_ELEMENTS)]
-
-
-def chunk_rng(seed: int, key: str, start: int) -> torch.Generator:
-    """The generator of one range's random draws (dare): from the merge seed, the key and the range."""
-    digest = hashlib.sha256(f"{seed}:{key}:{start}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def _tasks(plan: MergePlan) -> Iterator[_Task]:
-    for index, key_plan in enumerate(plan.keys):
-        numel = _numel(key_plan.shape)
+def _tasks(executor: PlanExecutor) -> Iterator[_Task]:
+    for index, key_plan in enumerate(executor.plan.keys):
         if key_plan.action != "merge":
-            yield _Task(key_plan, 0, numel, index)
+            yield _Task(key_plan, 0, numel_of(key_plan.shape), index)
             continue
-        for start, stop in chunk_ranges(plan.method, key_plan.key, numel):
+        for start, stop in executor.ranges(key_plan):
             yield _Task(key_plan, start, stop, index)
 
 
@@ -97,21 +80,13 @@ class _Result:
 class _Combiner:
     """Turns one task into the bytes of its output range."""
 
-    def __init__(
-        self, plan: MergePlan, sources: dict[str, MappedCheckpoint], device: torch.device, seed: int
-    ) -> None:
-        self.plan = plan
-        self.sources = sources
-        self.device = device
-        self.seed = seed
-        self.chunk = CHUNK_ELEMENTS  # read at merge time: tests change it
+    def __init__(self, executor: PlanExecutor) -> None:
+        self.executor = executor
+        self.sources = executor.sources
+        self.device = executor.device
+        self.chunk = merge_executor.CHUNK_ELEMENTS  # read at merge time: tests change it
         self._local = threading.local()  # per-thread fp32 scratch buffers (CPU)
         self._free: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # output buffers
-        vae = sources.get("vae")
-        self.vae_keys: dict[str, str] = {}
-        if vae is not None:
-            names = set(vae.header.tensors)
-            self.vae_keys = {VAE_PREFIX + k.removeprefix(VAE_PREFIX): k for k in names}
 
     # -- buffers --------------------------------------------------------------------------
     def _scratch(self, slot: str, numel: int) -> torch.Tensor | None:
@@ -164,11 +139,11 @@ class _Combiner:
             return _Result(raw)
         return _Result(self._bytes(source.get(key).to(out_dtype)))
 
-    def _load(self, slot: str, key: str, task: _Task) -> torch.Tensor | None:
+    def _load(self, slot: str, key: str, start: int, stop: int) -> torch.Tensor | None:
         source = self.sources.get(slot)
         if source is None or key not in source.header.tensors:
             return None  # an optional third model (ties, dare) without this key: B's delta alone
-        view = source.get(key).reshape(-1)[task.start : task.stop]
+        view = source.get(key).reshape(-1)[start:stop]
         scratch = self._scratch(slot, view.numel())
         if scratch is None:
             return view.to(device=self.device, dtype=torch.float32, copy=True)
@@ -176,30 +151,16 @@ class _Combiner:
 
     def __call__(self, task: _Task) -> _Result:
         kp = task.plan
-        if kp.action in ("copy_a", "keep_a"):
-            return self._copy("a", kp.key, task)
-        if kp.action == "copy_b":
-            return self._copy("b", kp.key, task)
-        if kp.action == "copy_vae":
-            return self._copy("vae", self.vae_keys[kp.key], task)
+        copied = self.executor.plan.copied_from(kp)
+        if copied is not None:
+            return self._copy(*copied, task)
         out_dtype = TORCH_DTYPES[kp.dtype]
-        if kp.key == CONV_IN and self._channels_differ(kp.key):
-            return _Result(self._bytes(self._merge_shared_channels(kp)))
-        if self._lerp_in_place(kp):
+        if self.executor.channels_differ(kp.key):
+            return _Result(self._bytes(self.executor.merge_shared_channels(kp).to(out_dtype)))
+        if self.executor.lerp_in_place(kp):
             return self._lerp(kp, task, out_dtype)
-        a = self._load("a", kp.key, task)
-        b = self._load("b", kp.key, task)
-        c = self._load("c", kp.key, task)
-        merged = self._apply(kp, a, b, c, task.start)
+        merged = self.executor.merge_range(kp, task.start, task.stop, self._load)
         return self._result(merged, out_dtype)
-
-    def _lerp_in_place(self, kp: KeyPlan) -> bool:
-        """weighted_sum of A and B stored in the output dtype, on the CPU: see `_lerp`."""
-        if self.plan.method.fn is not weighted_sum or self.device.type != "cpu" or "c" in self.sources:
-            return False
-        return all(
-            src.header.tensors[kp.key].dtype == kp.dtype for src in (self.sources["a"], self.sources["b"])
-        )
 
     def _lerp(self, kp: KeyPlan, task: _Task, dtype: torch.dtype) -> _Result:
         """torch.lerp straight from the fp16 / bf16 / fp32 views into the output buffer.
@@ -217,33 +178,6 @@ class _Combiner:
         buffer, out = pooled
         torch.lerp(a, b, kp.alpha, out=out)
         return _Result(memoryview(out.view(torch.uint8).numpy()), buffer)
-
-    def _apply(self, kp: KeyPlan, a, b, c, start: int) -> torch.Tensor:
-        return self.plan.method.fn(a, b, c, kp.alpha, kp.beta, chunk_rng(self.seed, kp.key, start))
-
-    def _channels_differ(self, key: str) -> bool:
-        shapes = {
-            src.header.tensors[key].shape
-            for slot, src in self.sources.items()
-            if slot != "vae" and key in src.header.tensors
-        }
-        return len(shapes) > 1
-
-    def _merge_shared_channels(self, kp: KeyPlan) -> torch.Tensor:
-        """conv_in of an inpainting model (9 input channels) with a normal one (4)."""
-        tensors = {
-            s: src.get(kp.key)
-            for s, src in self.sources.items()
-            if s != "vae" and kp.key in src.header.tensors
-        }
-        shared = min(t.shape[1] for t in tensors.values())
-        result = tensors["a"].to(device=self.device, dtype=torch.float32, copy=True)
-        parts = {
-            s: t[:, :shared].to(device=self.device, dtype=torch.float32, copy=True)
-            for s, t in tensors.items()
-        }
-        result[:, :shared] = self._apply(kp, parts["a"], parts["b"], parts.get("c"), 0)
-        return result.to(TORCH_DTYPES[kp.dtype])
 
 
 def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
@@ -264,11 +198,16 @@ def stream_merge(
     threads: int = 2,  # at most this many merge threads (see _thread_counts)
     check_cancel: Callable[[], None] = lambda: None,
     progress: Callable[[int, int], None] = lambda done, total: None,
+    read_delay: float = 0.0,  # seconds per tensor read (settings.debug_tensor_delay)
 ) -> str:
     """Write the merged checkpoint to `out_path`; returns the sha256 of its tensor data."""
     header, offsets = build_header(((k.key, k.dtype, k.shape) for k in plan.keys), metadata)
-    sources = {slot: MappedCheckpoint(path, plan.headers[slot]) for slot, path in plan.paths.items()}
-    combine = _Combiner(plan, sources, device, seed)
+    sources = {
+        slot: MappedCheckpoint(path, plan.headers[slot], read_delay=read_delay)
+        for slot, path in plan.paths.items()
+    }
+    executor = PlanExecutor(plan, sources, device, seed)
+    combine = _Combiner(executor)
     data_hash = hashlib.sha256()
     total = len(plan.keys)
     data_start = len(header)
@@ -295,11 +234,11 @@ def stream_merge(
                 result = future.result()
                 data_hash.update(result.data)
                 combine.release(result)
-                if task.stop == _numel(task.plan.shape):
+                if task.stop == numel_of(task.plan.shape):
                     progress(task.index + 1, total)
 
             try:
-                for task in _tasks(plan):
+                for task in _tasks(executor):
                     check_cancel()
                     # copy_context: log lines from merge threads keep the job id (mergeprobe.logging).
                     pending.append((task, pool.submit(contextvars.copy_context().run, work, task)))
@@ -343,10 +282,3 @@ def _thread_counts(threads: int) -> tuple[int, int]:
     cpus = _usable_cpus()
     workers = max(1, min(threads, cpus - 1))
     return workers, max(1, cpus // (workers + 1))
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count

@@ -6,33 +6,41 @@ rq hands over only a job id (JSON serializer); the job record in Redis says what
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import time
 import traceback
 from collections.abc import Callable
+from functools import cache
 from typing import Any
 
 from rq.timeouts import JobTimeoutException
 
+from mergeprobe.errors import MergeprobeError
 from mergeprobe.jobs import problem_dict
+from mergeprobe.kinds import KINDS, JobKind
 from mergeprobe.logging import job_logging
-from mergeprobe.problems import Problem
+from mergeprobe.problems import problem_of
 from worker.context import JobCanceled, JobContext
-from worker.engines.dump import run_dump
-from worker.engines.inspect import run_inspect
-from worker.engines.merge import run_elemental, run_merge
-from worker.engines.sweep import run_sweep
 from worker.runtime import get_runtime
 
 log = logging.getLogger("mergeprobe.worker")
 
-ENGINES: dict[str, Callable[[JobContext], dict[str, Any]]] = {
-    "inspect": run_inspect,
-    "merge": run_merge,
-    "elemental": run_elemental,
-    "dump": run_dump,
-    "sweep": run_sweep,
-}
+
+@cache
+def engine_of(kind: JobKind) -> Callable[[JobContext], dict[str, Any]]:
+    """The engine a kind names (`module:function`), imported on first use."""
+    module, _, function = kind.engine.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def checked_result(kind: JobKind, result: dict[str, Any]) -> dict[str, Any]:
+    """An engine's result as its kind's result model documents it (an engine returning another
+    shape is a bug: the job fails instead of storing what clients are not told about)."""
+    unknown = set(result) - set(kind.result_model.model_fields)
+    if unknown:
+        raise TypeError(f"the {kind.name} engine returned fields its result model lacks: {sorted(unknown)}")
+    return kind.result_model.model_validate(result).model_dump(mode="json")
 
 
 def run_job(job_id: str) -> str:
@@ -54,10 +62,18 @@ def _run_job(job_id: str) -> str:
         return "skipped"  # canceled (or deleted) while queued
     with runtime.lock:
         runtime.current_job_id = job_id
-    ctx = JobContext(job, store, runtime.library, runtime.artifacts)
+    kind = KINDS[job["kind"]]
+    ctx: JobContext | None = None
     try:
-        engine = ENGINES[job["kind"]]
-        result = engine(ctx)
+        ctx = JobContext.from_job(
+            job,
+            kind,
+            settings=runtime.settings,
+            library=runtime.library,
+            artifacts=runtime.artifacts,
+            reporter=store,
+        )
+        result = checked_result(kind, engine_of(kind)(ctx))
     except JobCanceled:
         runtime.artifacts.remove_job(job_id)
         store.finish(
@@ -71,7 +87,7 @@ def _run_job(job_id: str) -> str:
         return "canceled"
     except JobTimeoutException:
         runtime.artifacts.remove_job(job_id)
-        timeout = runtime.settings.timeout_for(job["kind"])
+        timeout = kind.timeout_in(runtime.settings)
         detail = (
             f"the job ran longer than its {timeout} s limit for {job['kind']} jobs (MERGEPROBE_JOB_TIMEOUTS)"
         )
@@ -79,9 +95,10 @@ def _run_job(job_id: str) -> str:
             job_id, "failed", artifacts=[], error=problem_dict(504, "job-timeout", "Job timed out", detail)
         )
         return "failed"
-    except Problem as problem:
+    except MergeprobeError as error:
         runtime.artifacts.remove_job(job_id)
-        store.finish(job_id, "failed", artifacts=[], error=problem.to_dict(), warnings=ctx.warnings)
+        warnings = ctx.warnings if ctx is not None else []
+        store.finish(job_id, "failed", artifacts=[], error=problem_of(error).to_dict(), warnings=warnings)
         return "failed"
     except Exception as exc:  # noqa: BLE001 - any engine failure becomes the job's error
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
@@ -93,6 +110,7 @@ def _run_job(job_id: str) -> str:
     finally:
         with runtime.lock:
             runtime.current_job_id = None
+    assert ctx is not None
     store.finish(job_id, "succeeded", result=result, artifacts=ctx.artifacts, warnings=ctx.warnings)
     return "succeeded"
 

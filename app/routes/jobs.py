@@ -52,8 +52,10 @@ def _submit_handler(kind: JobKind):
     ) -> dict:
         request = body.model_dump(mode="json")
         idempotency = (idempotency_key, body_fingerprint(kind.name, request)) if idempotency_key else None
-        inputs = kind.prepare(body, state.library)
-        job, created = state.store.create(kind.name, request, inputs, idempotency)
+        inputs = kind.prepare(body, state.library).model_dump(mode="json")
+        job, created = state.store.create(
+            kind.name, request, inputs, idempotency, timeout=kind.timeout_in(state.settings)
+        )
         response.status_code = 202 if created else 200
         response.headers["Location"] = f"/v1/jobs/{job['id']}"
         return job

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from mergeprobe.colorize import Colorize
-from mergeprobe.dump_request import DumpRequest
+from mergeprobe.dump_request import DumpInputs, DumpRequest
 from worker.context import JobContext
 from worker.generation import PromptEncoder, get_pipeline, make_scheduler
 from worker.probe import Probe, ProbeState
@@ -157,15 +157,15 @@ def _token_labels(pipe, text: str) -> list[str]:
 
 def run_dump(ctx: JobContext) -> dict[str, Any]:
     started = time.monotonic()
-    request = DumpRequest.model_validate(ctx.request)
-    inputs = ctx.inputs
-    arch = inputs["arch"]
+    request: DumpRequest = ctx.request
+    inputs: DumpInputs = ctx.inputs
+    arch = inputs.arch
     library = ctx.library
-    path = library.resolve(inputs["model"])
+    path = library.open_pinned(inputs.model)
     header = library.header(path)
-    sha256, _ = library.hashes(path)
+    sha256 = inputs.model.sha256
     ctx.progress(0, 1, "loading pipeline")
-    pipe, cached, device = get_pipeline(path, header, arch, sha256)
+    pipe, cached, device = get_pipeline(ctx.settings, path, header, arch, sha256)
     pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     sdxl = arch == "sdxl"
     encode = PromptEncoder(pipe, sdxl, device)
@@ -173,15 +173,9 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
     halves = ["uncond", "cond"] if cfg else ["cond"]
     batch = request.batch_size
     recorder = _Recorder(ctx, request, halves, batch)
-    feature_steps = (
-        {b: set(inputs["features"]["steps"]) for b in inputs["features"]["layers"]}
-        if inputs.get("features")
-        else {}
-    )
+    feature_steps = {b: set(inputs.features.steps) for b in inputs.features.layers} if inputs.features else {}
     attention_steps = (
-        {b: set(inputs["attention"]["steps"]) for b in inputs["attention"]["layers"]}
-        if inputs.get("attention")
-        else {}
+        {b: set(inputs.attention.steps) for b in inputs.attention.layers} if inputs.attention else {}
     )
     runs = 2 if request.layer_prompt_diff else 1
     total = runs * request.steps
@@ -239,12 +233,12 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
 
     try:
         if request.layer_prompt_diff:
-            plain = dict.fromkeys(inputs["prompts"], inputs["plain_prompt"])
-            plain_neg = dict.fromkeys(inputs["prompts"], inputs["plain_negative_prompt"])
+            plain = dict.fromkeys(inputs.prompts, inputs.plain_prompt)
+            plain_neg = dict.fromkeys(inputs.prompts, inputs.plain_negative_prompt)
             recorder.baseline, recorder.keep_baseline = {}, True
             generate(plain, plain_neg)
             recorder.keep_baseline = False
-        images = generate(inputs["prompts"], inputs["negative_prompts"])
+        images = generate(inputs.prompts, inputs.negative_prompts)
         recorder.flush()
     finally:
         recorder.close()
@@ -273,9 +267,9 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
                 {
                     "shapes": recorder.shapes,
                     "halves": halves,
-                    "features": inputs.get("features"),
-                    "attention": inputs.get("attention"),
-                    "request": ctx.request,
+                    "features": inputs.features.model_dump() if inputs.features else None,
+                    "attention": inputs.attention.model_dump() if inputs.attention else None,
+                    "request": request.model_dump(mode="json"),
                     "layout": {
                         "features": "features/<block>/step<NNN>/<half>: (batch, channels, h, w)",
                         "attention": "attention/<block>/step<NNN>/<half>/t<i>: (batch, heads, h, w, 77 tokens), "
@@ -294,15 +288,15 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
         )
     manifest = {"arch": arch, "halves": halves, "artifacts": recorder.manifest}
     ctx.write_artifact("manifest.json", json.dumps(manifest, indent=1).encode(), "application/json")
-    for warning in inputs.get("warnings", []):
+    for warning in inputs.warnings:
         ctx.warn(warning)
     return {
         "model": path.name,
         "arch": arch,
         "images": image_names,
-        "prompts": inputs["prompts"],
-        "negative_prompts": inputs["negative_prompts"],
-        "warnings": inputs.get("warnings", []),
+        "prompts": inputs.prompts,
+        "negative_prompts": inputs.negative_prompts,
+        "warnings": inputs.warnings,
         "captures": len(recorder.manifest),
         "pipeline_cached": cached,
         "device": str(device),

@@ -50,12 +50,15 @@ def _single_threaded() -> Iterator[None]:
 
 
 def run_inspect(ctx: JobContext) -> dict:
-    path = ctx.library.resolve(ctx.inputs["model"])
+    path = ctx.library.open_pinned(ctx.inputs.model)
     header = ctx.library.header(path)
-    arch = get_arch(ctx.inputs["arch"])
+    arch = get_arch(ctx.inputs.arch)
     blocks = {block: _Accumulator() for block in arch.blocks}
     total = len(header.tensors)
-    with _single_threaded(), open_checkpoint(path, header) as reader:
+    with (
+        _single_threaded(),
+        open_checkpoint(path, header, read_delay=ctx.settings.debug_tensor_delay) as reader,
+    ):
         for done, (key, info) in enumerate(header.tensors.items(), start=1):
             ctx.check_cancel()
             acc = blocks[block_of_key(arch, key)]

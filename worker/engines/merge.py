@@ -10,7 +10,7 @@ from collections import Counter
 import torch
 
 from mergeprobe.merge_metadata import merge_metadata
-from mergeprobe.merge_plan import VAE_PREFIX, ElementalRequest, MergePlan, MergeRequest, plan_merge
+from mergeprobe.merge_plan import MergePlan, MergeRequest, plan_merge
 from worker.context import JobContext
 from worker.stream_merge import pick_device, stream_merge
 
@@ -18,12 +18,12 @@ PLAN_COLUMNS = ("key", "block", "element", "alpha", "beta", "action")
 
 
 def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
-    plan = plan_merge(request, ctx.library, output_name=ctx.inputs["output"])
+    plan = plan_merge(request, ctx.library, output_name=ctx.inputs.output, pinned=ctx.inputs.models)
     for warning in plan.warnings:
         ctx.warn(warning)
     ctx.progress(0, len(plan.keys), "hashing inputs")
     hashes = {slot: ctx.library.hashes(path) for slot, path in plan.paths.items()}
-    metadata = merge_metadata(plan, ctx.request, hashes, request.output.metadata)
+    metadata = merge_metadata(plan, request.model_dump(mode="json"), hashes, request.output.metadata)
     library = ctx.library
     library.check_name_free(plan.output_name)
     tmp = library.temp_path(plan.output_name, job_id=ctx.job_id)
@@ -38,13 +38,14 @@ def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
             threads=max(2, min(4, os.cpu_count() or 2)),
             check_cancel=ctx.check_cancel,
             progress=lambda done, total: ctx.progress(done, total, "merging tensors"),
+            read_delay=ctx.settings.debug_tensor_delay,
         )
         final = library.commit(tmp, plan.output_name)
     finally:
         tmp.unlink(missing_ok=True)
     info = library.info(final)
-    ctx.store.add_counter("merge_bytes_read", bytes_read(plan))
-    ctx.store.add_counter("merge_bytes_written", info.size_bytes)
+    ctx.add_counter("merge_bytes_read", bytes_read(plan))
+    ctx.add_counter("merge_bytes_written", info.size_bytes)
     result = {
         "model": {
             "id": info.id,
@@ -66,35 +67,19 @@ def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
 
 
 def run_merge(ctx: JobContext) -> dict:
-    _, result = _execute(ctx, MergeRequest.model_validate(ctx.request))
+    _, result = _execute(ctx, ctx.request)
     return result
 
 
 def run_elemental(ctx: JobContext) -> dict:
-    plan, result = _execute(ctx, ElementalRequest.model_validate(ctx.request))
+    plan, result = _execute(ctx, ctx.request)
     ctx.write_artifact("plan.csv", plan_csv(plan), "text/csv")
     return result
 
 
 def bytes_read(plan: MergePlan) -> int:
     """Bytes of input tensors the merge reads: each source tensor a key's action takes."""
-    vae = plan.headers.get("vae")
-    vae_keys = {VAE_PREFIX + k.removeprefix(VAE_PREFIX): k for k in vae.tensors} if vae else {}
-    total = 0
-    for k in plan.keys:
-        if k.action in ("copy_a", "keep_a"):
-            reads = [("a", k.key)]
-        elif k.action == "copy_b":
-            reads = [("b", k.key)]
-        elif k.action == "copy_vae":
-            reads = [("vae", vae_keys[k.key])]
-        else:
-            reads = [(slot, k.key) for slot in plan.headers if slot != "vae"]
-        for slot, key in reads:
-            tensor = plan.headers[slot].tensors.get(key)
-            if tensor is not None:
-                total += tensor.nbytes
-    return total
+    return sum(plan.headers[slot].tensors[key].nbytes for k in plan.keys for slot, key in plan.reads(k))
 
 
 def plan_csv(plan: MergePlan) -> bytes:

@@ -16,21 +16,22 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from mergeprobe.archs import block_of_key, element_of_key, get_arch
-from mergeprobe.merge_methods import MERGE_METHODS
-from mergeprobe.merge_plan import plan_merge
+from mergeprobe.archs import get_arch
+from mergeprobe.merge_plan import MergePlan, change_plan, plan_merge
 from mergeprobe.settings import Settings
-from mergeprobe.sweep_request import SweepRequest, Variant, XYVariants, rule_matches_json
+from mergeprobe.sweep_request import BASELINE_NAME, SweepInputs, SweepRequest, Variant, XYVariants
 from worker.checkpoint_io import TORCH_DTYPES, MappedCheckpoint
 from worker.context import JobContext
 from worker.generation import PromptEncoder, get_pipeline, make_scheduler
+from worker.merge_executor import PlanExecutor
 from worker.param_map import ldm_groups_of
 from worker.render import png_bytes
-from worker.stream_merge import chunk_ranges, chunk_rng
 from worker.sweep_render import difference_image, flip_gif, influence, label_cell, rows_grid, u_grid, xy_grid
 from worker.variant_batch import VariantBatch
 
@@ -45,26 +46,18 @@ _EXACT_IN_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _Weights:
-    """The pipeline's parameters by LDM key, and the checkpoint files to recompute them from."""
+    """The pipeline's parameters by LDM key, set from a plan's keys (`worker.merge_executor`)."""
 
     def __init__(self, pipe: Any, arch: str, sources: dict[str, MappedCheckpoint]) -> None:
-        self.arch = get_arch(arch)
         self.sources = sources
+        self.device = pipe.unet.device  # where merged tensors are computed
         self.params: dict[tuple[str, str], torch.nn.Parameter] = {}
         for component in _COMPONENTS:
             module = getattr(pipe, component, None)
             if module is not None:
                 self.params.update({(component, n): p for n, p in module.named_parameters()})
         self.groups = ldm_groups_of(pipe, arch)
-        self.keys = {param_id: key for key, group in self.groups.items() for param_id in group}
         self.a_values: dict[tuple[str, str], torch.Tensor] = {}  # model_a's values of params we changed
-
-    def _file_tensor(self, slot: str, key: str) -> torch.Tensor | None:
-        """The LDM tensor as stored in that slot's file (a zero-copy view), or None."""
-        source = self.sources.get(slot)
-        if source is None or key not in source.header.tensors:
-            return None
-        return source.get(key)
 
     def _a_held_exactly(self, key: str) -> torch.Tensor | None:
         """model_a's tensor as the pipeline holds it, flat, where that is exactly the file's value
@@ -91,29 +84,20 @@ class _Weights:
             for param_id, part in zip(group, tensor.split(rows), strict=True)
         }
 
-    def merged(self, key: str, mode: str, alpha, beta, seed: int) -> dict[tuple[str, str], torch.Tensor]:
-        """The merge of one LDM tensor from the files, in fp32, computed range by range with the
-        same random draws as stream_merge, so a baseline equals the merge job's output."""
-        method = MERGE_METHODS[mode]
-        device = self.params[self.groups[key][0]].device
-        flat = {
-            slot: t.reshape(-1) for slot in ("a", "b", "c") if (t := self._file_tensor(slot, key)) is not None
-        }
-        held = self._a_held_exactly(key)
-        if held is not None:
-            flat["a"] = held
-        out = torch.empty(flat["a"].numel(), dtype=torch.float32, device=device)
-        for start, stop in chunk_ranges(method, key, out.numel()):
-            part = {
-                s: t[start:stop].to(device=device, dtype=torch.float32, copy=True) for s, t in flat.items()
-            }
-            a = part["a"]
-            b = part["b"] if "b" in part else a.clone()  # without model_b, B is A (scaled_sum scales A)
-            out[start:stop] = method.fn(a, b, part.get("c"), alpha, beta, chunk_rng(seed, key, start))
-        return self.to_params(key, out.reshape(self.sources["a"].header.tensors[key].shape))
-
-    def copied(self, slot: str, key: str) -> dict[tuple[str, str], torch.Tensor]:
-        return self.to_params(key, self._file_tensor(slot, key))
+    def planned(self, plan: MergePlan, seed: int) -> Iterator[dict[tuple[str, str], torch.Tensor]]:
+        """For each key of `plan` the pipeline holds, its value cut into parameters: copied keys as
+        stored in their input, merged keys in fp32 exactly as a written merge computes them."""
+        executor = PlanExecutor(plan, self.sources, self.device, seed)
+        for kp in plan.keys:
+            if kp.key not in self.groups:
+                continue
+            copied = plan.copied_from(kp)
+            if copied is not None:
+                slot, key = copied
+                yield self.to_params(kp.key, self.sources[slot].get(key))
+                continue
+            held = self._a_held_exactly(kp.key)
+            yield self.to_params(kp.key, executor.merged(kp, held={"a": held} if held is not None else None))
 
     def assign(self, param_id, value: torch.Tensor) -> None:
         param = self.params[param_id]
@@ -127,65 +111,24 @@ class _Weights:
         self.a_values.clear()
 
 
-def _apply_baseline(
-    weights: _Weights, plan, seed: int
-) -> dict[tuple[str, str], tuple[str, float | None, float | None]]:
-    """Merge the baseline into the pipeline; returns each U-Net param's baseline (mode, α, β)."""
-    by_key = {k.key: k for k in plan.keys} if plan is not None else {}
-    ratios = {}
-    for key, group in weights.groups.items():
-        kp = by_key.get(key)
-        if kp is None:
-            continue
-        if group[0][0] == "unet" and kp.alpha is not None:
-            ratios.update({param_id: (plan.method.name, kp.alpha, kp.beta) for param_id in group})
-        if kp.action in ("copy_a", "keep_a"):
-            continue
-        if kp.action == "copy_b":
-            values = weights.copied("b", key)
-        else:
-            values = weights.merged(key, plan.method.name, kp.alpha, kp.beta, seed)
+def _apply_baseline(weights: _Weights, plan: MergePlan, seed: int) -> None:
+    """Merge the baseline into the pipeline (model_a's own keys, copied from A, stay as loaded)."""
+    keys = replace(plan, keys=[k for k in plan.keys if k.action not in ("copy_a", "keep_a")])
+    for values in weights.planned(keys, seed):
         for param_id, value in values.items():
             weights.a_values[param_id] = weights.params[param_id].detach().clone()
             weights.assign(param_id, value)
-    return ratios
 
 
-def _variant_ratios(weights: _Weights, variant: Variant, baseline, default_mode: str):
-    """U-Net params the variant changes → (mode, α, β)."""
-    changed = {}
-    mode = variant.mode or default_mode
-    for param_id in weights.params:
-        if param_id[0] != "unet":
-            continue
-        key = weights.keys[param_id]
-        block, element = block_of_key(weights.arch, key), element_of_key(weights.arch, key)
-        base = baseline.get(param_id)
-        alpha, beta = (base[1], base[2]) if base else (0.0, 1.0 if mode == "scaled_sum" else None)
-        touched = False
-        for override in variant.overrides:
-            if block in override.blocks:
-                touched = True
-                alpha = override.alpha if override.alpha is not None else alpha
-                beta = override.beta if override.beta is not None else beta
-        for rule in variant.rules:
-            if rule_matches_json(rule, block, element):
-                touched = True
-                alpha = rule["ratio"]
-                beta = variant.rule_beta if variant.rule_beta is not None else beta
-        if touched:
-            changed[param_id] = (mode, alpha, beta)
-    return changed
-
-
-def _variant_patch(weights: _Weights, changed, seed: int) -> dict[str, torch.Tensor]:
+def _variant_patch(weights: _Weights, changed: MergePlan, seed: int) -> dict[str, torch.Tensor]:
     """U-Net parameter name → the variant's tensor, for the parameters whose value it really changes."""
     patch = {}
-    for param_id, (mode, alpha, beta) in changed.items():
-        param = weights.params[param_id]
-        value = weights.merged(weights.keys[param_id], mode, alpha, beta, seed)[param_id].to(param.dtype)
-        if not torch.equal(value, param.detach()):
-            patch[param_id[1]] = value
+    for values in weights.planned(changed, seed):
+        for param_id, value in values.items():
+            param = weights.params[param_id]
+            value = value.to(device=param.device, dtype=param.dtype)
+            if not torch.equal(value, param.detach()):
+                patch[param_id[1]] = value
     return patch
 
 
@@ -197,24 +140,23 @@ def variants_per_call(request: SweepRequest, seeds: int, settings: Settings) -> 
 
 def run_sweep(ctx: JobContext) -> dict[str, Any]:
     started = time.monotonic()
-    request = SweepRequest.model_validate(ctx.request)
-    inputs = ctx.inputs
-    arch = inputs["arch"]
-    library = ctx.library
-    paths = {slot: library.resolve(name) for slot, name in inputs["models"].items()}
-    headers = {slot: library.header(p) for slot, p in paths.items()}
-    settings = Settings()
+    request: SweepRequest = ctx.request
+    inputs: SweepInputs = ctx.inputs
+    arch = inputs.arch
+    settings = ctx.settings
+    plan = plan_merge(request.baseline_merge(), ctx.library, output_name=BASELINE_NAME, pinned=inputs.models)
+    merge_seed = request.seed
     ctx.progress(0, 1, "loading pipeline")
-    pipe, cached, device = get_pipeline(paths["a"], headers["a"], arch, library.hashes(paths["a"])[0])
-    plan = None
-    merge = request.baseline_merge()
-    merge_seed = merge.seed if merge is not None else 0
-    if merge is not None:
-        plan = plan_merge(merge, library, output_name="sweep-baseline.safetensors")
-    sources = {slot: MappedCheckpoint(p, headers[slot]) for slot, p in paths.items()}
+    pipe, cached, device = get_pipeline(
+        settings, plan.paths["a"], plan.headers["a"], arch, plan.pins["a"].sha256
+    )
+    sources = {
+        slot: MappedCheckpoint(p, plan.headers[slot], read_delay=settings.debug_tensor_delay)
+        for slot, p in plan.paths.items()
+    }
     weights = _Weights(pipe, arch, sources)
-    variants = [Variant.from_json(v) for v in inputs["variants"]]
-    default_mode = plan.method.name if plan is not None else "scaled_sum"
+    variants = [Variant.from_json(v) for v in inputs.variants]
+    unet_blocks = get_arch(arch).unet_blocks
     encoder = PromptEncoder(pipe, arch == "sdxl", device)
     pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     baselines_needed = {(tuple(v.seeds or request.seeds), v.prompt or request.prompt) for v in variants}
@@ -266,7 +208,7 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
     baseline_images: dict[tuple[str, int], Any] = {}
     try:
         ctx.progress(0, total, "merging the baseline")
-        baseline = _apply_baseline(weights, plan, merge_seed)
+        _apply_baseline(weights, plan, merge_seed)
         for seeds, prompt in sorted(baselines_needed):
             for seed, image in zip(seeds, generate(prompt, list(seeds)), strict=True):
                 if (prompt, seed) not in baseline_images:
@@ -328,9 +270,7 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
         for variant in variants:
             ctx.check_cancel()
             switch_started = time.monotonic()
-            patch = _variant_patch(
-                weights, _variant_ratios(weights, variant, baseline, default_mode), merge_seed
-            )
+            patch = _variant_patch(weights, change_plan(plan, variant.change(), unet_blocks), merge_seed)
             timings["switching"] += time.monotonic() - switch_started
             patch_bytes = sum(t.numel() * t.element_size() for t in patch.values())
             seeds = variant.seeds or request.seeds
