@@ -22,7 +22,7 @@ from rq.job import Job as RqJob
 from rq.serializers import JSONSerializer
 
 from mergeprobe.errors import Conflict, NotFound, Overloaded
-from mergeprobe.metrics import COUNTERS, bucket_label
+from mergeprobe.metrics import COUNTERS, MetricsSnapshot, bucket_label
 from mergeprobe.problems import Problem
 from mergeprobe.settings import Settings
 
@@ -375,6 +375,17 @@ class JobStore:
             "counters": text(counters),
             "queue_depth": int(depth),
         }
+
+    def metrics(self, kinds: tuple[str, ...]) -> MetricsSnapshot:
+        """Everything `/metrics` shows, read before anything is rendered (so that a Redis failure
+        surfaces as the API's 503, not half a page)."""
+        return MetricsSnapshot.from_stats(
+            self.stats_snapshot(),
+            self.live_workers(),
+            max_queued=self.settings.max_queued,
+            kinds=kinds,
+            statuses=STATUSES,
+        )
 
     def check_capacity(self) -> None:
         """Backpressure: 429 once MERGEPROBE_MAX_QUEUED jobs wait in the queue (0: no limit)."""

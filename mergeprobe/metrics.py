@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from mergeprobe.jobs import JobStore
-
 # Upper bounds (seconds) of the job duration histogram: tiny inspects take well under a
 # second, SDXL merges from slow disks and sweeps take hours.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -80,6 +78,8 @@ class MetricsSnapshot:
     """Everything `/metrics` shows, read from Redis before anything is rendered (so that a
     Redis failure surfaces as the API's 503, not half a page)."""
 
+    kinds: tuple[str, ...]  # every job kind and status gets a series, zero until one is seen
+    statuses: tuple[str, ...]
     jobs: dict[tuple[str, str], int]
     durations: dict[tuple[str, str], _Histogram]
     counters: dict[str, float]
@@ -89,8 +89,16 @@ class MetricsSnapshot:
     busy_workers: int
 
     @classmethod
-    def read(cls, store: JobStore) -> MetricsSnapshot:
-        raw = store.stats_snapshot()
+    def from_stats(
+        cls,
+        raw: dict,
+        workers: list[dict],
+        *,
+        max_queued: int,
+        kinds: tuple[str, ...],
+        statuses: tuple[str, ...],
+    ) -> MetricsSnapshot:
+        """From the job store's stats hashes (`JobStore.stats_snapshot`) and its live workers."""
         durations: dict[tuple[str, str], _Histogram] = {}
         for name, value in raw["durations"].items():
             kind, status, part = name.rsplit(":", 2)
@@ -101,13 +109,14 @@ class MetricsSnapshot:
                 hist.sum = float(value)
             else:
                 hist.buckets[part] = int(float(value))
-        workers = store.live_workers()
         return cls(
+            kinds=kinds,
+            statuses=statuses,
             jobs={tuple(k.rsplit(":", 1)): max(0, int(v)) for k, v in raw["jobs"].items()},  # type: ignore[misc]
             durations=durations,
             counters={k: float(v) for k, v in raw["counters"].items()},
             queue_depth=raw["queue_depth"],
-            max_queued=store.settings.max_queued,
+            max_queued=max_queued,
             workers=len(workers),
             busy_workers=sum(1 for w in workers if w.get("job")),
         )
@@ -120,15 +129,12 @@ class MetricsSnapshot:
             HistogramMetricFamily,
         )
 
-        from mergeprobe.jobs import STATUSES
-        from mergeprobe.kinds import KINDS
-
         jobs = GaugeMetricFamily(
             "mergeprobe_jobs",
             "Jobs in the job store by kind and status (queued and running: now; others: since the store began).",
             labels=["kind", "status"],
         )
-        keys = {(k, s) for k in KINDS for s in STATUSES} | set(self.jobs)
+        keys = {(k, s) for k in self.kinds for s in self.statuses} | set(self.jobs)
         for kind, status in sorted(keys):
             jobs.add_metric([kind, status], self.jobs.get((kind, status), 0))
         yield jobs
@@ -165,8 +171,8 @@ class MetricsSnapshot:
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def render(store: JobStore) -> bytes:
-    """The Prometheus text exposition of the store's metrics (media type `CONTENT_TYPE`)."""
+def render(snapshot: MetricsSnapshot) -> bytes:
+    """The Prometheus text exposition of a snapshot (media type `CONTENT_TYPE`)."""
     from prometheus_client.exposition import generate_latest
 
-    return generate_latest(MetricsSnapshot.read(store))  # type: ignore[arg-type]
+    return generate_latest(snapshot)  # type: ignore[arg-type]

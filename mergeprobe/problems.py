@@ -21,12 +21,9 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 _TYPE_BASE = "https://mergeprobe.dev/problems/"
 
 
-class Problem(Exception):
-    """An error a client can act on: HTTP status, a stable type slug, and where the fault is.
-
-    `field` is a JSON path into the request ("alpha", "output.dtype"); `position`
-    is a 0-based character offset inside that field when it holds a spec string.
-    """
+class Problem(MergeprobeError):
+    """An error as a client sees it: a domain error with its HTTP status (and headers).
+    The HTTP layer raises these directly; everything below it raises `mergeprobe.errors`."""
 
     def __init__(
         self,
@@ -40,14 +37,8 @@ class Problem(Exception):
         errors: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(detail or title)
+        super().__init__(slug, title, detail, field=field, position=position, errors=errors)
         self.status = status
-        self.slug = slug
-        self.title = title
-        self.detail = detail
-        self.field = field
-        self.position = position
-        self.errors = errors
         self.headers = headers or {}
 
     def to_dict(self, instance: str | None = None) -> dict[str, Any]:
@@ -78,6 +69,8 @@ _STATUS: tuple[tuple[type[MergeprobeError], int], ...] = (
 
 def problem_of(error: MergeprobeError) -> Problem:
     """The problem a client is shown for a domain error."""
+    if isinstance(error, Problem):
+        return error
     status = next((code for cls, code in _STATUS if isinstance(error, cls)), 500)
     headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Overloaded) else None
     return Problem(

@@ -4,6 +4,7 @@ from fastapi import APIRouter, Depends, Response
 
 from app.schemas import ProblemModel
 from app.state import AppState, get_state
+from mergeprobe.kinds import KINDS
 from mergeprobe.metrics import CONTENT_TYPE, render
 
 router = APIRouter(tags=["health"])
@@ -23,4 +24,4 @@ router = APIRouter(tags=["health"])
     },
 )
 def metrics(state: AppState = Depends(get_state)) -> Response:
-    return Response(render(state.store), media_type=CONTENT_TYPE)
+    return Response(render(state.store.metrics(tuple(KINDS))), media_type=CONTENT_TYPE)
