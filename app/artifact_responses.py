@@ -20,8 +20,8 @@ from urllib.parse import quote
 from fastapi import Request, Response
 from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
-from mergeprobe.artifacts import ArtifactStore
-from mergeprobe.problems import Problem
+from mergeprobe.service.artifacts import ArtifactStore
+from mergeprobe.service.problems import Problem
 
 _MAX_RANGES = 100
 

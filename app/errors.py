@@ -11,9 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mergeprobe.colorize_grammar import error_from_validation
-from mergeprobe.errors import MergeprobeError
-from mergeprobe.problems import PROBLEM_MEDIA_TYPE, Problem, problem_of
+from mergeprobe.probing.colorize_grammar import error_from_validation
+from mergeprobe.service.errors import MergeprobeError
+from mergeprobe.service.problems import PROBLEM_MEDIA_TYPE, Problem, problem_of
 
 log = logging.getLogger("mergeprobe.api")
 

@@ -15,8 +15,8 @@ from app.middleware import BearerAuth, BodyLimit
 from app.openapi_docs import document_problems
 from app.routes import archs, health, jobs, metrics, models, plans
 from app.state import AppState
-from mergeprobe.kinds import KINDS
-from mergeprobe.settings import Settings
+from mergeprobe.service.kinds import KINDS
+from mergeprobe.service.settings import Settings
 
 log = logging.getLogger("mergeprobe.api")
 _REAP_EVERY = 5.0

@@ -7,7 +7,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mergeprobe.problems import PROBLEM_MEDIA_TYPE, Problem
+from mergeprobe.service.problems import PROBLEM_MEDIA_TYPE, Problem
 
 # The one route a load balancer or orchestrator probes without credentials.
 PUBLIC_PATHS = frozenset({"/healthz"})

@@ -1,4 +1,4 @@
-"""Makes the OpenAPI document say what the app really answers (checked by tests/test_schemathesis.py).
+"""Makes the OpenAPI document say what the app really answers (checked by tests/app/test_schemathesis.py).
 
 FastAPI documents every `{"model": ProblemModel}` response as application/json and adds its own
 422 (HTTPValidationError); the app answers every error as application/problem+json with a
@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from app.middleware import PUBLIC_PATHS
-from mergeprobe.problems import PROBLEM_MEDIA_TYPE
+from mergeprobe.service.problems import PROBLEM_MEDIA_TYPE
 
 _PROBLEM_REF = "#/components/schemas/ProblemModel"
 _PROBLEM_CONTENT = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": _PROBLEM_REF}}}

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import redis
 from fastapi import Request
 
-from mergeprobe.artifacts import ArtifactStore
-from mergeprobe.jobs import JobStore
-from mergeprobe.library import ModelLibrary
-from mergeprobe.settings import Settings
+from mergeprobe.checkpoints.library import ModelLibrary
+from mergeprobe.service.artifacts import ArtifactStore
+from mergeprobe.service.jobs import JobStore
+from mergeprobe.service.settings import Settings
 
 
 @dataclass

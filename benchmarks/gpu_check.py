@@ -21,7 +21,7 @@ in benchmarks/README.md for running it on the lent H200.
          variants and extrapolated to 25.
 
 Generation runs in MERGEPROBE_GENERATION_DTYPE (``auto``: float16 on CUDA, float32 on a CPU).
-``--size tiny`` runs the same code on the tiny generated sd1 models (``worker/tiny_models.py``)
+``--size tiny`` runs the same code on the tiny generated sd1 models (``worker/checkpoints/tiny_models.py``)
 with fewer steps and repeats: a smoke test of this script that takes seconds on a CPU; its
 figures mean nothing. With ``--device cpu`` CUDA is hidden from the process.
 
@@ -90,7 +90,7 @@ def log(message: str) -> None:
 
 def write_tiny_inputs(models: Path) -> list[Path]:
     """merge_bench's two inputs (seeds 1 and 2, fp16) as tiny sd1 checkpoints."""
-    from worker.tiny_models import write_tiny_checkpoint
+    from worker.checkpoints.tiny_models import write_tiny_checkpoint
 
     names = (merge_bench.MODEL_A, merge_bench.MODEL_B)
     return [
@@ -118,10 +118,10 @@ def generation_model(root: Path, size: str) -> str:
 
 def run_job(kind: str, engine, request) -> tuple[float, dict]:
     """Run one dump or sweep job without a job store: (seconds of the engine, its result)."""
-    from mergeprobe.artifacts import ArtifactStore
-    from mergeprobe.kinds import KINDS
-    from mergeprobe.library import ModelLibrary
-    from mergeprobe.settings import Settings
+    from mergeprobe.checkpoints.library import ModelLibrary
+    from mergeprobe.service.artifacts import ArtifactStore
+    from mergeprobe.service.kinds import KINDS
+    from mergeprobe.service.settings import Settings
     from worker.context import JobContext
 
     settings = Settings()
@@ -137,9 +137,9 @@ def run_job(kind: str, engine, request) -> tuple[float, dict]:
 
 def cached_pipeline(model: str):
     """Load the model's pipeline into the worker's cache (as on a worker that has seen it)."""
-    from mergeprobe.library import ModelLibrary
-    from mergeprobe.settings import Settings
-    from worker.generation import get_pipeline
+    from mergeprobe.checkpoints.library import ModelLibrary
+    from mergeprobe.service.settings import Settings
+    from worker.probing.generation import get_pipeline
 
     library = ModelLibrary(Settings())
     path = library.resolve(model)
@@ -182,7 +182,7 @@ def check_merge(root: Path, size: str, device: str, sizes: Sizes) -> None:
 
 
 def check_dump(model: str, sizes: Sizes) -> None:
-    from mergeprobe.dump_request import DumpRequest
+    from mergeprobe.probing.dump_request import DumpRequest
     from worker.engines.dump import run_dump
 
     def run(features: bool) -> tuple[float, int]:
@@ -198,10 +198,10 @@ def check_dump(model: str, sizes: Sizes) -> None:
 
 
 def check_sweep(root: Path, model: str, sizes: Sizes) -> None:
-    from mergeprobe.settings import Settings
-    from mergeprobe.sweep_request import SweepRequest
+    from mergeprobe.probing.sweep_request import SweepRequest
+    from mergeprobe.service.settings import Settings
     from worker.engines.sweep import run_sweep
-    from worker.pipelines import find_config_dir
+    from worker.probing.pipelines import find_config_dir
 
     started = time.perf_counter()
     library, _, header, _, device = cached_pipeline(model)
@@ -259,8 +259,8 @@ def _device_figures(device: str) -> str:
     import diffusers
     import torch
 
-    from mergeprobe.settings import Settings
-    from worker.pipelines import pick_device
+    from mergeprobe.service.settings import Settings
+    from worker.probing.pipelines import pick_device
 
     if device == "cpu":
         figure("device", f"cpu {platform.machine()} ({os.cpu_count()} cores)")

@@ -277,7 +277,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp data dir")
     args = parser.parse_args()
 
-    from worker.tiny_models import write_tiny_checkpoint
+    from worker.checkpoints.tiny_models import write_tiny_checkpoint
 
     root = Path(tempfile.mkdtemp(prefix="mergeprobe-load-"))
     data_dir = root / "data"

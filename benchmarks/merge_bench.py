@@ -3,7 +3,7 @@
     python benchmarks/merge_bench.py [--arch sd1|sdxl] [--dir DIR] [--keep] [--runs engine,job,mecha,floor,floor_hash,naive] [--repeat N]
 
 Two full-size random fp16 checkpoints of the arch (the real key names and shapes, from
-``worker.full_layouts``) are written into DIR/models (reused with --keep when present) and read
+``worker.checkpoints.full_layouts``) are written into DIR/models (reused with --keep when present) and read
 once to warm the page cache. Each run then happens in a fresh subprocess, so its peak memory is
 its own; the parent samples the child's /proc/<pid>/status every 20 ms and reports the peaks over
 the child's timed section of RssAnon (anonymous memory: what the process itself allocated, as
@@ -13,7 +13,7 @@ benchmarks/README.md: on a VM that hands freed memory back to its host, first to
 
 Runs (the seconds are those of the timed section, measured in the child):
 
-* engine  ``worker.stream_merge.stream_merge`` on a ``plan_merge`` plan: weighted_sum with 26 block
+* engine  ``worker.merging.stream_merge.stream_merge`` on a ``plan_merge`` plan: weighted_sum with 26 block
           weights (BASE and 25 different U-Net values), fp16 output, threads as the job path uses.
 * job     the whole merge job path (``worker.engines.merge.run_merge`` with a stand-in job context):
           planning, sha256 of both inputs (cold hash cache), the merge, registering the output
@@ -60,7 +60,7 @@ PREFAULT_MB = int(os.environ.get("MERGE_BENCH_PREFAULT_MB", "0") or 0)  # set by
 def block_weights(arch_name: str) -> dict[str, float]:
     """BASE 0.3 and a gradient over the U-Net blocks, every value different and none 0 or 1
     (0 and 1 would let the engine copy bytes instead of merging)."""
-    from mergeprobe.archs import BASE, get_arch
+    from mergeprobe.checkpoints.archs import BASE, get_arch
 
     blocks = get_arch(arch_name).unet_blocks
     weights = {BASE: 0.3}
@@ -70,7 +70,7 @@ def block_weights(arch_name: str) -> dict[str, float]:
 
 
 def merge_request(arch_name: str, output_name: str, device: str = "cpu"):
-    from mergeprobe.merge_plan import MergeRequest
+    from mergeprobe.merging.merge_plan import MergeRequest
 
     weights = block_weights(arch_name)
     return MergeRequest(
@@ -124,8 +124,8 @@ def _rss_anon_mb() -> float:
 
 
 def _library(directory: Path):
-    from mergeprobe.library import ModelLibrary
-    from mergeprobe.settings import Settings
+    from mergeprobe.checkpoints.library import ModelLibrary
+    from mergeprobe.service.settings import Settings
 
     return ModelLibrary(Settings())
 
@@ -133,9 +133,9 @@ def _library(directory: Path):
 def child_engine(arch: str, directory: Path, device: str = "cpu") -> dict:
     import torch
 
-    from mergeprobe.merge_metadata import merge_metadata
-    from mergeprobe.merge_plan import plan_merge
-    from worker.stream_merge import stream_merge
+    from mergeprobe.merging.merge_metadata import merge_metadata
+    from mergeprobe.merging.merge_plan import plan_merge
+    from worker.merging.stream_merge import stream_merge
 
     library = _library(directory)
     request = merge_request(arch, "bench-out-engine.safetensors", device)
@@ -177,8 +177,8 @@ class _StageClock:
 
 
 def child_job(arch: str, directory: Path) -> dict:
-    from mergeprobe.kinds import KINDS
-    from mergeprobe.settings import Settings
+    from mergeprobe.service.kinds import KINDS
+    from mergeprobe.service.settings import Settings
     from worker.context import JobContext
     from worker.engines.merge import run_merge
 
@@ -342,7 +342,7 @@ def child_naive(arch: str, directory: Path) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from mergeprobe.archs import block_of_key, get_arch
+    from mergeprobe.checkpoints.archs import block_of_key, get_arch
 
     models = directory / "models"
     out = models / "bench-out-naive.safetensors"
@@ -456,8 +456,8 @@ def summarize(reps: list[dict]) -> dict:
 
 
 def expected_size(arch: str) -> int:
-    from mergeprobe.safetensors_layout import build_header, tensor_nbytes
-    from worker.full_layouts import file_order, full_state_dict_layout
+    from mergeprobe.checkpoints.safetensors_layout import build_header, tensor_nbytes
+    from worker.checkpoints.full_layouts import file_order, full_state_dict_layout
 
     layout = full_state_dict_layout(arch)
     order = file_order(layout)
@@ -466,7 +466,7 @@ def expected_size(arch: str) -> int:
 
 
 def prepare_inputs(arch: str, directory: Path, keep: bool) -> list[Path]:
-    from worker.full_layouts import write_random_checkpoint
+    from worker.checkpoints.full_layouts import write_random_checkpoint
 
     models = directory / "models"
     models.mkdir(parents=True, exist_ok=True)

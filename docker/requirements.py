@@ -1,7 +1,7 @@
 """Print the requirements of an image: the project's dependencies (for the api image without
 the worker-only torch stack), plus the optional-dependency groups named on the command line.
 
-The API never imports torch, diffusers, transformers or accelerate (tests/test_packaging.py checks it), but
+The API never imports torch, diffusers, transformers or accelerate (tests/service/test_packaging.py checks it), but
 the package declares them, because the same distribution is the worker. The api image therefore
 installs the project with `pip install --no-deps .` and its real dependencies from this list,
 several GB smaller. The worker image installs torch from PyTorch's CUDA index first, then

@@ -15,8 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-from mergeprobe.logging import configure_from_settings
-from mergeprobe.settings import Settings
+from mergeprobe.service.logging import configure_from_settings
+from mergeprobe.service.settings import Settings
 
 log = logging.getLogger("mergeprobe")
 WORKER_NICENESS = 10  # embedded workers yield the CPU to the API
@@ -93,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     try:
-        # log_config=None: uvicorn's loggers propagate to ours (JSON lines, mergeprobe/logging.py).
+        # log_config=None: uvicorn's loggers propagate to ours (JSON lines, mergeprobe/service/logging.py).
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None)
     finally:
         if supervisor is not None:
@@ -128,7 +128,7 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_models(args: argparse.Namespace) -> int:
-    from worker.tiny_models import write_demo_models
+    from worker.checkpoints.tiny_models import write_demo_models
 
     for path in write_demo_models(Path(args.dir)):
         print(path)

@@ -22,6 +22,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+# Tests that use these need a real Redis and usually worker processes or servers: they carry the
+# `e2e` marker, so `pytest -m "not e2e"` is the fast subset to run while working.
+_E2E_FIXTURES = frozenset({"redis_url", "service", "client"})
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if _E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
 
 
 def _local_redis_url() -> str | None:
@@ -68,7 +77,7 @@ class Service:
         return self.data_dir / "models"
 
     def settings(self, **overrides):
-        from mergeprobe.settings import Settings
+        from mergeprobe.service.settings import Settings
 
         keys = (
             "REDIS_URL",
@@ -112,7 +121,7 @@ class Service:
         self.workers.clear()
 
     def purge(self) -> None:
-        from mergeprobe.jobs import JobStore
+        from mergeprobe.service.jobs import JobStore
 
         settings = self.settings()
         JobStore(redis.Redis.from_url(settings.redis_url), settings).purge_namespace()
@@ -161,7 +170,7 @@ def wait_for_job(
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One tiny fp16 checkpoint per architecture plus a second sd1, written once per session."""
-    from worker.tiny_models import write_tiny_checkpoint
+    from worker.checkpoints.tiny_models import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny-models")
     paths = {

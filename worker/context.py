@@ -10,10 +10,10 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from mergeprobe.artifacts import ArtifactStore
-from mergeprobe.kinds import JobKind
-from mergeprobe.library import ModelLibrary
-from mergeprobe.settings import Settings
+from mergeprobe.checkpoints.library import ModelLibrary
+from mergeprobe.service.artifacts import ArtifactStore
+from mergeprobe.service.kinds import JobKind
+from mergeprobe.service.settings import Settings
 
 _PROGRESS_EVERY = 0.25  # seconds between progress writes
 _CANCEL_POLL_EVERY = 0.2  # seconds between looks at the cancel flag

@@ -11,10 +11,10 @@ from functools import cache
 
 import redis
 
-from mergeprobe.artifacts import ArtifactStore
-from mergeprobe.jobs import JobStore
-from mergeprobe.library import ModelLibrary
-from mergeprobe.settings import Settings
+from mergeprobe.checkpoints.library import ModelLibrary
+from mergeprobe.service.artifacts import ArtifactStore
+from mergeprobe.service.jobs import JobStore
+from mergeprobe.service.settings import Settings
 
 
 @dataclass

@@ -16,11 +16,11 @@ from typing import Any
 
 from rq.timeouts import JobTimeoutException
 
-from mergeprobe.errors import MergeprobeError
-from mergeprobe.jobs import problem_dict
-from mergeprobe.kinds import KINDS, JobKind
-from mergeprobe.logging import job_logging
-from mergeprobe.problems import problem_of
+from mergeprobe.service.errors import MergeprobeError
+from mergeprobe.service.jobs import problem_dict
+from mergeprobe.service.kinds import KINDS, JobKind
+from mergeprobe.service.logging import job_logging
+from mergeprobe.service.problems import problem_of
 from worker.context import JobCanceled, JobContext
 from worker.runtime import get_runtime
 

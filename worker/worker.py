@@ -13,8 +13,8 @@ import time
 from rq import SimpleWorker
 from rq.serializers import JSONSerializer
 
-from mergeprobe.jobs import FINAL_STATUSES
-from mergeprobe.logging import configure_from_settings, job_logging
+from mergeprobe.service.jobs import FINAL_STATUSES
+from mergeprobe.service.logging import configure_from_settings, job_logging
 from worker.runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger("mergeprobe.worker")

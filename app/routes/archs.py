@@ -3,9 +3,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from app.schemas import ArchInfo, ArchList, BlockList, ElementTable, ProblemModel
-from mergeprobe.archs import ARCHITECTURES, Architecture
-from mergeprobe.elements import element_table_document
-from mergeprobe.problems import Problem
+from mergeprobe.checkpoints.archs import ARCHITECTURES, Architecture
+from mergeprobe.checkpoints.elements import element_table_document
+from mergeprobe.service.problems import Problem
 
 router = APIRouter(prefix="/v1/archs", tags=["architectures"])
 

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Depends
 
 from app.schemas import Health, ProblemModel
 from app.state import AppState, get_state
-from mergeprobe.problems import Problem
+from mergeprobe.service.problems import Problem
 
 router = APIRouter(tags=["health"])
 

@@ -12,9 +12,9 @@ from app.artifact_responses import artifact_response
 from app.openapi_docs import REDIS_UNAVAILABLE, SSE_EVENT
 from app.schemas import Job, JobList, JobStatus, ProblemModel
 from app.state import AppState, get_state
-from mergeprobe.jobs import FINAL_STATUSES, body_fingerprint
-from mergeprobe.kinds import KINDS, JobKind
-from mergeprobe.problems import Problem
+from mergeprobe.service.jobs import FINAL_STATUSES, body_fingerprint
+from mergeprobe.service.kinds import KINDS, JobKind
+from mergeprobe.service.problems import Problem
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=REDIS_UNAVAILABLE)
 _ERRORS: dict[int | str, dict[str, Any]] = {

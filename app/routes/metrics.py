@@ -4,8 +4,8 @@ from fastapi import APIRouter, Depends, Response
 
 from app.schemas import ProblemModel
 from app.state import AppState, get_state
-from mergeprobe.kinds import KINDS
-from mergeprobe.metrics import CONTENT_TYPE, render
+from mergeprobe.service.kinds import KINDS
+from mergeprobe.service.metrics import CONTENT_TYPE, render
 
 router = APIRouter(tags=["health"])
 

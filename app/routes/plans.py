@@ -7,9 +7,9 @@ from pydantic import BaseModel, Field
 
 from app.schemas import ProblemModel
 from app.state import AppState, get_state
-from mergeprobe.archs import ARCHITECTURES
-from mergeprobe.merge_plan import MergeRequest, plan_merge
-from mergeprobe.presets import presets_for
+from mergeprobe.checkpoints.archs import ARCHITECTURES
+from mergeprobe.merging.merge_plan import MergeRequest, plan_merge
+from mergeprobe.merging.presets import presets_for
 
 router = APIRouter(tags=["plans"])
 

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
-from mergeprobe.colorize import Colorize
-from mergeprobe.dump_request import DumpInputs, DumpRequest
+from mergeprobe.probing.colorize import Colorize
+from mergeprobe.probing.dump_request import DumpInputs, DumpRequest
 from worker.context import JobContext
-from worker.generation import PromptEncoder, get_pipeline, make_scheduler
-from worker.probe import Probe, ProbeState
-from worker.render import attention_grid, feature_grid, heatmap_overlay, png_bytes
+from worker.probing.generation import PromptEncoder, get_pipeline, make_scheduler
+from worker.probing.probe import Probe, ProbeState
+from worker.probing.render import attention_grid, feature_grid, heatmap_overlay, png_bytes
 
 
 def _safe(text: str) -> str:

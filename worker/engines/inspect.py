@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mergeprobe.archs import block_of_key, get_arch
-from worker.checkpoint_io import open_checkpoint
+from mergeprobe.checkpoints.archs import block_of_key, get_arch
+from worker.checkpoints.checkpoint_io import open_checkpoint
 from worker.context import JobContext
 
 CSV_COLUMNS = ("block", "params", "tensors", "mean_abs", "dtypes")

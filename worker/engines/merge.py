@@ -9,10 +9,10 @@ from collections import Counter
 
 import torch
 
-from mergeprobe.merge_metadata import merge_metadata
-from mergeprobe.merge_plan import MergePlan, MergeRequest, plan_merge
+from mergeprobe.merging.merge_metadata import merge_metadata
+from mergeprobe.merging.merge_plan import MergePlan, MergeRequest, plan_merge
 from worker.context import JobContext
-from worker.stream_merge import pick_device, stream_merge
+from worker.merging.stream_merge import pick_device, stream_merge
 
 PLAN_COLUMNS = ("key", "block", "element", "alpha", "beta", "action")
 

@@ -5,7 +5,7 @@ parameters in place, every tensor computed from the memory-mapped input files ex
 stream_merge computes it (same ranges and random draws, OpenCLIP's fused q/k/v as stored), and
 model_a's own values go back at the end, so the cached pipeline is unchanged. Variants never
 write into the pipeline: each one's changed U-Net tensors are computed aside and substituted
-for its own rows of a batched U-Net call (``worker.variant_batch``), so the baseline's weights
+for its own rows of a batched U-Net call (``worker.probing.variant_batch``), so the baseline's weights
 stay bit for bit what they were.
 """
 
@@ -22,18 +22,26 @@ from typing import Any
 
 import torch
 
-from mergeprobe.archs import get_arch
-from mergeprobe.merge_plan import MergePlan, change_plan, plan_merge
-from mergeprobe.settings import Settings
-from mergeprobe.sweep_request import BASELINE_NAME, SweepInputs, SweepRequest, Variant, XYVariants
-from worker.checkpoint_io import TORCH_DTYPES, MappedCheckpoint
+from mergeprobe.checkpoints.archs import get_arch
+from mergeprobe.merging.merge_plan import MergePlan, change_plan, plan_merge
+from mergeprobe.probing.sweep_request import BASELINE_NAME, SweepInputs, SweepRequest, Variant, XYVariants
+from mergeprobe.service.settings import Settings
+from worker.checkpoints.checkpoint_io import TORCH_DTYPES, MappedCheckpoint
+from worker.checkpoints.param_map import ldm_groups_of
 from worker.context import JobContext
-from worker.generation import PromptEncoder, get_pipeline, make_scheduler
-from worker.merge_executor import PlanExecutor
-from worker.param_map import ldm_groups_of
-from worker.render import png_bytes
-from worker.sweep_render import difference_image, flip_gif, influence, label_cell, rows_grid, u_grid, xy_grid
-from worker.variant_batch import VariantBatch
+from worker.merging.merge_executor import PlanExecutor
+from worker.probing.generation import PromptEncoder, get_pipeline, make_scheduler
+from worker.probing.render import png_bytes
+from worker.probing.sweep_render import (
+    difference_image,
+    flip_gif,
+    influence,
+    label_cell,
+    rows_grid,
+    u_grid,
+    xy_grid,
+)
+from worker.probing.variant_batch import VariantBatch
 
 CSV_COLUMNS = ("variant", "label", "seed", "changed_share", "mean_abs_diff", "ssim")
 _COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -46,7 +54,7 @@ _EXACT_IN_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class _Weights:
-    """The pipeline's parameters by LDM key, set from a plan's keys (`worker.merge_executor`)."""
+    """The pipeline's parameters by LDM key, set from a plan's keys (`worker.merging.merge_executor`)."""
 
     def __init__(self, pipe: Any, arch: str, sources: dict[str, MappedCheckpoint]) -> None:
         self.sources = sources

@@ -1,0 +1,181 @@
+"""The tensor table of a checkpoint file, read without tensor data and without running its pickle.
+
+Pure Python (never imports torch): the HTTP front end validates untrusted uploads with it.
+:func:`read_checkpoint_header` picks the reader by file extension:
+
+* ``.safetensors``: :mod:`mergeprobe.checkpoints.safetensors_header` checks the JSON header and the
+  layout of the data section as strictly as the ``safetensors`` library does.
+* ``.ckpt`` / ``.pt`` / ``.pth`` (the zip format ``torch.save`` writes since torch 1.6):
+  :mod:`mergeprobe.checkpoints.ckpt_unpickler` reads ``<archive>/data.pkl`` with a restricted unpickler
+  that resolves only inert stand-ins for the torch tensor-rebuild globals.
+
+This module holds what both readers share: the result types, the dtype table, the error and
+the helpers that keep untrusted text in error messages short and printable. Every problem
+raises :class:`CheckpointFormatError` with a message meant for the user who uploaded the file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from functools import cached_property
+
+__all__ = [
+    "DTYPE_SIZES",
+    "MAX_HEADER_BYTES",
+    "CheckpointFormatError",
+    "CheckpointHeader",
+    "TensorInfo",
+    "read_checkpoint_header",
+    "sniff_format",
+]
+
+# safetensors: a longer JSON header is refused before it is read.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Both formats: dimensions, strides and offsets live in (u)int64 in every reader of these files.
+_MAX_INT64 = 2**63 - 1
+_MAX_U64 = 2**64 - 1
+
+# Bytes per element, by safetensors dtype name.
+DTYPE_SIZES: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2FNUZ": 1,
+    "C64": 8,
+}
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_EXTENSIONS = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "ckpt", ".pth": "ckpt"}
+
+
+class CheckpointFormatError(ValueError):
+    """The file is not a valid checkpoint. The message says what is wrong and where."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int] | None  # safetensors: [begin, end) in the data section; ckpt: None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    format: str  # "safetensors" | "ckpt"
+    tensors: dict[str, TensorInfo]  # file order (safetensors: by data offset; ckpt: pickle order)
+    metadata: dict[str, str]  # safetensors __metadata__; ckpt: {}
+    data_start: int  # safetensors: 8 + header length; ckpt: 0
+    file_size: int
+
+    @cached_property
+    def arch(self) -> str:
+        """detect_arch() of the tensors, computed once per header (the library caches headers)."""
+        from mergeprobe.checkpoints.archs import detect_arch
+
+        return detect_arch(self.tensors)
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """Untrusted text made safe and short for an error message."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def _q(key: str) -> str:
+    return "'" + _clip(key).replace("'", "\\'") + "'"
+
+
+def _size_text(n: int) -> str:
+    mib = 1024 * 1024
+    return f"{n // mib} MB" if n >= mib and n % mib == 0 else f"{n} bytes"
+
+
+def _int_text(value: int) -> str:
+    return str(value) if -(10**30) < value < 10**30 else "a huge integer"
+
+
+def _checked_numel(shape: list[int] | tuple[int, ...], where: str) -> int:
+    if 0 in shape:
+        return 0
+    numel = 1
+    for dim in shape:
+        numel *= dim
+        if numel > _MAX_U64:
+            raise CheckpointFormatError(
+                f"{where}: shape {_clip(str(list(shape)))} has more than 2**64 elements"
+            )
+    return numel
+
+
+def sniff_format(first_bytes: bytes) -> str | None:
+    """The format the first bytes of a file (16 are plenty) show: "safetensors", "ckpt" or None.
+
+    safetensors: a JSON header that starts with "{" right after the 8-byte length.
+    ckpt: a zip archive (torch.save since 1.6) or a raw pickle (PROTO opcode, legacy torch.save).
+    """
+    head = bytes(first_bytes[:16])
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0:
+        return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        return "ckpt"
+    if head[:1] == b"\x80" and (len(head) < 2 or 2 <= head[1] <= pickle.HIGHEST_PROTOCOL):
+        return "ckpt"
+    return None
+
+
+def read_checkpoint_header(
+    path: str | os.PathLike[str], max_header_bytes: int = MAX_HEADER_BYTES
+) -> CheckpointHeader:
+    """The header of a .safetensors, .ckpt, .pt or .pth file, chosen by extension; the first
+    bytes of the file must not contradict the extension."""
+    name = os.fsdecode(path)
+    ext = os.path.splitext(name)[1].lower()
+    expected = _EXTENSIONS.get(ext)
+    if expected is None:
+        shown = f"extension {_q(ext)}" if ext else "no extension"
+        raise CheckpointFormatError(
+            f"unsupported file type ({shown}); expected .safetensors, .ckpt, .pt or .pth"
+        )
+    with open(path, "rb") as f:
+        head = f.read(16)
+    found = sniff_format(head)
+    if found is not None and found != expected:
+        what = "a safetensors file" if found == "safetensors" else "a PyTorch checkpoint (zip or pickle)"
+        raise CheckpointFormatError(f"the file name ends in {ext} but its first bytes are those of {what}")
+    # Imported here, not at the top: both readers import the shared types above from this module.
+    if expected == "safetensors":
+        from mergeprobe.checkpoints.safetensors_header import read_safetensors_header
+
+        return read_safetensors_header(path, max_header_bytes)
+    from mergeprobe.checkpoints.ckpt_unpickler import read_ckpt_header
+
+    return read_ckpt_header(path)

@@ -1,0 +1,637 @@
+"""Merge requests and their plans, decided from the safetensors headers alone.
+
+The plan says, for every output key, its block, element, α, β and action; the API
+answers dry runs with it and validates every request against it before queueing
+(shape and architecture mismatches are 400s before any tensor is read); the worker's
+engine executes it tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
+
+from mergeprobe.checkpoints.archs import (
+    BASE,
+    UNET_PREFIX,
+    UNKNOWN,
+    Architecture,
+    block_of_key,
+    detect_arch,
+    element_of_key,
+    get_arch,
+)
+from mergeprobe.checkpoints.checkpoint_headers import CheckpointHeader, TensorInfo
+from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel, validate_model_name
+from mergeprobe.merging.blockspec import resolve_block_weights
+from mergeprobe.merging.elemental import (
+    ElementalRule,
+    elemental_ratio,
+    elements_by_block,
+    parse_elemental,
+    rule_matches,
+    unmatched_rules,
+)
+from mergeprobe.merging.merge_methods import MERGE_METHODS, MergeMethod
+from mergeprobe.service.errors import InvalidInput
+from mergeprobe.service.request_model import RequestModel
+
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+# Prefixes of everything a Stable Diffusion pipeline needs; `prune` drops the rest (EMA
+# copies, optimizer or loss state, scheduler buffers).
+KEPT_WHEN_PRUNED = (UNET_PREFIX, "first_stage_model.", "cond_stage_model.", "conditioner.")
+VAE_PREFIX = "first_stage_model."
+CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
+
+Action = Literal["merge", "copy_a", "copy_b", "keep_a", "copy_vae"]
+WeightValue = float | list[float] | str
+
+
+def _known_method(name: str) -> str:
+    if name not in MERGE_METHODS:
+        raise ValueError(f"unknown mode {name!r}; known: {', '.join(MERGE_METHODS)}")
+    return name
+
+
+# Checked against the registry when a request is validated, so a method registered later (a
+# plug-in, a test) is accepted like the built-in ones; the schema lists those known at start.
+MergeMode = Annotated[
+    str,
+    AfterValidator(_known_method),
+    WithJsonSchema({"type": "string", "enum": list(MERGE_METHODS)}),
+]
+
+_WEIGHT_DOC = (
+    "A number; a list of per-block numbers (sd1/sd2: 25 values IN00…OUT11 or 26 with BASE first; sdxl: 19 "
+    "or 20); a block spec string such as `IN00-IN05:0.2, M00:1, OUT00-OUT11(+2):0.7, _:0.5` (later entries "
+    "win, `_`/`default` for the rest, `BASE:x` for the text encoders and VAE); or a preset name (GET "
+    "/v1/presets)."
+)
+
+
+class MergeOutput(RequestModel):
+    name: str | None = Field(
+        default=None,
+        description="File name of the result in the library (ends .safetensors). Default: derived from the inputs.",
+        examples=["my-merge.safetensors"],
+    )
+    dtype: Literal["fp16", "bf16", "fp32", "keep"] = Field(
+        default="fp16",
+        description="Output dtype of floating-point tensors; `keep` keeps each input tensor's dtype.",
+    )
+    prune: bool = Field(
+        default=False,
+        description="Drop EMA and training-only keys (everything outside the U-Net, VAE and text encoders).",
+    )
+    bake_vae: str | None = Field(
+        default=None,
+        description="A model (full checkpoint or standalone VAE) whose VAE replaces the result's.",
+    )
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="Extra string pairs for the output's `__metadata__`."
+    )
+
+
+class MergeRecipe(RequestModel):
+    """What a merge computes: its inputs, method and ratios. Merge jobs write it; sweeps compute it
+    in memory as their baseline (one set of fields, so neither can drop one)."""
+
+    model_a: str = Field(description="Model id or name from the library: the base.", examples=["tiny-sd1-a"])
+    model_b: str | None = Field(
+        default=None, description="Model id or name: α is its share.", examples=["tiny-sd1-b"]
+    )
+    model_c: str | None = Field(
+        default=None, description="Third model, only for modes that use one.", examples=["tiny-sd1-c"]
+    )
+    mode: MergeMode = Field(
+        default="weighted_sum",
+        description="Merge method (see the description for formulas).",
+        examples=["weighted_sum"],
+    )
+    alpha: WeightValue = Field(
+        default=0.5, description="α per block. " + _WEIGHT_DOC, examples=[0.5, "GRAD_V"]
+    )
+    beta: WeightValue | None = Field(
+        default=None, description="β per block, for modes that use it. " + _WEIGHT_DOC
+    )
+    base_alpha: float | None = Field(
+        default=None,
+        description="BASE's α (text encoders and VAE). Default: alpha when it is a number, else 0.",
+    )
+    base_beta: float | None = Field(
+        default=None, description="BASE's β. Default: beta when it is a number, else the mode's default."
+    )
+    elemental: str | None = Field(
+        default=None,
+        description="Per-element overrides of α, applied last: `blocks:elements:ratio` entries separated by commas or newlines.",
+        examples=["OUT05:attn2:0.2"],
+    )
+    elemental_beta: str | None = Field(default=None, description="Per-element overrides of β (same syntax).")
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Seed of random merge methods (dare).")
+
+    def recipe(self) -> dict[str, Any]:
+        """The recipe fields of this request, as a MergeRequest takes them."""
+        return self.model_dump(include=set(MergeRecipe.model_fields))
+
+
+class MergeRequest(MergeRecipe):
+    """A block-weighted merge of two or three checkpoints, streamed tensor by tensor."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_a": "tiny-sd1-a",
+                    "model_b": "tiny-sd1-b",
+                    "mode": "weighted_sum",
+                    "alpha": "IN00-IN11:0.2, M00:0.5, OUT00-OUT11:0.8",
+                    "base_alpha": 0,
+                    "output": {"name": "blend.safetensors", "dtype": "fp16"},
+                }
+            ]
+        },
+    )
+
+    model_b: str = Field(description="Model id or name: α is its share.", examples=["tiny-sd1-b"])
+    output: MergeOutput = Field(default_factory=MergeOutput)
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where tensors are combined.")
+
+
+class ElementalRequest(MergeRequest):
+    """A merge whose `elemental` overrides are the point: the plan is written as plan.csv."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_a": "tiny-sd1-a",
+                    "model_b": "tiny-sd1-b",
+                    "alpha": 0.5,
+                    "elemental": "OUT05:attn2:0.2\nNOT OUT04:attn:1",
+                }
+            ]
+        },
+    )
+
+    elemental: str = Field(
+        description="Per-element overrides of α: `blocks:elements:ratio`, e.g. `OUT05:attn2:0.2`.",
+        examples=["OUT03 OUT04 OUT05:attn2 attn1.to_out:0.5"],
+    )
+
+
+class MergeInputs(BaseModel):
+    """What a merge or elemental job runs on, pinned when it was accepted."""
+
+    arch: str
+    models: dict[str, PinnedModel] = Field(description="Slot (a, b, c, vae) → the pinned model.")
+    output: str = Field(description="File name of the result.")
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    key: str
+    block: str
+    element: str
+    alpha: float | None
+    beta: float | None
+    action: Action
+    dtype: str  # output dtype (safetensors name)
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "block": self.block,
+            "element": self.element,
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "action": self.action,
+        }
+
+
+@dataclass
+class MergePlan:
+    arch: Architecture
+    method: MergeMethod
+    pins: dict[str, PinnedModel]  # "a", "b", optionally "c" and "vae"
+    paths: dict[str, Path]  # the files that hold the pinned bytes
+    headers: dict[str, CheckpointHeader]
+    keys: list[KeyPlan]
+    output_name: str
+    warnings: list[str] = field(default_factory=list)
+    vae_keys: dict[str, str] = field(default_factory=dict)  # output key → its key in output.bake_vae
+
+    def copied_from(self, kp: KeyPlan) -> tuple[str, str] | None:
+        """(slot, key in that input) a key's bytes are copied from, or None when it is merged."""
+        if kp.action in ("copy_a", "keep_a"):
+            return "a", kp.key
+        if kp.action == "copy_b":
+            return "b", kp.key
+        if kp.action == "copy_vae":
+            return "vae", self.vae_keys[kp.key]
+        return None
+
+    def reads(self, kp: KeyPlan) -> list[tuple[str, str]]:
+        """(slot, key) of every input tensor computing `kp` reads."""
+        copied = self.copied_from(kp)
+        if copied is not None:
+            return [copied]
+        return [
+            (slot, kp.key) for slot in self.headers if slot != "vae" and kp.key in self.headers[slot].tensors
+        ]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch.name,
+            "mode": self.method.name,
+            "output": self.output_name,
+            "keys": [k.to_json() for k in self.keys],
+            "warnings": self.warnings,
+        }
+
+    def inputs(self) -> MergeInputs:
+        """What the job record keeps, so the worker re-plans from the same bytes."""
+        return MergeInputs(arch=self.arch.name, models=self.pins, output=self.output_name)
+
+
+def _resolve_models(
+    request: MergeRequest, library: ModelLibrary, pinned: dict[str, PinnedModel] | None
+) -> tuple[dict[str, PinnedModel], dict[str, Path], dict[str, CheckpointHeader]]:
+    """Each slot's pinned model, file and header: pinned now from the request's references (the
+    API), or opened from the pins a job carries (the worker), never resolved by name again."""
+    method = MERGE_METHODS[request.mode]
+    refs = {"a": ("model_a", request.model_a), "b": ("model_b", request.model_b)}
+    if method.needs_c:
+        if not request.model_c:
+            raise InvalidInput(
+                "missing-model", "Invalid request", f"mode {method.name} needs model_c", field="model_c"
+            )
+        refs["c"] = ("model_c", request.model_c)
+    elif request.model_c and not method.accepts("c"):
+        raise InvalidInput(
+            "unused-model",
+            "Invalid request",
+            f"mode {method.name} does not use model_c",
+            field="model_c",
+        )
+    elif request.model_c:
+        refs["c"] = ("model_c", request.model_c)
+    if request.output.bake_vae:
+        refs["vae"] = ("output.bake_vae", request.output.bake_vae)
+    pins, paths, headers = {}, {}, {}
+    for slot, (field_name, ref) in refs.items():
+        if pinned is None:
+            pins[slot] = library.pin(ref, field=field_name)
+        else:
+            pins[slot] = pinned[slot]
+        paths[slot] = library.open_pinned(pins[slot], field=field_name)
+        headers[slot] = library.header(paths[slot], field=field_name)
+    return pins, paths, headers
+
+
+def _arch_of(headers: dict[str, CheckpointHeader]) -> Architecture:
+    archs = {slot: detect_arch(h.tensors) for slot, h in headers.items() if slot != "vae"}
+    if archs["a"] == UNKNOWN:
+        raise InvalidInput(
+            "unknown-architecture",
+            "Unknown architecture",
+            "model_a matches none of sd1, sd2, sdxl",
+            field="model_a",
+        )
+    for slot, arch in archs.items():
+        if arch != archs["a"]:
+            raise InvalidInput(
+                "architecture-mismatch",
+                "Architecture mismatch",
+                f"model_a is {archs['a']} but model_{slot} is {arch}: they cannot be merged",
+                field=f"model_{slot}",
+            )
+    return get_arch(archs["a"])
+
+
+def _weights(
+    value: Any, base: float | None, arch: Architecture, field_name: str, default_base: float | None
+) -> dict[str, float | None]:
+    weights = resolve_block_weights(value, arch, field=field_name)
+    if base is not None:
+        weights[BASE] = base
+    elif weights[BASE] is None:
+        weights[BASE] = _single_number(value) if _single_number(value) is not None else default_base
+    return weights
+
+
+def _single_number(value: Any) -> float | None:
+    """A weight given as one number (or a string holding one) applies to BASE too."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip()) if math.isfinite(float(value.strip())) else None
+        except ValueError:
+            return None
+    return None
+
+
+def _out_dtype(requested: str, source: TensorInfo) -> str:
+    if source.dtype not in FLOAT_DTYPES or requested == "keep":
+        return source.dtype
+    return OUTPUT_DTYPES[requested]
+
+
+def _vae_tensors(header: CheckpointHeader) -> dict[str, str]:
+    """Output key → key in the VAE file (a full checkpoint or a standalone VAE)."""
+    full = {k: k for k in header.tensors if k.startswith(VAE_PREFIX)}
+    if full:
+        return full
+    standalone = {
+        VAE_PREFIX + k: k
+        for k in header.tensors
+        if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+    }
+    if not standalone:
+        raise InvalidInput(
+            "not-a-vae", "Invalid request", "output.bake_vae has no VAE keys", field="output.bake_vae"
+        )
+    return standalone
+
+
+def default_output_name(request: MergeRequest, paths: dict[str, Path]) -> str:
+    stems = "_".join(paths[s].name.rsplit(".", 1)[0][:40] for s in ("a", "b", "c") if s in paths)
+    return f"{stems}_{request.mode}_{secrets.token_hex(3)}.safetensors"
+
+
+def plan_merge(
+    request: MergeRequest,
+    library: ModelLibrary,
+    *,
+    output_name: str | None = None,
+    pinned: dict[str, PinnedModel] | None = None,
+) -> MergePlan:
+    """The plan of a merge request. `pinned` (a job's inputs) replaces resolving the model names."""
+    if request.mode not in MERGE_METHODS:
+        raise InvalidInput(
+            "unknown-mode",
+            "Invalid request",
+            f"unknown mode {request.mode!r}; known: {', '.join(MERGE_METHODS)}",
+            field="mode",
+        )
+    method = MERGE_METHODS[request.mode]
+    pins, paths, headers = _resolve_models(request, library, pinned)
+    arch = _arch_of(headers)
+    name = output_name or request.output.name or default_output_name(request, paths)
+    validate_model_name(name, field="output.name")
+    if not name.endswith(".safetensors"):
+        raise InvalidInput(
+            "invalid-model-name",
+            "Invalid request",
+            "the output is written as .safetensors",
+            field="output.name",
+        )
+
+    alphas = _weights(request.alpha, request.base_alpha, arch, "alpha", 0.0)
+    if request.beta is None:
+        if method.beta is not None and method.beta.required:
+            raise InvalidInput(
+                "missing-beta",
+                "Invalid request",
+                f"mode {method.name} needs beta ({method.beta.meaning})",
+                field="beta",
+            )
+        # Only BASE's β may be given; the U-Net blocks keep the mode's default (None).
+        betas: dict[str, float | None] = dict.fromkeys(arch.blocks)
+        betas[BASE] = request.base_beta
+    else:
+        betas = _weights(request.beta, request.base_beta, arch, "beta", None)
+        if betas[BASE] is None and method.beta is not None:
+            betas[BASE] = method.beta.base_default
+    if method.beta is None and (request.beta is not None or request.base_beta is not None):
+        raise InvalidInput(
+            "unused-beta",
+            "Invalid request",
+            f"mode {method.name} does not use beta",
+            field="beta" if request.beta is not None else "base_beta",
+        )
+    rules_a = parse_elemental(request.elemental, arch, field="elemental") if request.elemental else []
+    rules_b = (
+        parse_elemental(request.elemental_beta, arch, field="elemental_beta")
+        if request.elemental_beta
+        else []
+    )
+    if rules_b and method.beta is None:
+        raise InvalidInput(
+            "unused-beta",
+            "Invalid request",
+            f"mode {method.name} does not use beta",
+            field="elemental_beta",
+        )
+
+    a, b = headers["a"].tensors, headers["b"].tensors
+    c = headers["c"].tensors if "c" in headers else None
+    vae = _vae_tensors(headers["vae"]) if "vae" in headers else {}
+    prune = request.output.prune
+    keys: list[KeyPlan] = []
+    warnings: list[str] = []
+    out_keys = [k for k in a] + [k for k in b if k not in a]
+    for key in out_keys:
+        if prune and not key.startswith(KEPT_WHEN_PRUNED):
+            continue
+        try:
+            block, element = block_of_key(arch, key), element_of_key(arch, key)
+        except ValueError as exc:
+            raise InvalidInput(
+                "unknown-key", "Invalid checkpoint", str(exc), field="model_a" if key in a else "model_b"
+            ) from None
+        alpha = alphas[block]
+        beta = betas[block]
+        if rules_a:
+            alpha = (
+                elemental_ratio(rules_a, block, element)
+                if elemental_ratio(rules_a, block, element) is not None
+                else alpha
+            )
+        if rules_b:
+            over = elemental_ratio(rules_b, block, element)
+            beta = over if over is not None else beta
+        if key in vae:
+            src = headers["vae"].tensors[vae[key]]
+            if key in a and a[key].shape != src.shape:
+                raise _shape_problem(key, a[key], src, "output.bake_vae")
+            keys.append(
+                KeyPlan(
+                    key,
+                    block,
+                    element,
+                    None,
+                    None,
+                    "copy_vae",
+                    _out_dtype(request.output.dtype, src),
+                    src.shape,
+                )
+            )
+            continue
+        if key not in a:
+            keys.append(
+                KeyPlan(
+                    key,
+                    block,
+                    element,
+                    None,
+                    None,
+                    "copy_b",
+                    _out_dtype(request.output.dtype, b[key]),
+                    b[key].shape,
+                )
+            )
+            continue
+        ta = a[key]
+        out = _out_dtype(request.output.dtype, ta)
+        if key not in b:
+            keys.append(KeyPlan(key, block, element, None, None, "copy_a", out, ta.shape))
+            continue
+        if ta.dtype not in FLOAT_DTYPES or "position_ids" in key:
+            keys.append(KeyPlan(key, block, element, None, None, "keep_a", out, ta.shape))
+            continue
+        for slot, other in (("b", b), ("c", c)):
+            if other is None:
+                continue
+            if key not in other:
+                if slot == "c" and method.needs_c:
+                    warnings.append(f"{key}: not in model_c; kept as in model_a")
+                    keys.append(KeyPlan(key, block, element, None, None, "copy_a", out, ta.shape))
+                    break
+                continue
+            if other[key].shape != ta.shape and not _conv_in_channels_differ(key, ta, other[key]):
+                raise _shape_problem(key, ta, other[key], f"model_{slot}")
+        else:
+            action = _action(method, headers, key, alpha, beta)
+            keys.append(KeyPlan(key, block, element, alpha, beta, action, out, ta.shape))
+    check_ratios(method, keys, fields=_ratio_fields(request, rules_a, rules_b))
+    for rules, field_name in ((rules_a, "elemental"), (rules_b, "elemental_beta")):
+        if rules:
+            grouped = elements_by_block(arch, [k.key for k in keys])
+            for rule in unmatched_rules(rules, grouped):
+                warnings.append(f"{field_name} entry {rule.index} (`{rule.source}`) matches no key")
+    return MergePlan(arch, method, pins, paths, headers, keys, name, warnings, vae)
+
+
+def _ratio_fields(
+    request: MergeRequest, rules_a: list[ElementalRule], rules_b: list[ElementalRule]
+) -> Callable[[KeyPlan, str], str]:
+    """Which request field set a key's α or β, for error messages: the elemental entry that
+    matched it, else BASE's own field or the per-block one."""
+
+    def field_of(key: KeyPlan, param: str) -> str:
+        rules = rules_a if param == "alpha" else rules_b
+        if rules and elemental_ratio(rules, key.block, key.element) is not None:
+            return "elemental" if param == "alpha" else "elemental_beta"
+        if key.block == BASE and getattr(request, f"base_{param}") is not None:
+            return f"base_{param}"
+        return param
+
+    return field_of
+
+
+def check_ratios(
+    method: MergeMethod, keys: Iterable[KeyPlan], *, fields: Callable[[KeyPlan, str], str]
+) -> None:
+    """A 400 for the first key whose α or β the method does not accept (dare's β = 1 divides
+    by zero); `fields` names the request field the value came from."""
+    for key in keys:
+        if key.alpha is None:
+            continue  # copied or kept: no arithmetic
+        if method.beta is not None and method.beta.required and key.beta is None:
+            raise InvalidInput(
+                "missing-beta",
+                "Invalid request",
+                f"mode {method.name} needs beta ({method.beta.meaning}); {key.key} has none",
+                field=fields(key, "beta"),
+            )
+        for param, why in method.ratio_problems(key.alpha, key.beta):
+            raise InvalidInput(
+                f"invalid-{param}", "Invalid request", f"{why} on {key.key}", field=fields(key, param)
+            )
+
+
+def _action(
+    method: MergeMethod, headers: dict[str, CheckpointHeader], key: str, alpha: float, beta: float | None
+) -> Action:
+    """`merge`, or the input the result equals exactly (copied byte for byte, and faster)."""
+    shapes = {h.tensors[key].shape for slot, h in headers.items() if slot != "vae" and key in h.tensors}
+    if len(shapes) > 1:
+        return "merge"  # mixed channel counts (inpainting conv_in): only arithmetic keeps A's extra ones
+    return method.shortcut(alpha, beta) or "merge"
+
+
+@dataclass(frozen=True)
+class RatioOverride:
+    """α and/or β on every key of some blocks (None keeps the plan's value)."""
+
+    blocks: frozenset[str]
+    alpha: float | None = None
+    beta: float | None = None
+
+
+@dataclass(frozen=True)
+class PlanChange:
+    """A change to a plan's ratios: block overrides, then elemental rules (their ratio is α,
+    `rule_beta` their β), later ones winning; optionally another method for the keys it touches.
+    A sweep variant is one."""
+
+    overrides: tuple[RatioOverride, ...] = ()
+    rules: tuple[ElementalRule, ...] = ()
+    rule_beta: float | None = None
+    method: MergeMethod | None = None
+
+
+def change_plan(plan: MergePlan, change: PlanChange, blocks: Collection[str]) -> MergePlan:
+    """The keys of `blocks` that `change` touches, with their new α, β and action, as a plan of
+    their own on the same inputs: what a sweep variant computes instead of the baseline. Keys
+    without ratios (copied from one input, kept) are never touched."""
+    method = change.method or plan.method
+    keys = []
+    for kp in plan.keys:
+        if kp.alpha is None or kp.block not in blocks:
+            continue
+        alpha, beta, touched = kp.alpha, kp.beta, False
+        for override in change.overrides:
+            if kp.block in override.blocks:
+                touched = True
+                alpha = override.alpha if override.alpha is not None else alpha
+                beta = override.beta if override.beta is not None else beta
+        for rule in change.rules:
+            if rule_matches(rule, kp.block, kp.element):
+                touched = True
+                alpha = rule.ratio
+                beta = change.rule_beta if change.rule_beta is not None else beta
+        if touched:
+            action = _action(method, plan.headers, kp.key, alpha, beta)
+            keys.append(replace(kp, alpha=alpha, beta=beta, action=action))
+    return replace(plan, method=method, keys=keys, warnings=[])
+
+
+def _conv_in_channels_differ(key: str, ta: TensorInfo, tb: TensorInfo) -> bool:
+    """Inpainting (9 input channels) vs normal (4): the shared channels merge, A's others stay."""
+    return (
+        key == CONV_IN
+        and len(ta.shape) == len(tb.shape) == 4
+        and ta.shape[0] == tb.shape[0]
+        and ta.shape[2:] == tb.shape[2:]
+    )
+
+
+def _shape_problem(key: str, ta: TensorInfo, other: TensorInfo, field_name: str) -> InvalidInput:
+    return InvalidInput(
+        "shape-mismatch",
+        "Shape mismatch",
+        f"{key}: model_a has shape {list(ta.shape)} but {field_name} has {list(other.shape)}",
+        field=field_name,
+    )

@@ -1,0 +1,268 @@
+"""Job kinds: the request schema of each kind and its validation against the model
+library, done by the API before anything is queued. Engines live in worker/engines.
+
+To add a kind: a request model, an inputs model, a result model, a `prepare` function that
+returns the inputs (every model pinned to its sha256), an engine in worker/engines, and one
+entry in KINDS here that names them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergeprobe.checkpoints.archs import UNKNOWN
+from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel
+from mergeprobe.merging.merge_methods import MERGE_METHODS
+from mergeprobe.merging.merge_plan import ElementalRequest, MergeInputs, MergeRequest, plan_merge
+from mergeprobe.probing.dump_request import DumpInputs, DumpRequest, DumpResult, prepare_dump
+from mergeprobe.probing.sweep_request import SweepInputs, SweepRequest, SweepResult, prepare_sweep
+from mergeprobe.service.errors import InvalidInput
+from mergeprobe.service.request_model import RequestModel
+from mergeprobe.service.settings import Settings
+
+
+class InspectRequest(RequestModel):
+    """Per-block statistics of one model: what users read before choosing block weights."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"model": "tiny-sd1-a"}]})
+
+    model: str = Field(
+        description="Model id, file name, short hash or sha256 from the library.", examples=["tiny-sd1-a"]
+    )
+
+
+class BlockStats(BaseModel):
+    block: str = Field(description="BASE, INnn, M00 or OUTnn.", examples=["IN04"])
+    params: int = Field(description="Number of parameters (elements) in the block.", examples=[1234])
+    tensors: int = Field(description="Number of tensors in the block.", examples=[12])
+    mean_abs: float | None = Field(
+        description="Mean |w| over the block's floating-point parameters.", examples=[0.021]
+    )
+    dtypes: dict[str, int] = Field(description="Tensor count per safetensors dtype.", examples=[{"F16": 12}])
+
+
+class InspectResult(BaseModel):
+    model: str = Field(description="File name of the inspected model.", examples=["tiny-sd1-a.safetensors"])
+    arch: str = Field(description="Detected architecture.", examples=["sd1"])
+    total_params: int = Field(examples=[1_066_235_307])
+    blocks: list[BlockStats] = Field(description="BASE first, then the U-Net blocks in U-Net order.")
+
+
+class InspectInputs(BaseModel):
+    model: PinnedModel
+    arch: str
+
+
+def prepare_inspect(request: InspectRequest, library: ModelLibrary) -> InspectInputs:
+    pinned = library.pin(request.model, field="model")
+    header = library.header(library.open_pinned(pinned, field="model"), field="model")
+    arch = header.arch
+    if arch == UNKNOWN:
+        raise InvalidInput(
+            "unknown-architecture",
+            "Unknown architecture",
+            f"{pinned.name}: its keys match none of sd1, sd2, sdxl, so it has no block table",
+            field="model",
+        )
+    return InspectInputs(model=pinned, arch=arch)
+
+
+class MergedModel(BaseModel):
+    id: str = Field(examples=["blend"])
+    name: str = Field(examples=["blend.safetensors"])
+    sha256: str
+    short_hash: str
+    url: str = Field(examples=["/v1/models/blend"])
+
+
+class MergeResult(BaseModel):
+    model: MergedModel = Field(description="The result, registered in the model library (so merges chain).")
+    arch: str = Field(examples=["sd1"])
+    mode: str = Field(examples=["weighted_sum"])
+    device: str = Field(examples=["cuda"])
+    keys: int = Field(description="Tensors written.", examples=[1131])
+    actions: dict[str, int] = Field(
+        description="Keys per plan action.", examples=[{"merge": 1100, "keep_a": 1}]
+    )
+    size_bytes: int
+    data_sha256: str = Field(description="sha256 of the tensor data (also modelspec.hash_sha256).")
+    torch: str = Field(description="torch version that computed it.")
+
+
+def prepare_merge(request: MergeRequest, library: ModelLibrary) -> MergeInputs:
+    plan = plan_merge(request, library)
+    library.check_name_free(plan.output_name)
+    return plan.inputs()
+
+
+def _merge_description() -> str:
+    lines = [
+        "A block-weighted merge, streamed tensor by tensor into a new .safetensors in the model library.",
+        "α and β are per key, after block weights and elemental overrides; α is model B's share.",
+        "Computed in fp32 per tensor and cast to `output.dtype`. Non-float tensors and `position_ids` stay "
+        "as in A; a key only in B is copied from B; conv_in of an inpainting model (9 channels) merges its "
+        "shared channels with a 4-channel one and keeps A's others; any other shape mismatch, and an "
+        "architecture mismatch, is a 400 before any tensor is read.",
+        "",
+        "Modes:",
+    ]
+    for method in MERGE_METHODS.values():
+        beta = f" β: {method.beta}." if method.beta else ""
+        models = "A, B, C" if method.needs_c else "A, B"
+        lines.append(f"- `{method.name}` ({models}): {method.formula}.{beta}")
+    lines += [
+        "",
+        "The output's `__metadata__` holds `sd_merge_recipe` (the request as run, with each input's sha256), "
+        "`sd_merge_models` (sha256 → name, legacy hash and that parent's own `sd_merge_models`), `modelspec.*` "
+        "and `format: pt`. Dry run first with POST /v1/plans/merge.",
+    ]
+    return "\n".join(lines)
+
+
+DUMP_DESCRIPTION = """Generate with the model and capture what its U-Net blocks do.
+
+- `features`: each selected block's output at each selected sampler step, one PNG per (block, step,
+  CFG half[, batch item]): channels tiled in a near-square grid with 1-pixel gaps, the channel mean
+  first (`features_IN04_step005_cond.png`).
+- `attention`: cross-attention (attn2) probabilities per token and head for every transformer in the
+  selected blocks: per (block, step) a PNG with one row per head and one column per prompt token,
+  labelled with the token (`attention_OUT05_step010.png`); per token a heatmap over the generated
+  image, averaged over heads, blocks and steps (`heatmap_t02_girl.png`).
+- Per-block prompts in `prompt`/`negative_prompt`: `a (~: IN00-OUT11: cute; M00: excellent :~) girl`.
+  `layer_prompt_diff` also runs without the groups (same seed) and renders with − without per block
+  and step (`diff_M00_step005_cond.png`). The result lists every block's resolved prompt.
+- `save_tensors`: one `tensors.safetensors` with every captured tensor as float32:
+  `features/<block>/step<NNN>/<half>` (batch, channels, h, w);
+  `attention/<block>/step<NNN>/<half>/t<i>` (batch, heads, h, w, tokens) for transformer i of the
+  block (each row sums to 1 over the 77 tokens); `diff/<block>/step<NNN>/<half>`. Its `__metadata__`
+  entry `mergeprobe` is JSON describing shapes, steps, halves and the request.
+- `manifest.json` lists every artifact with its kind, block, step and half. Halves are `uncond` and
+  `cond` (diffusers batches [uncond, cond]); with cfg_scale ≤ 1 there is only `cond`. Steps are
+  1-based sampler steps.
+
+Checkpoints load into diffusers pipelines offline from the configs shipped with the project or in
+MERGEPROBE_PIPELINE_CONFIGS_DIR; the worker caches loaded pipelines (LRU by sha256)."""
+
+
+SWEEP_DESCRIPTION = """Generate the same prompt and seeds with many variants of one model, without writing
+a checkpoint per variant.
+
+The baseline is `model_a`, or a merge of model_a/b/c (`mode`, `alpha`, `beta`, `base_alpha`,
+`elemental` as in merge jobs) computed in memory. `variants` is one of:
+- per block: `{"blocks": "IN00-OUT11", "alpha": 0, "beta": 0.75}`: one variant per named block (the
+  layer-influence study: with `scaled_sum`, β·A + α·B, this weakens one block to 75 %);
+- per element: `{"elements": ["OUT05:attn2:0", ...]}`: one variant per elemental entry, the ratio being
+  the α applied (SuperMerger's effective elemental checker);
+- an XY grid: `{"x": {"kind": "alpha", "values": [...]}, "y": {"kind": "seed", "values": [...]}}`, kinds
+  alpha, beta (every U-Net block), block (α of `block`), seed, prompt, elemental.
+A variant's formula is its `mode`, default the baseline's mode when the baseline is a merge, else
+`scaled_sum`; without model_b, B is A. Variants act on U-Net blocks; BASE follows the baseline.
+For each variant only the U-Net tensors it changes are patched, and their baseline values are put
+back bit for bit after its images; each prompt is encoded once.
+
+Artifacts: `grid.png` (per-block sweeps: the study's U, IN00…IN11 down the left, M00 at the bottom,
+OUT00…OUT11 up the right, the baseline in the centre, seeds side by side in each cell; XY: a labelled
+X × Y grid; per element: a labelled row per element), every image, per variant and seed a difference
+image and a two-frame GIF against the baseline, `influence.csv` (changed_share: share of pixels whose
+difference exceeds `diff_threshold` in any channel; mean_abs_diff; ssim on luminance), and
+`manifest.json`. The result ranks variants by mean changed share."""
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """Everything about one kind of job, in one place: the API builds its route from the request
+    model, `prepare` turns a valid request into pinned typed inputs before queueing, the worker
+    imports `engine` (a `module:function` path, so the API never imports torch) and checks what it
+    returns against `result_model`."""
+
+    name: str
+    summary: str
+    description: str
+    request_model: type[BaseModel]
+    inputs_model: type[BaseModel]
+    result_model: type[BaseModel]
+    prepare: Callable[[Any, ModelLibrary], BaseModel]
+    engine: str
+    timeout: int  # seconds before rq stops a job of this kind; MERGEPROBE_JOB_TIMEOUTS overrides
+
+    def timeout_in(self, settings: Settings) -> int:
+        return int(settings.job_timeouts.get(self.name, self.timeout))
+
+
+# A merge of two SDXL checkpoints from a slow disk is the longest thing we do.
+_HOUR = 3600
+
+KINDS: dict[str, JobKind] = {
+    kind.name: kind
+    for kind in (
+        JobKind(
+            name="inspect",
+            summary="Inspect a model block by block",
+            description=(
+                "For every block of the model's architecture (BASE, IN00…, M00, OUT00…), the parameter "
+                "count, the tensor count, mean |w| over floating-point parameters and the dtypes. "
+                "The result holds the table; the artifact `blocks.csv` holds the same rows."
+            ),
+            request_model=InspectRequest,
+            inputs_model=InspectInputs,
+            result_model=InspectResult,
+            prepare=prepare_inspect,
+            engine="worker.engines.inspect:run_inspect",
+            timeout=_HOUR // 2,
+        ),
+        JobKind(
+            name="merge",
+            summary="Merge two or three checkpoints block by block",
+            description=_merge_description(),
+            request_model=MergeRequest,
+            inputs_model=MergeInputs,
+            result_model=MergeResult,
+            prepare=prepare_merge,
+            engine="worker.engines.merge:run_merge",
+            timeout=3 * _HOUR,
+        ),
+        JobKind(
+            name="elemental",
+            summary="Merge with per-element overrides (Elemental Merge)",
+            description=(
+                "The same as a merge, with `elemental` required: entries `blocks:elements:ratio` separated by "
+                "commas or newlines; blocks are space-separated names or ranges (empty = all, leading NOT "
+                "inverts), elements are substrings of the key relative to its block (empty = all, leading NOT "
+                "inverts; for BASE the full key); later entries win. Also writes the plan as `plan.csv`. "
+                "Entries that match no key are warnings. Element names per block: GET /v1/archs/{arch}/elements."
+            ),
+            request_model=ElementalRequest,
+            inputs_model=MergeInputs,
+            result_model=MergeResult,
+            prepare=prepare_merge,
+            engine="worker.engines.merge:run_elemental",
+            timeout=3 * _HOUR,
+        ),
+        JobKind(
+            name="dump",
+            summary="Probe U-Net blocks during generation (Dump U-Net)",
+            description=DUMP_DESCRIPTION,
+            request_model=DumpRequest,
+            inputs_model=DumpInputs,
+            result_model=DumpResult,
+            prepare=prepare_dump,
+            engine="worker.engines.dump:run_dump",
+            timeout=_HOUR,
+        ),
+        JobKind(
+            name="sweep",
+            summary="Layer-influence studies and XY grids, in memory",
+            description=SWEEP_DESCRIPTION,
+            request_model=SweepRequest,
+            inputs_model=SweepInputs,
+            result_model=SweepResult,
+            prepare=prepare_sweep,
+            engine="worker.engines.sweep:run_sweep",
+            timeout=6 * _HOUR,
+        ),
+    )
+}

@@ -1,0 +1,1 @@
+"""Tests of The HTTP API: routes, validation, problem details, the OpenAPI contract."""

@@ -1,0 +1,1 @@
+"""Tests of mergeprobe/checkpoints and worker/checkpoints: architectures, header readers, key layouts, test checkpoints."""

@@ -1,0 +1,1 @@
+"""Tests of mergeprobe/merging and worker/merging: methods, plans, grammars, the merge executor."""

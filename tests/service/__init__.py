@@ -1,0 +1,1 @@
+"""Tests of mergeprobe/service, worker/ and the CLI: job kinds and store, workers, faults, packaging, deployment."""

@@ -1,0 +1,1 @@
+"""Tensors from checkpoint files, LDM ↔ diffusers key conversion, and generated test checkpoints (tiny and full-size layouts)."""

@@ -1,0 +1,1 @@
+"""The merge executor and its file sink (the streaming merge engine)."""
