@@ -1,32 +1,57 @@
-"""Architecture tables: which blocks a model has and which block each key belongs to.
+"""Architectures, read from their data files: which blocks a model has, which block each key
+belongs to, where its components' keys live, and how to recognise its checkpoints.
 
-The block convention is the block-merge one (kohya's "merge by U-Net depth",
-Merge Block Weighted, SuperMerger): every `input_blocks.N` is INnn, the middle
-block is M00, every `output_blocks.N` is OUTnn, the time (and SDXL label)
-embedding counts as IN00, the final `out.*` layers as the last OUT block, and
-everything outside the U-Net (text encoders, VAE) is BASE.
+One file per architecture, `mergeprobe/configs/archs/<name>.json`, holds what is known of it:
+the key prefixes of its U-Net, VAE and text encoder(s), the U-Net's depth and conv_in, the
+blocks without cross-attention, the key → block rules and the markers that identify its files
+(its element table is `configs/elements/<name>.json`). Adding an architecture is adding a file
+here, plus whatever is truly new for it (a pipeline, a converter).
+
+The block convention is the block-merge one (kohya's "merge by U-Net depth", Merge Block
+Weighted, SuperMerger): every `input_blocks.N` is INnn, the middle block is M00, every
+`output_blocks.N` is OUTnn, the time (and SDXL label) embedding counts as IN00, the final `out.*`
+layers as the last OUT block, and everything outside the U-Net (text encoders, VAE) is BASE.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from importlib import resources
+from typing import Any, Protocol
 
-UNET_PREFIX = "model.diffusion_model."
 BASE = "BASE"
 MIDDLE = "M00"
+UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class BlockRule:
+    """Keys of the U-Net (without its prefix) that match `pattern` belong to `block`; their element
+    is the rest of the key after the match, or the whole key."""
+
+    pattern: re.Pattern[str]
+    block: str  # a template: {index} is the matched number, {last_out} the last OUT block
+    element_is_rest: bool
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str
     title: str
+    unet_prefix: str
+    vae_prefix: str
+    text_encoder_prefixes: tuple[str, ...]
     input_blocks: int
     output_blocks: int
+    conv_in: str  # the full key of the U-Net's first convolution (9 channels in inpainting models)
     # Blocks with no cross-attention: a per-block prompt sent only to these changes nothing.
     textless_blocks: frozenset[str]
+    block_rules: tuple[BlockRule, ...]
+    markers: tuple[str, ...]  # key prefixes that only this architecture's checkpoints have
+    unet_only_proj_in_ndim: int | None  # a bare U-Net's proj_in weight rank, where that tells
 
     @property
     def unet_blocks(self) -> tuple[str, ...]:
@@ -46,35 +71,63 @@ class Architecture:
     def last_out_block(self) -> str:
         return f"OUT{self.output_blocks - 1:02d}"
 
+    @property
+    def model_prefixes(self) -> tuple[str, ...]:
+        """Prefixes of every key a pipeline needs (U-Net, VAE, text encoders): a pruned file keeps these."""
+        return (self.unet_prefix, self.vae_prefix, *self.text_encoder_prefixes)
 
-def _names(prefix: str, indices: Sequence[int]) -> frozenset[str]:
-    return frozenset(f"{prefix}{i:02d}" for i in indices)
+    def split_key(self, key: str) -> tuple[str, str]:
+        """(block, element) of a key; the element is the key relative to its block."""
+        if not key.startswith(self.unet_prefix):
+            return BASE, key
+        rest = key[len(self.unet_prefix) :]
+        for rule in self.block_rules:
+            match = rule.pattern.match(rest)
+            if match is None:
+                continue
+            index = int(match.group(1)) if match.groups() and match.group(1).isdigit() else None
+            block = rule.block.format(index=index, last_out=self.last_out_block)
+            if block not in self.unet_blocks:
+                raise ValueError(f"{key}: {block} does not exist in {self.name}")
+            return block, rest[match.end() :] if rule.element_is_rest else rest
+        raise ValueError(f"{key}: not a U-Net key the {self.name} block table knows")
 
 
-SD1 = Architecture(
-    name="sd1",
-    title="Stable Diffusion 1.x",
-    input_blocks=12,
-    output_blocks=12,
-    textless_blocks=_names("IN", [0, 3, 6, 9, 10, 11]) | _names("OUT", [0, 1, 2]),
-)
-SD2 = Architecture(
-    name="sd2",
-    title="Stable Diffusion 2.x",
-    input_blocks=12,
-    output_blocks=12,
-    textless_blocks=SD1.textless_blocks,
-)
-SDXL = Architecture(
-    name="sdxl",
-    title="Stable Diffusion XL",
-    input_blocks=9,
-    output_blocks=9,
-    textless_blocks=_names("IN", [0, 1, 2, 3, 6]) | _names("OUT", [6, 7, 8]),
-)
+def architecture_data(name: str) -> dict[str, Any]:
+    """The data file of a shipped architecture, as JSON."""
+    path = resources.files("mergeprobe").joinpath("configs", "archs", f"{name}.json")
+    return json.loads(path.read_text(encoding="utf-8"))
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (SD1, SD2, SDXL)}
-UNKNOWN = "unknown"
+
+def architecture_from_data(data: dict[str, Any]) -> Architecture:
+    prefixes, unet, detect = data["prefixes"], data["unet"], data["detect"]
+    return Architecture(
+        name=data["name"],
+        title=data["title"],
+        unet_prefix=prefixes["unet"],
+        vae_prefix=prefixes["vae"],
+        text_encoder_prefixes=tuple(prefixes["text_encoders"]),
+        input_blocks=unet["input_blocks"],
+        output_blocks=unet["output_blocks"],
+        conv_in=prefixes["unet"] + unet["conv_in"],
+        textless_blocks=frozenset(unet["textless_blocks"]),
+        block_rules=tuple(
+            BlockRule(re.compile(rule["pattern"]), rule["block"], rule["element"] == "rest")
+            for rule in data["block_rules"]
+        ),
+        markers=tuple(detect["markers"]),
+        unet_only_proj_in_ndim=detect["unet_only_proj_in_ndim"],
+    )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    name: architecture_from_data(architecture_data(name)) for name in ("sd1", "sd2", "sdxl")
+}
+SD1, SD2, SDXL = ARCHITECTURES["sd1"], ARCHITECTURES["sd2"], ARCHITECTURES["sdxl"]
+# Every architecture so far keeps its U-Net and VAE under the same prefixes; code that must find
+# them before it knows the architecture (detection, the LDM converters) uses these.
+UNET_PREFIX, VAE_PREFIX = SD1.unet_prefix, SD1.vae_prefix
+assert all((a.unet_prefix, a.vae_prefix) == (UNET_PREFIX, VAE_PREFIX) for a in ARCHITECTURES.values())
 
 
 def get_arch(name: str) -> Architecture:
@@ -84,69 +137,40 @@ def get_arch(name: str) -> Architecture:
         raise KeyError(f"unknown architecture {name!r}; known: {', '.join(ARCHITECTURES)}") from None
 
 
-_UNET_KEY = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.(.*)")
-
-
-def _split_key(arch: Architecture, key: str) -> tuple[str, str]:
-    """(block, element) of a key; the element is the key relative to its block."""
-    if not key.startswith(UNET_PREFIX):
-        return BASE, key
-    rest = key[len(UNET_PREFIX) :]
-    match = _UNET_KEY.match(rest)
-    if match:
-        kind, index, element = match.groups()
-        limit = arch.input_blocks if kind == "input_blocks" else arch.output_blocks
-        if int(index) >= limit:
-            raise ValueError(f"{key}: {kind}.{index} does not exist in {arch.name}")
-        return f"{'IN' if kind == 'input_blocks' else 'OUT'}{int(index):02d}", element
-    if rest.startswith("middle_block."):
-        return MIDDLE, rest[len("middle_block.") :]
-    if rest.startswith(("time_embed.", "label_emb.")):
-        return "IN00", rest
-    if rest.startswith("out."):
-        return arch.last_out_block, rest
-    raise ValueError(f"{key}: not a U-Net key the {arch.name} block table knows")
-
-
 def block_of_key(arch: Architecture, key: str) -> str:
-    return _split_key(arch, key)[0]
+    return arch.split_key(key)[0]
 
 
 def element_of_key(arch: Architecture, key: str) -> str:
-    return _split_key(arch, key)[1]
+    return arch.split_key(key)[1]
 
 
 class _HasShape(Protocol):
     shape: tuple[int, ...]
 
 
+_INPUT_BLOCK = re.compile(r"input_blocks\.(\d+)\.")
+
+
 def detect_arch(tensors: Mapping[str, _HasShape]) -> str:
-    """sd1, sd2, sdxl or unknown, from key names and shapes alone (no tensor data)."""
+    """The architecture's name, or unknown, from key names and shapes alone (no tensor data): the
+    U-Net's depth, then the marker keys of each architecture's files; a bare U-Net by the rank of
+    its transformers' proj_in weight."""
     unet_inputs = {
-        int(m.group(2))
+        int(m.group(1))
         for key in tensors
-        if key.startswith(UNET_PREFIX)
-        and (m := _UNET_KEY.match(key[len(UNET_PREFIX) :]))
-        and m.group(1) == "input_blocks"
+        if key.startswith(UNET_PREFIX) and (m := _INPUT_BLOCK.match(key, len(UNET_PREFIX)))
     }
     if not unet_inputs:
         return UNKNOWN
-    depth = max(unet_inputs) + 1
-    if depth == SDXL.input_blocks and (
-        f"{UNET_PREFIX}label_emb.0.0.weight" in tensors
-        or any(k.startswith("conditioner.embedders.") for k in tensors)
-    ):
-        return SDXL.name
-    if depth != SD1.input_blocks:
-        return UNKNOWN
-    if any(k.startswith("cond_stage_model.model.") for k in tensors):
-        return SD2.name
-    if any(k.startswith("cond_stage_model.transformer.") for k in tensors):
-        return SD1.name
-    # U-Net only: SD2 replaced the transformers' 1x1 conv proj_in with a linear layer.
+    candidates = [a for a in ARCHITECTURES.values() if a.input_blocks == max(unet_inputs) + 1]
+    for arch in candidates:
+        if any(key.startswith(arch.markers) for key in tensors):
+            return arch.name
     proj_in = next(
         (t for k, t in tensors.items() if k.startswith(UNET_PREFIX) and k.endswith("proj_in.weight")), None
     )
-    if proj_in is None:
-        return UNKNOWN
-    return SD2.name if len(proj_in.shape) == 2 else SD1.name
+    for arch in candidates:
+        if proj_in is not None and len(proj_in.shape) == arch.unet_only_proj_in_ndim:
+            return arch.name
+    return UNKNOWN

@@ -19,7 +19,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 
 from mergeprobe.checkpoints.archs import (
     BASE,
-    UNET_PREFIX,
     UNKNOWN,
     Architecture,
     block_of_key,
@@ -44,11 +43,6 @@ from mergeprobe.service.request_model import RequestModel
 
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
-# Prefixes of everything a Stable Diffusion pipeline needs; `prune` drops the rest (EMA
-# copies, optimizer or loss state, scheduler buffers).
-KEPT_WHEN_PRUNED = (UNET_PREFIX, "first_stage_model.", "cond_stage_model.", "conditioner.")
-VAE_PREFIX = "first_stage_model."
-CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 
 Action = Literal["merge", "copy_a", "copy_b", "keep_a", "copy_vae"]
 WeightValue = float | list[float] | str
@@ -347,13 +341,13 @@ def _out_dtype(requested: str, source: TensorInfo) -> str:
     return OUTPUT_DTYPES[requested]
 
 
-def _vae_tensors(header: CheckpointHeader) -> dict[str, str]:
+def _vae_tensors(arch: Architecture, header: CheckpointHeader) -> dict[str, str]:
     """Output key → key in the VAE file (a full checkpoint or a standalone VAE)."""
-    full = {k: k for k in header.tensors if k.startswith(VAE_PREFIX)}
+    full = {k: k for k in header.tensors if k.startswith(arch.vae_prefix)}
     if full:
         return full
     standalone = {
-        VAE_PREFIX + k: k
+        arch.vae_prefix + k: k
         for k in header.tensors
         if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
     }
@@ -436,13 +430,14 @@ def plan_merge(
 
     a, b = headers["a"].tensors, headers["b"].tensors
     c = headers["c"].tensors if "c" in headers else None
-    vae = _vae_tensors(headers["vae"]) if "vae" in headers else {}
+    vae = _vae_tensors(arch, headers["vae"]) if "vae" in headers else {}
     prune = request.output.prune
     keys: list[KeyPlan] = []
     warnings: list[str] = []
     out_keys = [k for k in a] + [k for k in b if k not in a]
     for key in out_keys:
-        if prune and not key.startswith(KEPT_WHEN_PRUNED):
+        # Pruned: only what a pipeline needs (no EMA copies, optimizer or loss state, scheduler buffers).
+        if prune and not key.startswith(arch.model_prefixes):
             continue
         try:
             block, element = block_of_key(arch, key), element_of_key(arch, key)
@@ -509,7 +504,7 @@ def plan_merge(
                     keys.append(KeyPlan(key, block, element, None, None, "copy_a", out, ta.shape))
                     break
                 continue
-            if other[key].shape != ta.shape and not _conv_in_channels_differ(key, ta, other[key]):
+            if other[key].shape != ta.shape and not _conv_in_channels_differ(arch, key, ta, other[key]):
                 raise _shape_problem(key, ta, other[key], f"model_{slot}")
         else:
             action = _action(method, headers, key, alpha, beta)
@@ -618,10 +613,10 @@ def change_plan(plan: MergePlan, change: PlanChange, blocks: Collection[str]) ->
     return replace(plan, method=method, keys=keys, warnings=[])
 
 
-def _conv_in_channels_differ(key: str, ta: TensorInfo, tb: TensorInfo) -> bool:
+def _conv_in_channels_differ(arch: Architecture, key: str, ta: TensorInfo, tb: TensorInfo) -> bool:
     """Inpainting (9 input channels) vs normal (4): the shared channels merge, A's others stay."""
     return (
-        key == CONV_IN
+        key == arch.conv_in
         and len(ta.shape) == len(tb.shape) == 4
         and ta.shape[0] == tb.shape[0]
         and ta.shape[2:] == tb.shape[2:]

@@ -77,3 +77,23 @@ def test_detect_unet_only_and_unknown(tiny_models):
         unet_only = {k: v for k, v in header.tensors.items() if k.startswith(P)}
         assert detect_arch(unet_only) == arch
     assert detect_arch({"foo.weight": header.tensors[next(iter(header.tensors))]}) == "unknown"
+
+
+def test_architectures_are_their_data_files():
+    """Everything the code knows of an architecture comes from its file: a changed file is a changed
+    architecture, with no code touched."""
+    from mergeprobe.checkpoints.archs import ARCHITECTURES, architecture_data, architecture_from_data
+
+    for name, arch in ARCHITECTURES.items():
+        data = architecture_data(name)
+        assert architecture_from_data(data) == arch
+        assert data["name"] == name and arch.conv_in == arch.unet_prefix + "input_blocks.0.0.weight"
+    data = architecture_data("sd1")
+    data["prefixes"]["unet"] = "unet."
+    data["unet"]["output_blocks"] = 3
+    shallow = architecture_from_data(data)
+    assert shallow.split_key("unet.output_blocks.2.0.weight") == ("OUT02", "0.weight")
+    assert shallow.split_key("unet.out.2.bias") == ("OUT02", "out.2.bias")
+    assert shallow.split_key("model.diffusion_model.out.2.bias")[0] == "BASE"  # not its U-Net
+    with pytest.raises(ValueError, match="OUT03"):
+        shallow.split_key("unet.output_blocks.3.0.weight")

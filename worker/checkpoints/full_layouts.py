@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import mergeprobe
-from mergeprobe.checkpoints.archs import BASE, get_arch
+from mergeprobe.checkpoints.archs import BASE, UNET_PREFIX, VAE_PREFIX, get_arch
 from mergeprobe.checkpoints.archs import block_of_key as _block_of_key
 from mergeprobe.checkpoints.archs import element_of_key as _element_of_key
 
@@ -358,11 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         for arch in FULL_ARCHS:
             layout = full_state_dict_layout(arch)
-            unet = sum(1 for k in layout if k.startswith("model.diffusion_model."))
+            unet = sum(1 for k in layout if k.startswith(UNET_PREFIX))
             print(
                 f"{arch}: {len(layout)} keys ({unet} U-Net), {layout_numel(layout) / 1e6:.1f} M elements "
-                f"(U-Net {layout_numel(layout, 'model.diffusion_model.') / 1e6:.1f} M, "
-                f"VAE {layout_numel(layout, 'first_stage_model.') / 1e6:.1f} M)"
+                f"(U-Net {layout_numel(layout, UNET_PREFIX) / 1e6:.1f} M, "
+                f"VAE {layout_numel(layout, VAE_PREFIX) / 1e6:.1f} M)"
             )
     if args.random:
         arch, path = args.random

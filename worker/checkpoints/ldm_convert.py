@@ -27,6 +27,8 @@ from collections.abc import Mapping
 
 import torch
 
+from mergeprobe.checkpoints.archs import UNET_PREFIX, VAE_PREFIX
+
 __all__ = [
     "SD1_CLIP_PREFIX",
     "SD2_OPENCLIP_PREFIX",
@@ -40,8 +42,6 @@ __all__ = [
     "vae_to_ldm",
 ]
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 SD1_CLIP_PREFIX = "cond_stage_model.transformer."
 SD2_OPENCLIP_PREFIX = "cond_stage_model.model."
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 
 from mergeprobe.merging.merge_methods import MergeMethod
-from mergeprobe.merging.merge_plan import CONV_IN, KeyPlan, MergePlan
+from mergeprobe.merging.merge_plan import KeyPlan, MergePlan
 from worker.checkpoints.checkpoint_io import MappedCheckpoint
 
 CHUNK_ELEMENTS = 1 << 21  # 2 M elements: 8 MB per fp32 operand
@@ -26,11 +26,11 @@ MERGE_SLOTS = ("a", "b", "c")
 RangeLoader = Callable[[str, str, int, int], "torch.Tensor | None"]
 
 
-def chunk_ranges(method: MergeMethod, key: str, numel: int) -> list[tuple[int, int]]:
+def chunk_ranges(method: MergeMethod, key: str, numel: int, conv_in: str) -> list[tuple[int, int]]:
     """The element ranges of the flat tensor `key` is merged in: CHUNK_ELEMENTS at a time for
     element-wise methods, else (and for conv_in, whose channels may differ) the whole tensor.
     Random methods draw per range (`chunk_rng`), so every sink merges in these same ranges."""
-    if not method.elementwise or key == CONV_IN or numel <= CHUNK_ELEMENTS:
+    if not method.elementwise or key == conv_in or numel <= CHUNK_ELEMENTS:
         return [(0, numel)]
     return [(start, min(start + CHUNK_ELEMENTS, numel)) for start in range(0, numel, CHUNK_ELEMENTS)]
 
@@ -53,7 +53,7 @@ class PlanExecutor:
         self.seed = seed
 
     def ranges(self, kp: KeyPlan) -> list[tuple[int, int]]:
-        return chunk_ranges(self.plan.method, kp.key, numel_of(kp.shape))
+        return chunk_ranges(self.plan.method, kp.key, numel_of(kp.shape), self.plan.arch.conv_in)
 
     def lerp_in_place(self, kp: KeyPlan) -> bool:
         """A method that is torch.lerp, of A and B stored in the output dtype, on the CPU: the result

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import mergeprobe
+from mergeprobe.checkpoints.archs import get_arch
 from mergeprobe.checkpoints.checkpoint_headers import CheckpointHeader
 from mergeprobe.service.errors import Unprocessable
 from mergeprobe.service.settings import Settings
@@ -27,16 +28,15 @@ _REQUIRED = (
     "text_encoder/config.json",
     "scheduler/scheduler_config.json",
 )
-_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
-def _fits(config_dir: Path, header: CheckpointHeader) -> bool:
+def _fits(config_dir: Path, header: CheckpointHeader, arch: str) -> bool:
     """Does this config describe the checkpoint's U-Net (channels and context width)?"""
     try:
         unet = json.loads((config_dir / "unet" / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    conv_in = header.tensors.get(_CONV_IN)
+    conv_in = header.tensors.get(get_arch(arch).conv_in)
     to_k = next((t for k, t in header.tensors.items() if k.endswith("attn2.to_k.weight")), None)
     if conv_in is None or conv_in.shape[0] != unet["block_out_channels"][0]:
         return False
@@ -49,7 +49,7 @@ def find_config_dir(arch: str, header: CheckpointHeader, settings: Settings) -> 
         candidates.append(Path(settings.pipeline_configs_dir) / arch)
     candidates += [SHIPPED_CONFIGS / "tiny" / arch, SHIPPED_CONFIGS / "full" / arch]
     for candidate in candidates:
-        if not _fits(candidate, header):
+        if not _fits(candidate, header, arch):
             continue
         missing = [r for r in _REQUIRED if not (candidate / r).is_file()]
         tokenizers = ["tokenizer"] + (["tokenizer_2"] if arch == "sdxl" else [])
