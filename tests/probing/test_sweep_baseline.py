@@ -7,10 +7,12 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from mergeprobe.checkpoints.archs import SD1
 from mergeprobe.checkpoints.checkpoint_headers import read_checkpoint_header
 from mergeprobe.checkpoints.library import ModelLibrary
+from mergeprobe.merging.merge_methods import MERGE_METHODS
 from mergeprobe.merging.merge_plan import MergeRequest, plan_merge
 from mergeprobe.service.settings import Settings
 from worker.checkpoints.checkpoint_io import MappedCheckpoint
@@ -21,6 +23,8 @@ from worker.merging import merge_executor
 from worker.merging import stream_merge as stream_merge_module
 from worker.probing.pipelines import load_pipeline
 
+CONV_IN = SD1.conv_in
+
 
 @pytest.mark.parametrize(
     ("arch", "mode", "beta"),
@@ -29,20 +33,33 @@ from worker.probing.pipelines import load_pipeline
         ("sd2", "ties", 0.5),  # top-k over the whole (fused) tensor
         ("sdxl", "slerp", None),  # norms over the whole tensor
         ("sd2", "add_difference", None),
+        ("sd1", "weighted_sum", None),
+        ("sd1", "scaled_sum", 0.8),
+        ("sd1", "triple_sum", 0.2),
+        ("sd1", "sum_twice", 0.3),
+        ("sd1", "train_difference", None),
+        ("sd1", "inpainting conv_in", None),  # model_b's conv_in has 9 channels: shared ones merged
     ],
 )
 def test_baseline_equals_the_written_merge(tmp_path, tiny_models, monkeypatch, arch, mode, beta):
+    """Every method (each is checked on one architecture; the fused text-encoder cases on sd2/sdxl)."""
     monkeypatch.setattr(merge_executor, "CHUNK_ELEMENTS", 1000)  # tiny tensors span many ranges
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(tiny_models[arch], models / f"tiny-{arch}-a.safetensors")
     write_tiny_checkpoint(arch, models / f"tiny-{arch}-b.safetensors", seed=2, dtype="fp16")
+    if mode == "inpainting conv_in":
+        mode = "weighted_sum"
+        b = load_file(models / f"tiny-{arch}-b.safetensors")
+        extra = torch.randn(b[CONV_IN].shape[0], 5, 3, 3, generator=torch.Generator().manual_seed(9))
+        b[CONV_IN] = torch.cat([b[CONV_IN], extra.to(b[CONV_IN].dtype)], dim=1)
+        save_file(b, models / f"tiny-{arch}-b.safetensors")
     write_tiny_checkpoint(arch, models / f"tiny-{arch}-c.safetensors", seed=3, dtype="fp16")
     library = ModelLibrary(Settings(data_dir=tmp_path))
     request = MergeRequest(
         model_a=f"tiny-{arch}-a",
         model_b=f"tiny-{arch}-b",
-        model_c=f"tiny-{arch}-c" if mode == "add_difference" else None,
+        model_c=f"tiny-{arch}-c" if MERGE_METHODS[mode].needs_c else None,
         mode=mode,
         alpha="IN00-IN03:0.3, _:0.7",
         beta=beta,
