@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -127,23 +128,50 @@ class Service:
         JobStore(redis.Redis.from_url(settings.redis_url), settings).purge_namespace()
 
 
-@pytest.fixture
-def service(redis_url, tmp_path) -> Iterator[Service]:
-    svc = Service(redis_url, tmp_path / "data")
+@contextmanager
+def running_service(redis_url: str, data_dir: Path) -> Iterator[Service]:
+    """An isolated instance; its workers are stopped and its Redis keys removed afterwards."""
+    svc = Service(redis_url, data_dir)
     svc.models_dir.mkdir(parents=True)
-    yield svc
-    svc.stop_workers()
-    svc.purge()
+    try:
+        yield svc
+    finally:
+        svc.stop_workers()
+        svc.purge()
 
 
-@pytest.fixture
-def client(service):
+@contextmanager
+def api_client(service: Service):
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
     with TestClient(create_app(service.settings())) as c:
         yield c
+
+
+@pytest.fixture
+def service(redis_url, tmp_path) -> Iterator[Service]:
+    with running_service(redis_url, tmp_path / "data") as svc:
+        yield svc
+
+
+@pytest.fixture
+def client(service):
+    with api_client(service) as c:
+        yield c
+
+
+@contextmanager
+def shared_worker_client(redis_url, tmp_path_factory, models: list[Path]):
+    """One instance with `models` installed and one worker, for a module whose jobs only read the
+    library: the worker's start (torch, diffusers) and its pipeline cache are paid once."""
+    with running_service(redis_url, tmp_path_factory.mktemp("shared") / "data") as svc:
+        for model in models:
+            install_model(svc, model)
+        svc.start_worker()
+        with api_client(svc) as c:
+            yield c
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1):

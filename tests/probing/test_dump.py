@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from tests.conftest import install_model, wait_for_job
+from tests.conftest import install_model, shared_worker_client, wait_for_job
 
 SD1_BLOCKS = [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
 
@@ -43,12 +43,10 @@ def _expected_sd1_shapes(height: int, width: int) -> dict[str, tuple[int, int, i
     return shapes
 
 
-@pytest.fixture
-def dump_service(service, tiny_models):
-    install_model(service, tiny_models["sd1"])
-    install_model(service, tiny_models["sdxl"])
-    service.start_worker()
-    return service
+@pytest.fixture(scope="module")
+def dump_client(redis_url, tmp_path_factory, tiny_models):
+    with shared_worker_client(redis_url, tmp_path_factory, [tiny_models["sd1"], tiny_models["sdxl"]]) as c:
+        yield c
 
 
 def _run(client, body, timeout=180):
@@ -63,7 +61,8 @@ def _tensors(client, job):
     return load_safetensors(client.get(f"/v1/jobs/{job['id']}/artifacts/tensors.safetensors").content)
 
 
-def test_features_and_attention_non_square(dump_service, client):
+def test_features_and_attention_non_square(dump_client):
+    client = dump_client
     body = {
         "model": "tiny-sd1-a",
         "prompt": "a cute girl",
@@ -126,7 +125,8 @@ def _safetensors_metadata(client, job) -> dict:
     return json.loads(raw[8 : 8 + size])["__metadata__"]
 
 
-def test_per_block_prompt_changes_m00_only_until_it_feeds_back(dump_service, client):
+def test_per_block_prompt_changes_m00_only_until_it_feeds_back(dump_client):
+    client = dump_client
     body = {
         "model": "tiny-sd1-a",
         "prompt": "a cute girl (~: M00: excellent :~)",
@@ -149,7 +149,8 @@ def test_per_block_prompt_changes_m00_only_until_it_feeds_back(dump_service, cli
     assert any(a["name"] == "diff_M00_step001_cond.png" for a in job["artifacts"])
 
 
-def test_empty_groups_give_exactly_zero_difference(dump_service, client):
+def test_empty_groups_give_exactly_zero_difference(dump_client):
+    client = dump_client
     body = {
         "model": "tiny-sd1-a",
         "prompt": "a (~: M00: :~) girl",
@@ -166,7 +167,8 @@ def test_empty_groups_give_exactly_zero_difference(dump_service, client):
     assert all(torch.count_nonzero(v) == 0 for v in diffs.values())
 
 
-def test_sdxl_dump(dump_service, client):
+def test_sdxl_dump(dump_client):
+    client = dump_client
     body = {
         "model": "tiny-sdxl-a",
         "prompt": "a (~: OUT00-OUT05: cute; _: plain :~) cat",
@@ -193,7 +195,8 @@ def test_sdxl_dump(dump_service, client):
 
 
 @pytest.mark.parametrize("sampler", ["euler_a", "euler", "dpmpp_2m", "ddim"])
-def test_samplers_generate(dump_service, client, sampler):
+def test_samplers_generate(dump_client, sampler):
+    client = dump_client
     job = _run(
         client,
         {"model": "tiny-sd1-a", "prompt": "a cat", "steps": 2, "width": 64, "height": 64, "sampler": sampler},

@@ -9,19 +9,17 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import install_model, wait_for_job
+from tests.conftest import install_model, shared_worker_client, wait_for_job
 from worker.probing.sweep_render import label_cell, u_geometry, u_layout, xy_geometry
 
 SD1_BLOCKS = [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
 SMALL = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64}
 
 
-@pytest.fixture
-def sweep_service(service, tiny_models):
-    install_model(service, tiny_models["sd1"])
-    install_model(service, tiny_models["sd1-b"])
-    service.start_worker()
-    return service
+@pytest.fixture(scope="module")
+def sweep_client(redis_url, tmp_path_factory, tiny_models):
+    with shared_worker_client(redis_url, tmp_path_factory, [tiny_models["sd1"], tiny_models["sd1-b"]]) as c:
+        yield c
 
 
 def _run(client, body, timeout=240):
@@ -36,7 +34,8 @@ def _image(client, job, name) -> Image.Image:
     return Image.open(io.BytesIO(client.get(f"/v1/jobs/{job['id']}/artifacts/{name}").content)).convert("RGB")
 
 
-def test_layer_influence_study_u_grid(sweep_service, client):
+def test_layer_influence_study_u_grid(sweep_client):
+    client = sweep_client
     job = _run(
         client,
         {
@@ -78,7 +77,8 @@ def test_layer_influence_study_u_grid(sweep_service, client):
         assert grid.crop((x, y, x + cell.width, y + cell.height)).tobytes() == cell.tobytes(), block
 
 
-def test_variant_that_changes_nothing_is_the_baseline(sweep_service, client):
+def test_variant_that_changes_nothing_is_the_baseline(sweep_client):
+    client = sweep_client
     job = _run(
         client,
         {
@@ -97,7 +97,8 @@ def test_variant_that_changes_nothing_is_the_baseline(sweep_service, client):
     )
 
 
-def test_xy_sweep_grid_is_2_by_3(sweep_service, client):
+def test_xy_sweep_grid_is_2_by_3(sweep_client):
+    client = sweep_client
     body = {
         "model_a": "tiny-sd1-a",
         "model_b": "tiny-sd1-b",
@@ -123,7 +124,8 @@ def test_xy_sweep_grid_is_2_by_3(sweep_service, client):
     assert (geometry.rows, geometry.cols) == (3, 2) and grid.size == (geometry.width, geometry.height)
 
 
-def test_per_element_sweep_rows(sweep_service, client):
+def test_per_element_sweep_rows(sweep_client):
+    client = sweep_client
     body = {
         "model_a": "tiny-sd1-a",
         "model_b": "tiny-sd1-b",

@@ -116,6 +116,20 @@ NUMERIC_FIELDS = [
         "diff_threshold",
     ),
     ("/v1/jobs/dump", '{"model": "a", "prompt": "p", "cfg_scale": @}', "cfg_scale"),
+    ("/v1/jobs/dump", '{"model": "a", "prompt": "p", "steps": @}', "steps"),
+    ("/v1/jobs/dump", '{"model": "a", "prompt": "p", "seed": @}', "seed"),
+    ("/v1/jobs/dump", '{"model": "a", "prompt": "p", "width": @}', "width"),
+    ("/v1/jobs/dump", '{"model": "a", "prompt": "p", "features": {"colorize": {"min": @}}}', "features"),
+    (
+        "/v1/jobs/sweep",
+        '{"model_a": "a", "prompt": "p", "seeds": [1, @], "variants": {"blocks": "IN00"}}',
+        "seeds",
+    ),
+    (
+        "/v1/jobs/sweep",
+        '{"model_a": "a", "prompt": "p", "steps": @, "variants": {"blocks": "IN00"}}',
+        "steps",
+    ),
 ]
 
 
