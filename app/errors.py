@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import redis
 from fastapi import FastAPI, Request
@@ -28,8 +29,19 @@ def problem_response(problem: Problem, request: Request | None = None) -> JSONRe
     )
 
 
+# pydantic names the member of a union a value was tried against inside the location (`alpha` →
+# `float`, `list[float]`; `variants` → `PerBlockVariants`); the request's own fields are snake_case.
+_UNION_MEMBER = re.compile(r"^([A-Z]\w*|[a-z]+\[.*\]|float|int|str|bool|function-\w+\[.*\])$")
+
+
 def _field_path(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    """The request field a pydantic error location names, as `alpha`, `output.dtype`, `seeds.1`."""
+    parts = [
+        str(p)
+        for p in loc
+        if p not in ("body", "query", "path", "header")
+        and not (isinstance(p, str) and _UNION_MEMBER.match(p))
+    ]
     return ".".join(parts) if parts else ".".join(str(p) for p in loc)
 
 
