@@ -8,10 +8,11 @@ import secrets
 import time
 from typing import Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from mergeprobe.checkpoints.library import ModelLibrary
 from mergeprobe.service.artifacts import ArtifactStore
+from mergeprobe.service.errors import Conflict
 from mergeprobe.service.kinds import JobKind
 from mergeprobe.service.settings import Settings
 
@@ -84,13 +85,18 @@ class JobContext:
     @classmethod
     def from_job(cls, job: dict[str, Any], kind: JobKind, **runtime: Any) -> JobContext:
         """The context of a stored job: its request and inputs as the API accepted them."""
-        return cls(
-            job_id=job["id"],
-            kind=kind,
-            request=kind.request_model.model_validate(job["request"]),
-            inputs=kind.inputs_model.model_validate(job["inputs"]),
-            **runtime,
-        )
+        try:
+            request = kind.request_model.model_validate(job["request"])
+            inputs = kind.inputs_model.model_validate(job["inputs"])
+        except ValidationError as exc:
+            # A job queued by an older version (before inputs were pinned, say) is not run on guesses.
+            raise Conflict(
+                "job-outdated",
+                "Job from an older version",
+                f"this {kind.name} job was accepted by a mergeprobe version whose job records this worker "
+                f"cannot read ({exc.error_count()} mismatches); submit it again",
+            ) from exc
+        return cls(job_id=job["id"], kind=kind, request=request, inputs=inputs, **runtime)
 
     @classmethod
     def local(

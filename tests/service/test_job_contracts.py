@@ -181,3 +181,20 @@ def test_only_the_http_layer_speaks_http():
             ):
                 offenders.append(f"{path.relative_to(root)}: reads the environment")
     assert offenders == []
+
+
+def test_a_job_queued_by_an_older_version_fails_clearly(service, client, tiny_models):
+    """Inputs as an earlier mergeprobe stored them (a bare file name, no sha256) are not run on guesses."""
+    import redis
+
+    from mergeprobe.service.jobs import JobStore
+
+    install_model(service, tiny_models["sd1"])
+    settings = service.settings()
+    store = JobStore(redis.Redis.from_url(settings.redis_url), settings)
+    old_inputs = {"model": "tiny-sd1-a.safetensors", "arch": "sd1"}
+    job, _ = store.create("inspect", {"model": "tiny-sd1-a"}, old_inputs, timeout=60)
+    service.start_worker()
+    job = wait_for_job(client, job["id"], timeout=60)
+    assert job["status"] == "failed" and job["error"]["type"].endswith("/job-outdated"), job
+    assert "submit it again" in job["error"]["detail"]
