@@ -162,6 +162,15 @@ def client(service):
         yield c
 
 
+def run_succeeding(client, kind: str, body: dict, timeout: float = 240.0) -> dict:
+    """Submit a job, wait for it, and return it: it must be accepted and succeed."""
+    response = client.post(f"/v1/jobs/{kind}", json=body)
+    assert response.status_code == 202, response.text
+    job = wait_for_job(client, response.json()["id"], timeout=timeout)
+    assert job["status"] == "succeeded", job
+    return job
+
+
 @contextmanager
 def shared_worker_client(redis_url, tmp_path_factory, models: list[Path]):
     """One instance with `models` installed and one worker, for a module whose jobs only read the

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from tests.conftest import install_model, shared_worker_client, wait_for_job
+from tests.conftest import install_model, run_succeeding, shared_worker_client
 
 SD1_BLOCKS = [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
 
@@ -49,14 +49,6 @@ def dump_client(redis_url, tmp_path_factory, tiny_models):
         yield c
 
 
-def _run(client, body, timeout=180):
-    response = client.post("/v1/jobs/dump", json=body)
-    assert response.status_code == 202, response.text
-    job = wait_for_job(client, response.json()["id"], timeout=timeout)
-    assert job["status"] == "succeeded", job
-    return job
-
-
 def _tensors(client, job):
     return load_safetensors(client.get(f"/v1/jobs/{job['id']}/artifacts/tensors.safetensors").content)
 
@@ -72,7 +64,7 @@ def test_features_and_attention_non_square(dump_client):
         "features": {"layers": "IN00-OUT11(+2)", "steps": "1,3", "save_tensors": True},
         "attention": {"layers": "M00, OUT05", "steps": "2", "save_tensors": True},
     }
-    job = _run(client, body)
+    job = run_succeeding(client, "dump", body)
     tensors = _tensors(client, job)
     expected = _expected_sd1_shapes(96, 64)
     selected = SD1_BLOCKS[0:12:2] + ["M00"] + SD1_BLOCKS[14::2]
@@ -136,7 +128,7 @@ def test_per_block_prompt_changes_m00_only_until_it_feeds_back(dump_client):
         "features": {"layers": "IN00-OUT11", "save_tensors": True},
         "layer_prompt_diff": True,
     }
-    job = _run(client, body)
+    job = run_succeeding(client, "dump", body)
     prompts = job["result"]["prompts"]
     assert prompts["M00"] == "a cute girl excellent"
     assert all(prompts[b] == "a cute girl " for b in SD1_BLOCKS if b != "M00")
@@ -161,7 +153,7 @@ def test_empty_groups_give_exactly_zero_difference(dump_client):
         "features": {"layers": "IN01, M00, OUT11", "save_tensors": True},
         "layer_prompt_diff": True,
     }
-    job = _run(client, body)
+    job = run_succeeding(client, "dump", body)
     diffs = {k: v for k, v in _tensors(client, job).items() if k.startswith("diff/")}
     assert len(diffs) == 3 * 2 * 2
     assert all(torch.count_nonzero(v) == 0 for v in diffs.values())
@@ -179,7 +171,7 @@ def test_sdxl_dump(dump_client):
         "features": {"layers": "IN00-OUT08", "steps": "2", "save_tensors": True},
         "attention": {"layers": "IN04-OUT05", "save_tensors": True},
     }
-    job = _run(client, body)
+    job = run_succeeding(client, "dump", body)
     tensors = _tensors(client, job)
     assert {k.split("/")[1] for k in tensors if k.startswith("features/")} == {
         *(f"IN{i:02d}" for i in range(9)),
@@ -197,8 +189,9 @@ def test_sdxl_dump(dump_client):
 @pytest.mark.parametrize("sampler", ["euler_a", "euler", "dpmpp_2m", "ddim"])
 def test_samplers_generate(dump_client, sampler):
     client = dump_client
-    job = _run(
+    job = run_succeeding(
         client,
+        "dump",
         {"model": "tiny-sd1-a", "prompt": "a cat", "steps": 2, "width": 64, "height": 64, "sampler": sampler},
     )
     assert job["result"]["images"] == ["image_0.png"] and job["progress"]["completed"] == 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import install_model, shared_worker_client, wait_for_job
+from tests.conftest import install_model, run_succeeding, shared_worker_client
 from worker.probing.sweep_render import label_cell, u_geometry, u_layout, xy_geometry
 
 SD1_BLOCKS = [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
@@ -22,22 +22,15 @@ def sweep_client(redis_url, tmp_path_factory, tiny_models):
         yield c
 
 
-def _run(client, body, timeout=240):
-    response = client.post("/v1/jobs/sweep", json=body)
-    assert response.status_code == 202, response.text
-    job = wait_for_job(client, response.json()["id"], timeout=timeout)
-    assert job["status"] == "succeeded", job
-    return job
-
-
 def _image(client, job, name) -> Image.Image:
     return Image.open(io.BytesIO(client.get(f"/v1/jobs/{job['id']}/artifacts/{name}").content)).convert("RGB")
 
 
 def test_layer_influence_study_u_grid(sweep_client):
     client = sweep_client
-    job = _run(
+    job = run_succeeding(
         client,
+        "sweep",
         {
             "model_a": "tiny-sd1-a",
             "variants": {"blocks": "IN00-OUT11", "alpha": 0, "beta": 0.75},
@@ -79,8 +72,9 @@ def test_layer_influence_study_u_grid(sweep_client):
 
 def test_variant_that_changes_nothing_is_the_baseline(sweep_client):
     client = sweep_client
-    job = _run(
+    job = run_succeeding(
         client,
+        "sweep",
         {
             "model_a": "tiny-sd1-a",
             "variants": {"blocks": "IN04, M00, OUT11", "alpha": 0, "beta": 1},
@@ -110,7 +104,7 @@ def test_xy_sweep_grid_is_2_by_3(sweep_client):
         },
         **SMALL,
     }
-    job = _run(client, body)
+    job = run_succeeding(client, "sweep", body)
     assert len(job["result"]["variants"]) == 6
     grid = _image(client, job, "grid.png")
     cell = label_cell([_image(client, job, "x1_y2_s3.png")], "alpha=0.75 | seed=3")
@@ -134,7 +128,7 @@ def test_per_element_sweep_rows(sweep_client):
         "seeds": [1],
         **SMALL,
     }
-    job = _run(client, body)
+    job = run_succeeding(client, "sweep", body)
     assert [r["label"] for r in job["result"]["rows"]] == ["OUT05:attn2:0", "IN04::1"]
     assert all(r["mean_abs_diff"] > 0 and r["ssim"] < 1 for r in job["result"]["rows"])
 
