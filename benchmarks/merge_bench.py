@@ -198,13 +198,13 @@ def child_job(arch: str, directory: Path) -> dict:
     (library.root / name).unlink()
     shutil.rmtree(library.hash_cache_dir, ignore_errors=True)
     t0 = timed.t0
-    hashing_started = clock.stages.get("hashing inputs", t0)
+    preparing_started = clock.stages.get("preparing the output", t0)
     merging_started = clock.stages.get("merging tensors", t0)
     merged_at = clock.merged_at or t0
     return timed.report(
         baseline_rss_anon_mb=baseline,
-        plan_seconds=hashing_started - t0,
-        hash_inputs_seconds=merging_started - hashing_started,
+        plan_seconds=preparing_started - t0,
+        setup_seconds=merging_started - preparing_started,
         merge_seconds=merged_at - merging_started,
         after_merge_seconds=timed.seconds - (merged_at - t0),
         output_bytes=result["size_bytes"],
@@ -587,7 +587,7 @@ def print_table(arch: str, size: int, prefault_mb: int, results: dict[str, dict]
     if "job" in results:
         j = results["job"]
         print(
-            f"job path: plan {j['plan_seconds']:.2f} s, hashing inputs {j['hash_inputs_seconds']:.2f} s, "
+            f"job path: plan {j['plan_seconds']:.2f} s, setup {j['setup_seconds']:.2f} s, "
             f"merge {j['merge_seconds']:.2f} s, registering the output (hashes it) {j['after_merge_seconds']:.2f} s"
         )
     if (

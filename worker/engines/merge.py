@@ -21,7 +21,7 @@ def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
     plan = plan_merge(request, ctx.library, output_name=ctx.inputs.output, pinned=ctx.inputs.models)
     for warning in plan.warnings:
         ctx.warn(warning)
-    ctx.progress(0, len(plan.keys), "hashing inputs")
+    ctx.progress(0, len(plan.keys), "preparing the output")  # inputs were hashed when pinned
     hashes = {slot: ctx.library.hashes(path) for slot, path in plan.paths.items()}
     metadata = merge_metadata(plan, request.model_dump(mode="json"), hashes, request.output.metadata)
     library = ctx.library
