@@ -1,9 +1,10 @@
 """Merge methods: the one place to add one.
 
 Each method is a function of fp32 tensors `(a, b, c, alpha, beta, rng)` → tensor (c is None for
-two-model merges; the tensors are fresh copies the method may overwrite), registered
-with what the API needs to validate a request (which models it reads, what β means) and the
-formula shown in the API description. This module imports no torch at import time (the API
+two-model merges; the tensors are fresh copies the method may overwrite), registered with the
+rules everything else asks it about: which models it reads, its α and β (meaning, range,
+defaults), its shortcuts, whether it is a lerp or element-wise, and the formula shown in the
+API description. No other module compares method names. This module imports no torch at import time (the API
 reads the registry); the functions import it when they run, in the worker.
 
 α is model B's share everywhere, as in AUTOMATIC1111, kohya and SuperMerger. α and β arrive

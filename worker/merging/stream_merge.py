@@ -1,4 +1,5 @@
-"""The streaming merge engine: never a whole state dict in memory.
+"""The file sink of the plan executor (``worker.merging.merge_executor``): the streaming merge
+engine, never a whole state dict in memory.
 
 All headers are read first and the output header is decided up front, so every tensor's
 place in the output file is known before any is computed. Tensors are read as zero-copy
@@ -11,8 +12,8 @@ Memory: each merge thread reuses its own fp32 scratch buffers for the chunks it 
 results go into a small pool of output buffers that come back once hashed, so a merge of
 any size allocates a few dozen MB once instead of fresh buffers per chunk.
 
-weighted_sum of two inputs already in the output dtype (the usual fp16 + fp16 → fp16) skips
-the fp32 copies: ``torch.lerp`` on the stored views computes in fp32 and rounds once, the
+A lerp method (weighted_sum) of two inputs already in the output dtype (the usual fp16 + fp16 →
+fp16) skips the fp32 copies: ``torch.lerp`` on the stored views computes in fp32 and rounds once, the
 same bytes (see ``_Combiner._lerp``).
 """
 
