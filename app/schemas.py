@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from mergeprobe.probing.dump_request import MAX_PROMPT_CHARS
+from mergeprobe.service.request_model import RequestModel
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
@@ -124,6 +127,33 @@ class ElementTable(BaseModel):
         description="U-Net block → sorted element names.",
         examples=[{"OUT05": ["1.transformer_blocks.0.attn2.to_k.weight"]}],
     )
+
+
+class TokenizeRequest(RequestModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "a (masterpiece:1.2) girl"}]})
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS, description="The prompt, as a dump or sweep takes it.")
+
+
+class TokenModel(BaseModel):
+    position: int = Field(
+        description="Index in the text encoder's input; 0 is the start token.", examples=[1]
+    )
+    id: int = Field(examples=[320])
+    text: str = Field(description="The BPE token, its end-of-word mark removed.", examples=["a"])
+
+
+class TokenList(BaseModel):
+    arch: str = Field(examples=["sdxl"])
+    tokens: list[TokenModel] = Field(
+        description="Every token, `<|startoftext|>` (49406) first and `<|endoftext|>` (49407) last. Every "
+        "text encoder of these architectures reads the same tokens (sdxl's two included); they differ only "
+        "in the padding after the end token."
+    )
+    context_length: int = Field(
+        description="Tokens a text encoder reads, start and end included.", examples=[77]
+    )
+    truncated: bool = Field(description="The prompt runs past context_length: the pipelines cut it there.")
 
 
 class Health(BaseModel):

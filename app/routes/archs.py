@@ -2,9 +2,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.schemas import ArchInfo, ArchList, BlockList, ElementTable, ProblemModel
+from app.schemas import (
+    ArchInfo,
+    ArchList,
+    BlockList,
+    ElementTable,
+    ProblemModel,
+    TokenizeRequest,
+    TokenList,
+    TokenModel,
+)
 from mergeprobe.checkpoints.archs import ARCHITECTURES, Architecture
 from mergeprobe.checkpoints.elements import element_table_document
+from mergeprobe.probing.clip_tokenizer import CONTEXT_LENGTH, clip_tokenizer
 from mergeprobe.service.problems import Problem
 
 router = APIRouter(prefix="/v1/archs", tags=["architectures"])
@@ -60,3 +70,27 @@ def arch_blocks(arch: str) -> BlockList:
 def arch_elements(arch: str) -> dict:
     _arch(arch)
     return element_table_document(arch)
+
+
+@router.post(
+    "/{arch}/tokenize",
+    response_model=TokenList,
+    summary="The tokens a prompt becomes (to pick token positions for attention maps)",
+    description="CLIP's byte-level BPE, shipped with the service (no download): the same tokens, ids and "
+    "positions as the text encoders of a dump or sweep on this architecture read, so a dump's attention "
+    "maps and token heatmaps can be matched to words.",
+    responses={
+        400: {"model": ProblemModel, "description": "Invalid JSON, or a non-finite number"},
+        404: {"model": ProblemModel},
+        422: {"model": ProblemModel},
+    },
+)
+def tokenize(arch: str, body: TokenizeRequest) -> TokenList:
+    _arch(arch)
+    tokens = clip_tokenizer().tokens(body.prompt)
+    return TokenList(
+        arch=arch,
+        tokens=[TokenModel(position=t.position, id=t.id, text=t.text) for t in tokens],
+        context_length=CONTEXT_LENGTH,
+        truncated=len(tokens) > CONTEXT_LENGTH,
+    )
