@@ -173,10 +173,11 @@ class ModelLibrary:
             raise NotFound("unknown-model", "Unknown model", f"no model {ref!r} in the library", field=field)
         return self._contained(path, ref, field)
 
-    def pin(self, ref: str, *, field: str = "model") -> PinnedModel:
-        """Resolve a reference for a job: its file and the sha256 of its bytes now."""
+    def pin(self, ref: str, *, field: str = "model") -> tuple[PinnedModel, Path]:
+        """Resolve a reference for a job: the pin (its file name and the sha256 of its bytes now)
+        and the file."""
         path = self.resolve(ref, field=field)
-        return PinnedModel(name=path.name, sha256=self.hashes(path)[0])
+        return PinnedModel(name=path.name, sha256=self.hashes(path)[0]), path
 
     def open_pinned(self, pinned: PinnedModel, *, field: str = "model") -> Path:
         """The file that holds a pinned model's bytes: its own name while it still holds them, else

@@ -282,10 +282,10 @@ def _resolve_models(
     pins, paths, headers = {}, {}, {}
     for slot, (field_name, ref) in refs.items():
         if pinned is None:
-            pins[slot] = library.pin(ref, field=field_name)
+            pins[slot], paths[slot] = library.pin(ref, field=field_name)
         else:
             pins[slot] = pinned[slot]
-        paths[slot] = library.open_pinned(pins[slot], field=field_name)
+            paths[slot] = library.open_pinned(pins[slot], field=field_name)
         headers[slot] = library.header(paths[slot], field=field_name)
     return pins, paths, headers
 

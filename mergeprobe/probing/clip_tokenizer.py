@@ -38,7 +38,7 @@ class Token:
     text: str  # the BPE symbol, `</w>` (end of word) removed
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map of bytes to printable characters, which CLIP's vocabulary uses."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -52,6 +52,26 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, codes), strict=True))
 
 
+def clip_vocab(merges: list[tuple[str, str]]) -> list[str]:
+    """CLIP's vocabulary layout for a list of merges: the 256 byte symbols, the same with `</w>`,
+    one token per merge, then the start and end tokens (ids are list positions)."""
+    symbols = list(bytes_to_unicode().values())
+    return symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [START, END]
+
+
+def merge_pair(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """`symbols` with every adjacent occurrence of `pair` joined into one symbol, left to right."""
+    merged, i = [], 0
+    while i < len(symbols):
+        if i < len(symbols) - 1 and (symbols[i], symbols[i + 1]) == pair:
+            merged.append(symbols[i] + symbols[i + 1])
+            i += 2
+        else:
+            merged.append(symbols[i])
+            i += 1
+    return merged
+
+
 _WHITESPACE = regex.compile(r"\p{White_Space}+")
 
 
@@ -62,9 +82,8 @@ def _cleaned(text: str) -> str:
 
 class ClipTokenizer:
     def __init__(self, merges: list[tuple[str, str]]) -> None:
-        self.byte_encoder = _bytes_to_unicode()
-        symbols = list(self.byte_encoder.values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [START, END]
+        self.byte_encoder = bytes_to_unicode()
+        vocab = clip_vocab(merges)
         self.encoder = {symbol: index for index, symbol in enumerate(vocab)}
         self.decoder = dict(enumerate(vocab))
         self.ranks = {merge: rank for rank, merge in enumerate(merges)}
@@ -77,15 +96,7 @@ class ClipTokenizer:
             best = min(pairs, key=lambda pair: self.ranks.get(pair, len(self.ranks)))
             if best not in self.ranks:
                 break
-            merged, i = [], 0
-            while i < len(parts):
-                if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-                    merged.append(parts[i] + parts[i + 1])
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
+            parts = merge_pair(parts, best)
         return tuple(parts)
 
     def ids(self, text: str) -> list[int]:

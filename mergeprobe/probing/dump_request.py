@@ -246,8 +246,7 @@ def _capture_inputs(
 
 def prepare_dump(request: DumpRequest, library: ModelLibrary) -> DumpInputs:
     """Validate a dump against its model and resolve everything the engine needs (400 on any spec error)."""
-    pinned = library.pin(request.model, field="model")
-    path = library.open_pinned(pinned, field="model")
+    pinned, path = library.pin(request.model, field="model")
     header = library.header(path, field="model")
     arch_name = detect_arch(header.tensors)
     if arch_name == UNKNOWN:

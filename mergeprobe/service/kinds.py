@@ -58,8 +58,8 @@ class InspectInputs(BaseModel):
 
 
 def prepare_inspect(request: InspectRequest, library: ModelLibrary) -> InspectInputs:
-    pinned = library.pin(request.model, field="model")
-    header = library.header(library.open_pinned(pinned, field="model"), field="model")
+    pinned, path = library.pin(request.model, field="model")
+    header = library.header(path, field="model")
     arch = header.arch
     if arch == UNKNOWN:
         raise InvalidInput(

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import mergeprobe
+from mergeprobe.probing.clip_tokenizer import bytes_to_unicode, clip_vocab, merge_pair
 
 __all__ = [
     "TINY_ARCHS",
@@ -76,23 +77,6 @@ _TOKENIZER_WORDS = (
 ).split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2's reversible byte -> printable unicode character table."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
-
-
 def tiny_tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The tiny CLIP BPE tokenizer shipped in the config dirs: (vocab, merges).
 
@@ -101,7 +85,7 @@ def tiny_tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, s
     ties broken by first occurrence) on a few dozen common prompt words, so "a cute girl" or
     "a cat" are one token per word; anything else falls back to bytes.
     """
-    b2u = _bytes_to_unicode()
+    b2u = bytes_to_unicode()
     words: dict[str, list[str]] = {}
     for word in _TOKENIZER_WORDS:
         symbols = [b2u[b] for b in word.encode()]
@@ -119,25 +103,8 @@ def tiny_tokenizer_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, s
             break
         best = max(counts, key=lambda p: (counts[p], -order[p]))
         merges.append(best)
-        for word, symbols in words.items():
-            merged: list[str] = []
-            i = 0
-            while i < len(symbols):
-                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
-                    merged.append(symbols[i] + symbols[i + 1])
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            words[word] = merged
-    base = list(b2u.values())
-    tokens = (
-        base
-        + [s + "</w>" for s in base]
-        + ["".join(m) for m in merges]
-        + ["<|startoftext|>", "<|endoftext|>"]
-    )
-    return {t: i for i, t in enumerate(tokens)}, merges
+        words = {word: merge_pair(symbols, best) for word, symbols in words.items()}
+    return {t: i for i, t in enumerate(clip_vocab(merges))}, merges
 
 
 # ------------------------------------------------------------------------------ model building

@@ -63,6 +63,9 @@ class PlanExecutor:
         return all(self.sources[s].header.tensors[kp.key].dtype == kp.dtype for s in ("a", "b"))
 
     def channels_differ(self, key: str) -> bool:
+        """Whether the inputs' shapes of `key` differ: the plan allows that only for conv_in."""
+        if key != self.plan.arch.conv_in:
+            return False
         shapes = {
             src.header.tensors[key].shape
             for slot, src in self.sources.items()
