@@ -73,6 +73,40 @@ class JobList(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
 
 
+class VariantModel(BaseModel):
+    """What the checkpoint is beyond its architecture, detected from its header (see the README's
+    "Your own checkpoints")."""
+
+    arch: Literal["sd1", "sd2", "sdxl", "unknown"]
+    name: str = Field(
+        description="sd1, sd2-epsilon, sd2-v, sdxl, sdxl-v, sdxl-edm, sdxl-refiner, unknown; `-inpainting` "
+        "(9-channel conv_in) or `-Nch` appended for other U-Net inputs.",
+        examples=["sd2-v"],
+    )
+    title: str = Field(examples=["Stable Diffusion 2.x, v-prediction"])
+    prediction_type: Literal["epsilon", "v_prediction", "edm"] | None = Field(
+        description="What the U-Net predicts; dumps and sweeps accept `prediction_type` to override it."
+    )
+    prediction_source: str = Field(
+        description="Why: the `v_pred` marker key, the file's modelspec.prediction_type, ComfyUI's sd2 weight "
+        "statistic (with its value), or the default.",
+        examples=["the v_pred marker key"],
+    )
+    zero_terminal_snr: bool = Field(description="The `ztsnr` marker key: trained with zero terminal SNR.")
+    in_channels: int | None = Field(description="Channels the U-Net's conv_in reads: 4, 9 (inpainting), 8.")
+    inpainting: bool
+    refiner: bool = Field(description="An SDXL refiner U-Net.")
+    ema: Literal["none", "separate", "only"] = Field(
+        description="`separate`: model_ema.* weight copies beside the model's (a training checkpoint); "
+        "`only`: EMA copies and no model weights. An '-emaonly' release has its EMA weights under the "
+        "model's own names and reads as `none`."
+    )
+    has_unet: bool
+    has_vae: bool
+    has_text_encoders: bool
+    resolution: int | None = Field(description="Native image side in pixels.", examples=[768])
+
+
 class ModelInfoModel(BaseModel):
     id: str = Field(description="The file name without its extension.", examples=["tiny-sd1-a"])
     name: str = Field(description="The file name in the library.", examples=["tiny-sd1-a.safetensors"])
@@ -93,6 +127,7 @@ class ModelInfoModel(BaseModel):
     metadata: dict[str, str] = Field(
         description="The safetensors `__metadata__`.", examples=[{"format": "pt"}]
     )
+    variant: VariantModel
 
 
 class ModelList(BaseModel):

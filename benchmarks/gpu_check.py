@@ -138,13 +138,16 @@ def run_job(kind: str, engine, request) -> tuple[float, dict]:
 def cached_pipeline(model: str):
     """Load the model's pipeline into the worker's cache (as on a worker that has seen it)."""
     from mergeprobe.checkpoints.library import ModelLibrary
+    from mergeprobe.probing.pipeline_configs import library_pipeline_variant
     from mergeprobe.service.settings import Settings
     from worker.probing.generation import get_pipeline
 
     library = ModelLibrary(Settings())
     path = library.resolve(model)
     header = library.header(path)
-    pipe, _, device = get_pipeline(Settings(), path, header, ARCH, library.hashes(path)[0])
+    pipe, _, device = get_pipeline(
+        Settings(), path, header, ARCH, library.hashes(path)[0], library_pipeline_variant(library, path)
+    )
     return library, path, header, pipe, device
 
 
@@ -198,10 +201,10 @@ def check_dump(model: str, sizes: Sizes) -> None:
 
 
 def check_sweep(root: Path, model: str, sizes: Sizes) -> None:
+    from mergeprobe.probing.pipeline_configs import find_config_dir
     from mergeprobe.probing.sweep_request import SweepRequest
     from mergeprobe.service.settings import Settings
     from worker.engines.sweep import run_sweep
-    from worker.probing.pipelines import find_config_dir
 
     started = time.perf_counter()
     library, _, header, _, device = cached_pipeline(model)

@@ -122,6 +122,7 @@ def main() -> int:
     root = args.dir.resolve()
     _setup(root, args.keep)
     server, library, store, artifacts = bench_service(root, "sweep-bench")
+    from mergeprobe.probing.pipeline_configs import library_pipeline_variant
     from mergeprobe.probing.sweep_request import SweepRequest
     from mergeprobe.service.kinds import KINDS
     from mergeprobe.service.settings import Settings
@@ -135,7 +136,9 @@ def main() -> int:
         path = library.resolve("full-sd1")
         header = library.header(path)
         started = time.perf_counter()
-        pipe, _, device = get_pipeline(Settings(), path, header, "sd1", library.hashes(path)[0])
+        pipe, _, device = get_pipeline(
+            Settings(), path, header, "sd1", library.hashes(path)[0], library_pipeline_variant(library, path)
+        )
         print(
             f"pipeline load (once per worker): {time.perf_counter() - started:.1f} s; "
             f"generation on {device} in {str(pipe.unet.dtype).removeprefix('torch.')}"

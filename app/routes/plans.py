@@ -26,8 +26,14 @@ class KeyPlanModel(BaseModel):
     beta: float | None = Field(examples=[None])
     action: str = Field(
         description="`merge`, `copy_a` (A's tensor as is, also when α makes the result exactly A), `copy_b`, "
-        "`keep_a` (non-float tensors and position_ids) or `copy_vae` (from output.bake_vae).",
+        "`keep_a` (a buffer, not a weight: position_ids, prediction markers, schedule and EMA buffers, "
+        "logit_scale, integer and bool tensors; A's bytes and dtype) or `copy_vae` (from output.bake_vae).",
         examples=["merge"],
+    )
+    reason: str | None = Field(
+        default=None,
+        description="Why a `keep_a` key is a buffer taken from model A; null for the other actions.",
+        examples=[None],
     )
 
 

@@ -167,6 +167,12 @@ def detect_arch(tensors: Mapping[str, _HasShape]) -> str:
     for arch in candidates:
         if any(key.startswith(arch.markers) for key in tensors):
             return arch.name
+    if any(
+        key.startswith((UNET_PREFIX + "label_emb.", "conditioner.", "cond_stage_model.")) for key in tensors
+    ):
+        # Not a bare U-Net (it has text encoders or a class embedding) yet no marker matched: an
+        # SDXL refiner (12 input blocks like sd1/sd2), an unCLIP model ... none of ours.
+        return UNKNOWN
     proj_in = next(
         (t for k, t in tensors.items() if k.startswith(UNET_PREFIX) and k.endswith("proj_in.weight")), None
     )

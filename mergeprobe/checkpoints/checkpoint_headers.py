@@ -24,11 +24,13 @@ from functools import cached_property
 
 __all__ = [
     "DTYPE_SIZES",
+    "ENGINE_DTYPES",
     "MAX_HEADER_BYTES",
     "CheckpointFormatError",
     "CheckpointHeader",
     "TensorInfo",
     "read_checkpoint_header",
+    "read_float_values",
     "sniff_format",
 ]
 
@@ -60,6 +62,12 @@ DTYPE_SIZES: dict[str, int] = {
     "C64": 8,
 }
 
+# The dtypes the engines read (worker/checkpoints/checkpoint_io.TORCH_DTYPES maps each to torch).
+# Files holding any other (C64, U16, U32, U64, the FNUZ float8s) are refused at upload.
+ENGINE_DTYPES = frozenset(
+    {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+)
+
 _ZIP_MAGIC = b"PK\x03\x04"
 _EXTENSIONS = {".safetensors": "safetensors", ".ckpt": "ckpt", ".pt": "ckpt", ".pth": "ckpt"}
 
@@ -74,6 +82,8 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     data_offsets: tuple[int, int] | None  # safetensors: [begin, end) in the data section; ckpt: None
+    # ckpt: (zip record of its storage, first element) when the tensor is contiguous; else None
+    storage: tuple[str, int] | None = None
 
     @property
     def numel(self) -> int:
@@ -98,6 +108,44 @@ class CheckpointHeader:
         from mergeprobe.checkpoints.archs import detect_arch
 
         return detect_arch(self.tensors)
+
+
+_FLOAT_FORMATS = {"F64": "d", "F32": "f", "F16": "e"}
+MAX_VALUES_READ = 1 << 16
+
+
+def read_float_values(path: str | os.PathLike[str], header: CheckpointHeader, key: str) -> list[float] | None:
+    """The values of one small floating-point tensor, read without torch (F64, F32, F16, BF16).
+
+    None when the tensor is of another dtype, larger than MAX_VALUES_READ elements, or (ckpt)
+    not contiguous. Used for the one statistic variant detection needs, on the API side.
+    """
+    import struct
+    import zipfile
+
+    info = header.tensors[key]
+    if info.dtype not in (*_FLOAT_FORMATS, "BF16") or info.numel > MAX_VALUES_READ:
+        return None
+    size = info.numel * DTYPE_SIZES[info.dtype]
+    if info.data_offsets is not None:
+        with open(path, "rb") as f:
+            f.seek(header.data_start + info.data_offsets[0])
+            raw = f.read(size)
+    elif info.storage is not None:
+        record, first = info.storage
+        with zipfile.ZipFile(path) as archive, archive.open(record) as fh:
+            fh.seek(first * DTYPE_SIZES[info.dtype])
+            raw = fh.read(size)
+    else:
+        return None
+    if len(raw) != size:
+        return None
+    if info.dtype == "BF16":  # the high half of a float32
+        halves = struct.unpack(f"<{info.numel}H", raw)
+        return list(
+            struct.unpack(f"<{info.numel}f", struct.pack(f"<{info.numel}I", *(h << 16 for h in halves)))
+        )
+    return list(struct.unpack(f"<{info.numel}{_FLOAT_FORMATS[info.dtype]}", raw))
 
 
 # -- helpers ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ and message helpers shared with the safetensors reader live in :mod:`mergeprobe.
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import pickletools
@@ -168,7 +169,7 @@ def _read_torch_zip(archive: zipfile.ZipFile, file_size: int) -> dict[str, Tenso
             raise CheckpointFormatError(
                 f"the state dict in {member} has a tensor under a {type(key).__name__} key"
             )
-        tensors[key] = value.info(key)
+        tensors[key] = value.info(key, prefix + "data/")
     return tensors
 
 
@@ -269,7 +270,8 @@ class _TensorRef(_StandIn):
         self.stride = stride
         self.dtype = dtype
 
-    def info(self, key: str) -> TensorInfo:
+    def info(self, key: str, data_dir: str) -> TensorInfo:
+        """`data_dir`: the archive's `<name>/data/`, where each storage is a record."""
         where = f"tensor {_q(key)}"
         if type(self.offset) is not int or not 0 <= self.offset <= _MAX_INT64:
             raise CheckpointFormatError(f"{where}: storage offset is not a non-negative integer")
@@ -288,7 +290,9 @@ class _TensorRef(_StandIn):
                     f"{where}: its view (offset {self.offset}, size {list(shape)}, stride {list(stride)}) reaches "
                     f"element {last} but storage {_q(self.storage.key)} holds only {capacity} {self.dtype} elements"
                 )
-        return TensorInfo(key, self.dtype, shape, None)
+        contiguous = all(stride[i] == math.prod(shape[i + 1 :]) for i in range(len(shape)) if shape[i] > 1)
+        storage = (data_dir + self.storage.key, self.offset) if contiguous else None
+        return TensorInfo(key, self.dtype, shape, None, storage)
 
 
 def _int_tuple(value: Any, where: str, what: str) -> tuple[int, ...]:

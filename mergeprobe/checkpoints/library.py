@@ -20,12 +20,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergeprobe.checkpoints.archs import detect_arch
+from mergeprobe.checkpoints.archs import UNKNOWN
 from mergeprobe.checkpoints.checkpoint_headers import (
+    ENGINE_DTYPES,
     CheckpointFormatError,
     CheckpointHeader,
     read_checkpoint_header,
 )
+from mergeprobe.checkpoints.variants import CheckpointVariant, detect_variant
 from mergeprobe.service.errors import Conflict, InvalidInput, MergeprobeError, NotFound, TooLarge
 from mergeprobe.service.settings import Settings
 
@@ -52,6 +54,7 @@ class ModelInfo:
     key_count: int
     dtypes: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    variant: dict[str, Any] = field(default_factory=dict)  # CheckpointVariant.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,6 +117,7 @@ class ModelLibrary:
         self.root = settings.models_path
         self.hash_cache_dir = settings.cache_path / "hashes"
         self.max_upload_bytes = settings.max_upload_bytes
+        self.settings = settings
         self._headers: dict[tuple[str, int, int], CheckpointHeader] = {}
         self._lock = threading.Lock()
 
@@ -252,13 +256,17 @@ class ModelLibrary:
         self._store_hashes(path, sha256, legacy)
         return sha256, legacy
 
+    def variant(self, path: Path, *, field: str = "model") -> CheckpointVariant:
+        return detect_variant(self.header(path, field=field), path)
+
     def info(self, path: Path) -> ModelInfo:
         header = self.header(path)
         sha256, legacy = self.hashes(path)
+        variant = detect_variant(header, path)
         return ModelInfo(
             id=self.id_of(path),
             name=path.name,
-            arch=detect_arch(header.tensors),
+            arch=variant.arch,
             format=header.format,
             size_bytes=header.file_size,
             sha256=sha256,
@@ -267,6 +275,7 @@ class ModelLibrary:
             key_count=len(header.tensors),
             dtypes=dict(sorted(Counter(t.dtype for t in header.tensors.values()).items())),
             metadata=dict(header.metadata),
+            variant=variant.to_dict(),
         )
 
     def list(self) -> list[ModelInfo]:
@@ -358,15 +367,49 @@ class ModelLibrary:
                     digest.update(chunk)
                     out.write(chunk)
             try:
-                read_checkpoint_header(tmp)
+                header = read_checkpoint_header(tmp)
             except CheckpointFormatError as exc:
                 raise InvalidInput(
                     "invalid-checkpoint", "Invalid checkpoint", f"{name}: {exc}", field="body"
                 ) from exc
+            check_storable(name, header, detect_variant(header, tmp))
             final = self.commit(tmp, name, sha256=digest.hexdigest())
         finally:
             tmp.unlink(missing_ok=True)
         return self.info(final)
+
+
+def check_storable(name: str, header: CheckpointHeader, variant: CheckpointVariant) -> None:
+    """Refuse a checkpoint no job could use: no tensors, dtypes no engine reads, no known layout."""
+
+    def refuse(slug: str, title: str, why: str) -> InvalidInput:
+        return InvalidInput(slug, title, f"{name}: {why}; it was not stored", field="body")
+
+    if not header.tensors:
+        raise refuse("no-tensors", "No tensors", "the file holds no tensors")
+    odd = sorted({t.dtype for t in header.tensors.values()} - ENGINE_DTYPES)
+    if odd:
+        example = next(t.key for t in header.tensors.values() if t.dtype in odd)
+        raise refuse(
+            "unsupported-dtype",
+            "Unsupported dtype",
+            f"it holds tensors of dtype {', '.join(odd)} (e.g. {_shown(example)!r}), which no merge or probe "
+            f"reads; supported: {', '.join(sorted(ENGINE_DTYPES))}",
+        )
+    if variant.refiner:
+        raise refuse(
+            "unsupported-architecture",
+            "Unsupported architecture",
+            "it is an SDXL refiner (12 input blocks, 384 channels, a 2560-wide label_emb); mergeprobe has "
+            "no block table or pipeline for refiners",
+        )
+    if variant.arch == UNKNOWN:
+        raise refuse(
+            "unknown-architecture",
+            "Unknown architecture",
+            "its keys match none of sd1, sd2, sdxl (a U-Net under model.diffusion_model.input_blocks.N with "
+            "the text encoder keys of one of them)",
+        )
 
 
 def _too_large(size: int, limit: int) -> TooLarge:

@@ -21,8 +21,10 @@ the elemental grammar and takes BASE.
 Sampler steps (`parse_steps`): `1,5-20(+5)`, 1-based, blank = every step.
 
 Block weights (`resolve_block_weights`): a number, a list of numbers, a
-preset name, a comma-separated number string, or a spec
+preset name (`GRAD_V`, or `GRAD_V@depth` for the depth-resampled curve on
+sdxl), a comma-separated number string, or a spec
 `IN00-IN05:0.2, M00:1, OUT00-OUT11(+2):0.7, _:0.5`; see that function.
+Presets and sd1 lists on sdxl follow SuperMerger (`mergeprobe.merging.presets`).
 
 Every error is an `InvalidInput` error with slug `invalid-spec`, the request field,
 and `position`: the 0-based character offset of the offending token in the
@@ -39,13 +41,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from mergeprobe.checkpoints.archs import ARCHITECTURES, BASE, MIDDLE, Architecture
-from mergeprobe.merging.presets import PRESETS, find_preset
+from mergeprobe.merging.presets import PRESET_BLOCK_COUNT, PRESET_BLOCKS, PRESETS, find_preset, sd1_to_arch
 from mergeprobe.service.errors import InvalidInput
 
 SLUG = "invalid-spec"
 TITLE = "Invalid spec"
 DEFAULT_NAMES = ("_", "default")
 """Block part of a weight-spec entry that sets every U-Net block no other entry names."""
+PRESET_OPTION_MARK = "@"
+DEPTH_OPTION = "depth"
+"""`GRAD_V@depth`: the preset's curve resampled over U-Net depth instead of SuperMerger's conversion."""
 
 _WORD = re.compile(r"[A-Za-z0-9_]+")
 _INT = re.compile(r"[0-9]+")
@@ -333,15 +338,57 @@ def _weights(arch: Architecture, unet: list[float], base: float | None) -> dict[
     return result
 
 
+def _takes_sd1_lists(arch: Architecture) -> bool:
+    """Whether a 25/26-value sd1 list is converted for `arch` (sdxl) rather than refused."""
+    return len(arch.unet_blocks) != PRESET_BLOCK_COUNT and set(arch.unet_blocks) <= set(PRESET_BLOCKS)
+
+
+def _list_lengths(arch: Architecture) -> tuple[int, ...]:
+    """The lengths a list of numbers may have for `arch`: its U-Net blocks, BASE first or not, and
+    (sdxl) sd1's 25 or 26 as SuperMerger converts them."""
+    n = len(arch.unet_blocks)
+    sd1 = (PRESET_BLOCK_COUNT, PRESET_BLOCK_COUNT + 1) if _takes_sd1_lists(arch) else ()
+    return (n, n + 1, *sd1)
+
+
 def _length_detail(arch: Architecture, got: int) -> str:
     n = len(arch.unet_blocks)
+    sd1 = (
+        f", or {PRESET_BLOCK_COUNT} / {PRESET_BLOCK_COUNT + 1} sd1 values (converted as SuperMerger's weighttoxl does)"
+        if _takes_sd1_lists(arch)
+        else ""
+    )
     return (
         f"expected {n} weights (IN00…{arch.last_out_block} in U-Net order) or {n + 1} (BASE first) "
-        f"for {arch.name}, got {got}"
+        f"for {arch.name}{sd1}, got {got}"
     )
 
 
-def resolve_block_weights(value: Any, arch: Architecture, *, field: str) -> dict[str, float | None]:
+def _weights_from_numbers(
+    numbers: list[float], arch: Architecture, *, field: str, warnings: list[str] | None
+) -> dict[str, float | None]:
+    """Weights from a list whose length is one of `_list_lengths(arch)`: BASE first when it has one
+    value more than a U-Net; an sd1 list on sdxl converted as SuperMerger does, with a warning."""
+    n = len(arch.unet_blocks)
+    if len(numbers) in (n, n + 1):
+        return _weights(arch, numbers[-n:], numbers[0] if len(numbers) == n + 1 else None)
+    base = numbers[0] if len(numbers) == PRESET_BLOCK_COUNT + 1 else None
+    sd1 = numbers[-PRESET_BLOCK_COUNT:]
+    if warnings is not None:
+        dropped = ", ".join(
+            f"{b}={v:g}" for b, v in zip(PRESET_BLOCKS, sd1, strict=True) if b not in arch.unet_blocks
+        )
+        warnings.append(
+            f"{field}: {len(numbers)} sd1 values{' (BASE first)' if base is not None else ''} converted to "
+            f"{arch.name} as SuperMerger's weighttoxl does: each {arch.name} block takes the sd1 block of "
+            f"the same name ({describe_blocks(arch)}); dropped {dropped}"
+        )
+    return _weights(arch, list(sd1_to_arch(sd1, arch)), base)
+
+
+def resolve_block_weights(
+    value: Any, arch: Architecture, *, field: str, warnings: list[str] | None = None
+) -> dict[str, float | None]:
     """Per-block weights over `arch.blocks` (BASE first); BASE is None when the value does not give it.
 
     `value` is one of:
@@ -349,8 +396,16 @@ def resolve_block_weights(value: Any, arch: Architecture, *, field: str) -> dict
     * a number (not a bool): every U-Net block gets it;
     * a list of numbers: len(unet_blocks) values in U-Net order (25 sd1/sd2, 19
       sdxl), or one more with BASE first; an element that is not a finite number
-      fails with `field="<field>[i]"`;
-    * a preset name (`GRAD_V`; exact, else case-insensitive; see `mergeprobe.merging.presets`);
+      fails with `field="<field>[i]"`. On sdxl a 25-value sd1 list (26 with BASE
+      first, SuperMerger's own format) is also taken and converted as SuperMerger's
+      `weighttoxl` does (`mergeprobe.merging.presets.sd1_to_arch`: IN00–IN08, M00,
+      OUT00–OUT08 by name; IN09–IN11, OUT09–OUT11 dropped), and a line saying so is
+      appended to `warnings` when given;
+    * a preset name (`GRAD_V`; exact, else case-insensitive; see `mergeprobe.merging.presets`):
+      its U-Net values as SuperMerger applies them to `arch`, and its BASE (0, 1 for
+      ALL_B). `NAME@depth` (`GRAD_V@depth`, `@depth` in any case) takes instead the
+      curve resampled over U-Net depth (`mergeprobe.merging.presets.resample`), which
+      differs from SuperMerger's only on sdxl;
     * a string of numbers and commas (`"0,0.5,…"`, the A1111 convention): read as
       the list above; a string holding one number is that number;
     * a spec: comma-separated `BLOCKS:RATIO` entries, BLOCKS one name or range
@@ -368,61 +423,92 @@ def resolve_block_weights(value: Any, arch: Architecture, *, field: str) -> dict
             raise spec_problem(f"must be a finite number, got {value}", field=field)
         return _weights(arch, [float(value)] * n, None)
     if isinstance(value, list | tuple):
-        if len(value) not in (n, n + 1):
+        if len(value) not in _list_lengths(arch):
             raise spec_problem(_length_detail(arch, len(value)), field=field)
         numbers: list[float] = []
         for i, v in enumerate(value):
             if not _is_number(v) or not math.isfinite(v):
                 raise spec_problem(f"must be a finite number, got {v!r}", field=f"{field}[{i}]")
             numbers.append(float(v))
-        if len(numbers) == n + 1:
-            return _weights(arch, numbers[1:], numbers[0])
-        return _weights(arch, numbers, None)
+        return _weights_from_numbers(numbers, arch, field=field, warnings=warnings)
     if isinstance(value, str):
-        return _weights_from_string(value, arch, field=field)
+        return _weights_from_string(value, arch, field=field, warnings=warnings)
     raise spec_problem(
         "must be a number, a list of numbers, a preset name or a block-weight spec such as `IN00-IN05:0.2, _:1`",
         field=field,
     )
 
 
-def _weights_from_string(text: str, arch: Architecture, *, field: str) -> dict[str, float | None]:
-    n = len(arch.unet_blocks)
+def _preset_detail(name: str, *, with_option: bool) -> str:
+    if with_option and not name:
+        return f"`{PRESET_OPTION_MARK}{DEPTH_OPTION}` must follow a preset name, as in `GRAD_V{PRESET_OPTION_MARK}{DEPTH_OPTION}`"
+    if with_option:
+        detail = f"`{name}` is not a preset name (`{PRESET_OPTION_MARK}{DEPTH_OPTION}` follows one)"
+    else:
+        detail = (
+            f"`{name}` is not a preset name, a number, a list of numbers or a block-weight spec "
+            "(`IN00-IN05:0.2, M00:1, _:0.5`)"
+        )
+    close = difflib.get_close_matches(name.upper(), list(PRESETS), n=1)
+    return detail + (f"; did you mean the preset {close[0]}?" if close else "")
+
+
+def _preset_weights(text: str, arch: Architecture, *, field: str) -> dict[str, float | None] | None:
+    """The weights of `NAME` or `NAME@depth` in `text`, None when `text` is no preset and has no `@`."""
+    at = text.find(PRESET_OPTION_MARK)
+    name_part = text if at == -1 else text[:at]
+    by_depth = False
+    if at != -1:
+        option = text[at + 1 :].strip()
+        if option.casefold() != DEPTH_OPTION:
+            raise spec_problem(
+                f"unknown preset option `{PRESET_OPTION_MARK}{option}`: the one option is "
+                f"`{PRESET_OPTION_MARK}{DEPTH_OPTION}` (`GRAD_V{PRESET_OPTION_MARK}{DEPTH_OPTION}`: the "
+                "curve resampled over U-Net depth instead of SuperMerger's same-name blocks)",
+                field=field,
+                position=at,
+            )
+        by_depth = True
+    preset = find_preset(name_part, arch, by_depth=by_depth)
+    if preset is None:
+        if at == -1:
+            return None
+        raise spec_problem(
+            _preset_detail(name_part.strip(), with_option=True), field=field, position=_skip_ws(text, 0, at)
+        )
+    return _weights(arch, list(preset.unet), preset.base)
+
+
+def _weights_from_string(
+    text: str, arch: Architecture, *, field: str, warnings: list[str] | None
+) -> dict[str, float | None]:
     stripped = text.strip()
     first = _skip_ws(text, 0, len(text))
     if not stripped:
         raise spec_problem("empty weight spec", field=field, position=first)
-    preset = find_preset(stripped, arch)
+    preset = _preset_weights(text, arch, field=field)
     if preset is not None:
-        return _weights(arch, list(preset[1]), None)
+        return preset
     head = _WORD.match(stripped)
     if ":" in text or (head and _normalize_block(head.group()) is not None):
         # A spec, or a block name that lacks its `:RATIO` (the spec parser says so).
         return _weights_from_spec(text, arch, field=field)
     if "," not in text and not _NUMBER.match(stripped):
-        detail = (
-            f"`{stripped}` is not a preset name, a number, a list of numbers or a block-weight spec "
-            "(`IN00-IN05:0.2, M00:1, _:0.5`)"
-        )
-        close = difflib.get_close_matches(stripped.upper(), list(PRESETS), n=1)
-        if close:
-            detail += f"; did you mean the preset {close[0]}?"
-        raise spec_problem(detail, field=field, position=first)
+        raise spec_problem(_preset_detail(stripped, with_option=False), field=field, position=first)
+    lengths = _list_lengths(arch)
     numbers: list[float] = []
     segments = list(_segments(text, ","))
     for k, (start, end) in enumerate(segments):
-        if k == n + 1:
+        if k == max(lengths):
             raise spec_problem(
                 _length_detail(arch, len(segments)), field=field, position=_skip_ws(text, start, end)
             )
         numbers.append(parse_number(text, field=field, start=start, end=end))
     if len(numbers) == 1:
-        return _weights(arch, numbers * n, None)
-    if len(numbers) == n + 1:
-        return _weights(arch, numbers[1:], numbers[0])
-    if len(numbers) != n:
+        return _weights(arch, numbers * len(arch.unet_blocks), None)
+    if len(numbers) not in lengths:
         raise spec_problem(_length_detail(arch, len(numbers)), field=field, position=len(text))
-    return _weights(arch, numbers, None)
+    return _weights_from_numbers(numbers, arch, field=field, warnings=warnings)
 
 
 def _weights_from_spec(text: str, arch: Architecture, *, field: str) -> dict[str, float | None]:

@@ -22,6 +22,18 @@ freely; blank entries and blank lines are skipped and not counted)::
 
 `NOT` is recognised in any case. A key takes the ratio of the last entry that
 matches it (later entries override earlier ones).
+
+Where mergeprobe differs from SuperMerger on purpose: SuperMerger (`elementals` in
+`scripts/mergers/mergers.py`) looks for an element substring in the whole key
+(`model.diffusion_model.output_blocks.5.1.…`), so a token that also occurs in the
+key's prefix selects more there: `ff` (in `diffusion`), `in` (`input_blocks`),
+`out` (`output_blocks`), block digits such as `0`–`3`. mergeprobe looks in the
+element only, so an entry means the same in every block. And on sdxl SuperMerger
+compares an entry's block names with its sd1 block list at the key's position in
+its sdxl list (unless its "use extended XL" setting is on), so its `M00` is
+sdxl's OUT02, `OUT00` sdxl's OUT03 and so on; mergeprobe uses sdxl's own names.
+`supermerger_differences` finds the entries whose keys differ for those reasons;
+the merge plan reports them as warnings.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mergeprobe.checkpoints.archs import Architecture, block_of_key, element_of_key
+from mergeprobe.checkpoints.archs import BASE, SD1, Architecture, block_of_key, element_of_key
 from mergeprobe.merging.blockspec import parse_block_words, parse_number, spec_problem
 from mergeprobe.service.errors import InvalidInput
 
@@ -203,3 +215,78 @@ def unmatched_rules(
             for element in materialized.get(block, ())
         )
     ]
+
+
+def supermerger_block_name(arch: Architecture, block: str) -> str:
+    """The block name SuperMerger's elemental merge compares an entry's block names with, for a
+    key of `block`.
+
+    SuperMerger (mergers.py `smerge`, then `elementals` without "use extended XL") takes the
+    key's index in its list for the model (sdxl: BASE, IN00…IN08, M00, OUT00…OUT08) and reads
+    the name at that index in its sd1 list (BASE, IN00…IN11, M00, OUT00…OUT11): the same
+    name on sd1 and sd2, sd1's name at the same U-Net position on sdxl (M00 → IN09).
+    """
+    if block == BASE:
+        return BASE
+    return SD1.unet_blocks[arch.unet_blocks.index(block)]
+
+
+def _supermerger_blocks(rule: ElementalRule, arch: Architecture) -> frozenset[str]:
+    """The blocks of `arch` whose keys SuperMerger applies `rule` to (block column only).
+
+    SuperMerger expands the column's ranges over its sd1 list whatever the model (`blocker`
+    with BLOCKID), so on sdxl `IN08-OUT00` names IN08, IN09, IN10, IN11, M00, OUT00 there.
+    """
+    column = rule.source[: rule.source.index(":")]
+    negated, rest, words = _split_not(column, 0, len(column))
+    if not words:
+        return frozenset(arch.blocks)
+    # `parse_elemental` accepted the column for `arch`, whose block names sd1 all has: no error here
+    named = set(parse_block_words(column[rest:], SD1, field="elemental"))
+    return frozenset(b for b in arch.blocks if (supermerger_block_name(arch, b) in named) != negated)
+
+
+def supermerger_differences(
+    rules: Sequence[ElementalRule], arch: Architecture, keys: Iterable[tuple[str, str, str]], *, field: str
+) -> list[str]:
+    """One warning for each rule that SuperMerger would apply to another set of keys.
+
+    `keys`: (key, block, element) of every key a ratio applies to. mergeprobe's rule is
+    `rule_matches`; SuperMerger's takes a key when its block passes the block column as
+    `supermerger_block_name` reads it and an element token occurs anywhere in the whole key
+    (`elementals`: `if dw in key`; NOT inverts as here). A warning names the entry, how many
+    keys differ, and the first of them with the reason.
+    """
+    materialized = list(keys)
+    warnings: list[str] = []
+    for rule in rules:
+        their_blocks = _supermerger_blocks(rule, arch)
+        differing: list[tuple[str, str, str, bool]] = []
+        for key, block, element in materialized:
+            ours = rule_matches(rule, block, element)
+            theirs = block in their_blocks and (
+                not rule.elements or any(e in key for e in rule.elements) != rule.elements_negated
+            )
+            if ours != theirs:
+                differing.append((key, block, element, theirs))
+        if not differing:
+            continue
+        key, block, element, theirs = differing[0]
+        if (block in rule.blocks) != (block in their_blocks):
+            reason = (
+                f"SuperMerger reads block names on {arch.name} through its sd1 list, where this "
+                f"{block} key is {supermerger_block_name(arch, block)}"
+            )
+        else:
+            tokens = ", ".join(f"`{e}`" for e in rule.elements if e in key and e not in element)
+            reason = (
+                f"{tokens} occurs in the key outside its element `{element}`: SuperMerger matches elements "
+                "against the whole key, mergeprobe against the key relative to its block"
+            )
+        warnings.append(
+            f"{field} entry {rule.index} (`{rule.source}`) would select other keys in SuperMerger: "
+            f"{len(differing)} differ, e.g. `{key}`, which SuperMerger "
+            f"{'would change and mergeprobe does not' if theirs else 'would leave and mergeprobe changes'} "
+            f"({reason})"
+        )
+    return warnings

@@ -27,7 +27,15 @@ from mergeprobe.checkpoints.archs import (
     get_arch,
 )
 from mergeprobe.checkpoints.checkpoint_headers import CheckpointHeader, TensorInfo
+from mergeprobe.checkpoints.elements import check_unet_complete
 from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel, validate_model_name
+from mergeprobe.checkpoints.variants import (
+    EDM_MARKERS,
+    EMA_BUFFERS,
+    V_PRED_MARKER,
+    ZTSNR_MARKER,
+    CheckpointVariant,
+)
 from mergeprobe.merging.blockspec import resolve_block_weights
 from mergeprobe.merging.elemental import (
     ElementalRule,
@@ -35,6 +43,7 @@ from mergeprobe.merging.elemental import (
     elements_by_block,
     parse_elemental,
     rule_matches,
+    supermerger_differences,
     unmatched_rules,
 )
 from mergeprobe.merging.merge_methods import MERGE_METHODS, MergeMethod
@@ -46,6 +55,62 @@ OUTPUT_DTYPES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 
 Action = Literal["merge", "copy_a", "copy_b", "keep_a", "copy_vae"]
 WeightValue = float | list[float] | str
+
+
+@dataclass(frozen=True)
+class BufferKeys:
+    """Keys that hold no learned weights. A result takes them from model A as they are (A's bytes
+    and dtype, whatever `output.dtype`), never merged or cast, and writes none that A lacks: they
+    tell loaders how to treat the file (token positions, prediction type, noise schedule), and the
+    result must load as model A does."""
+
+    reason: str  # shown in the plan beside the key's `keep_a`
+    names: frozenset[str] = frozenset()  # whole keys
+    suffixes: tuple[str, ...] = ()  # the key's last dotted parts
+    top_level_prefixes: tuple[str, ...] = ()  # keys without a dot that start so
+    kept_when_pruned: bool = False  # outside the model prefixes, yet loaders read it
+
+    def matches(self, key: str) -> bool:
+        if key in self.names or any(key.endswith("." + suffix) for suffix in self.suffixes):
+            return True
+        return "." not in key and key.startswith(self.top_level_prefixes)
+
+
+# Every key a merge takes from model A unmerged; keys of other float tensors are weights. Integer
+# and bool tensors are never weights either (NON_FLOAT_BUFFER).
+BUFFER_KEYS: tuple[BufferKeys, ...] = (
+    BufferKeys(
+        "text encoder position ids: loaders expect int64 0…76 (merged into floats they broke A1111)",
+        suffixes=("embeddings.position_ids",),
+    ),
+    BufferKeys(
+        "prediction-type marker (v_pred, ztsnr, EDM): the result predicts what model A predicts",
+        names=frozenset({V_PRED_MARKER, ZTSNR_MARKER, *EDM_MARKERS, "edm_vpred.sigma_min"}),
+        kept_when_pruned=True,
+    ),
+    BufferKeys(
+        "noise schedule of an LDM checkpoint (A1111 samples with its alphas_cumprod)",
+        names=frozenset({"alphas_cumprod", "alphas_cumprod_prev", "betas", "log_one_minus_alphas_cumprod"}),
+        top_level_prefixes=("posterior_", "sqrt_"),
+    ),
+    BufferKeys("EMA bookkeeping (decay, update count)", names=EMA_BUFFERS),
+    BufferKeys(
+        "CLIP's contrastive temperature (logit_scale): generation never reads it", suffixes=("logit_scale",)
+    ),
+)
+NON_FLOAT_BUFFER = "integer or bool tensor (ids, counters, masks): not a weight"
+
+
+def buffer_reason(key: str, tensor: TensorInfo) -> str | None:
+    """Why `key` is a buffer taken from model A, or None for a weight."""
+    for buffers in BUFFER_KEYS:
+        if buffers.matches(key):
+            return buffers.reason
+    return NON_FLOAT_BUFFER if tensor.dtype not in FLOAT_DTYPES else None
+
+
+def _kept_when_pruned(key: str) -> bool:
+    return any(buffers.kept_when_pruned and buffers.matches(key) for buffers in BUFFER_KEYS)
 
 
 def _known_method(name: str) -> str:
@@ -64,9 +129,11 @@ MergeMode = Annotated[
 
 _WEIGHT_DOC = (
     "A number; a list of per-block numbers (sd1/sd2: 25 values IN00…OUT11 or 26 with BASE first; sdxl: 19 "
-    "or 20); a block spec string such as `IN00-IN05:0.2, M00:1, OUT00-OUT11(+2):0.7, _:0.5` (later entries "
-    "win, `_`/`default` for the rest, `BASE:x` for the text encoders and VAE); or a preset name (GET "
-    "/v1/presets)."
+    "or 20, or an sd1 list of 25/26 converted as SuperMerger's weighttoxl does, with a warning); a block spec "
+    "string such as `IN00-IN05:0.2, M00:1, OUT00-OUT11(+2):0.7, _:0.5` (later entries win, `_`/`default` for "
+    "the rest, `BASE:x` for the text encoders and VAE); or a preset name (GET /v1/presets): SuperMerger's "
+    "values, BASE included (1 for ALL_B, else 0); on sdxl its IN00–IN08, M00, OUT00–OUT08 as SuperMerger "
+    "takes them, or `NAME@depth` for the curve resampled over U-Net depth."
 )
 
 
@@ -117,7 +184,8 @@ class MergeRecipe(RequestModel):
     )
     base_alpha: float | None = Field(
         default=None,
-        description="BASE's α (text encoders and VAE). Default: alpha when it is a number, else 0.",
+        description="BASE's α (text encoders and VAE); wins over a preset's or a list's BASE. Default: the "
+        "BASE of alpha's preset or list, alpha when it is a number, else 0.",
     )
     base_beta: float | None = Field(
         default=None, description="BASE's β. Default: beta when it is a number, else the mode's default."
@@ -198,6 +266,7 @@ class KeyPlan:
     action: Action
     dtype: str  # output dtype (safetensors name)
     shape: tuple[int, ...]
+    reason: str | None = None  # why a key is kept as in model A (a buffer), in words
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -207,6 +276,7 @@ class KeyPlan:
             "alpha": self.alpha,
             "beta": self.beta,
             "action": self.action,
+            "reason": self.reason,
         }
 
 
@@ -221,6 +291,8 @@ class MergePlan:
     output_name: str
     warnings: list[str] = field(default_factory=list)
     vae_keys: dict[str, str] = field(default_factory=dict)  # output key → its key in output.bake_vae
+    # Model A's variant: the result predicts, and is written (modelspec), as model A is.
+    variant: CheckpointVariant | None = None
 
     def copied_from(self, kp: KeyPlan) -> tuple[str, str] | None:
         """(slot, key in that input) a key's bytes are copied from, or None when it is merged."""
@@ -311,9 +383,17 @@ def _arch_of(headers: dict[str, CheckpointHeader]) -> Architecture:
 
 
 def _weights(
-    value: Any, base: float | None, arch: Architecture, field_name: str, default_base: float | None
+    value: Any,
+    base: float | None,
+    arch: Architecture,
+    field_name: str,
+    default_base: float | None,
+    warnings: list[str],
 ) -> dict[str, float | None]:
-    weights = resolve_block_weights(value, arch, field=field_name)
+    """Per-block ratios; BASE's is, in this order: `base` (the request's base_alpha / base_beta),
+    what the value says (a preset's BASE, a list's first value, `BASE:x`), a single number,
+    `default_base`."""
+    weights = resolve_block_weights(value, arch, field=field_name, warnings=warnings)
     if base is not None:
         weights[BASE] = base
     elif weights[BASE] is None:
@@ -381,6 +461,10 @@ def plan_merge(
     method = MERGE_METHODS[request.mode]
     pins, paths, headers = _resolve_models(request, library, pinned)
     arch = _arch_of(headers)
+    _check_unets(arch, headers)
+    variants = {
+        slot: library.variant(paths[slot], field=f"model_{slot}") for slot in headers if slot != "vae"
+    }
     name = output_name or request.output.name or default_output_name(request, paths)
     validate_model_name(name, field="output.name")
     if not name.endswith(".safetensors"):
@@ -391,7 +475,8 @@ def plan_merge(
             field="output.name",
         )
 
-    alphas = _weights(request.alpha, request.base_alpha, arch, "alpha", 0.0)
+    warnings: list[str] = []
+    alphas = _weights(request.alpha, request.base_alpha, arch, "alpha", 0.0, warnings)
     if request.beta is None:
         if method.beta is not None and method.beta.required:
             raise InvalidInput(
@@ -404,7 +489,7 @@ def plan_merge(
         betas: dict[str, float | None] = dict.fromkeys(arch.blocks)
         betas[BASE] = request.base_beta
     else:
-        betas = _weights(request.beta, request.base_beta, arch, "beta", None)
+        betas = _weights(request.beta, request.base_beta, arch, "beta", None, warnings)
         if betas[BASE] is None and method.beta is not None:
             betas[BASE] = method.beta.base_default
     if method.beta is None and (request.beta is not None or request.base_beta is not None):
@@ -433,11 +518,13 @@ def plan_merge(
     vae = _vae_tensors(arch, headers["vae"]) if "vae" in headers else {}
     prune = request.output.prune
     keys: list[KeyPlan] = []
-    warnings: list[str] = []
+    buffers_not_in_a: list[str] = []
+    absent = _absent_components(arch, headers)
     out_keys = [k for k in a] + [k for k in b if k not in a]
     for key in out_keys:
-        # Pruned: only what a pipeline needs (no EMA copies, optimizer or loss state, scheduler buffers).
-        if prune and not key.startswith(arch.model_prefixes):
+        # Pruned: only what a pipeline needs (no EMA copies, optimizer or loss state, scheduler
+        # buffers), and the prediction markers loaders read.
+        if prune and not key.startswith(arch.model_prefixes) and not _kept_when_pruned(key):
             continue
         try:
             block, element = block_of_key(arch, key), element_of_key(arch, key)
@@ -456,6 +543,15 @@ def plan_merge(
         if rules_b:
             over = elemental_ratio(rules_b, block, element)
             beta = over if over is not None else beta
+        reason = buffer_reason(key, a[key] if key in a else b[key])
+        if reason is not None:
+            if key in a:
+                keys.append(
+                    KeyPlan(key, block, element, None, None, "keep_a", a[key].dtype, a[key].shape, reason)
+                )
+            else:
+                buffers_not_in_a.append(key)
+            continue
         if key in vae:
             src = headers["vae"].tensors[vae[key]]
             if key in a and a[key].shape != src.shape:
@@ -474,6 +570,7 @@ def plan_merge(
             )
             continue
         if key not in a:
+            _check_one_sided(method, key, alpha, beta, has="b", lacks="a", absent=absent, arch=arch)
             keys.append(
                 KeyPlan(
                     key,
@@ -490,16 +587,15 @@ def plan_merge(
         ta = a[key]
         out = _out_dtype(request.output.dtype, ta)
         if key not in b:
+            _check_one_sided(method, key, alpha, beta, has="a", lacks="b", absent=absent, arch=arch)
             keys.append(KeyPlan(key, block, element, None, None, "copy_a", out, ta.shape))
-            continue
-        if ta.dtype not in FLOAT_DTYPES or "position_ids" in key:
-            keys.append(KeyPlan(key, block, element, None, None, "keep_a", out, ta.shape))
             continue
         for slot, other in (("b", b), ("c", c)):
             if other is None:
                 continue
             if key not in other:
                 if slot == "c" and method.needs_c:
+                    _check_one_sided(method, key, alpha, beta, has="a", lacks="c", absent=absent, arch=arch)
                     warnings.append(f"{key}: not in model_c; kept as in model_a")
                     keys.append(KeyPlan(key, block, element, None, None, "copy_a", out, ta.shape))
                     break
@@ -510,12 +606,20 @@ def plan_merge(
             action = _action(method, headers, key, alpha, beta)
             keys.append(KeyPlan(key, block, element, alpha, beta, action, out, ta.shape))
     check_ratios(method, keys, fields=_ratio_fields(request, rules_a, rules_b))
+    if buffers_not_in_a:
+        shown = ", ".join(buffers_not_in_a[:5]) + (" …" if len(buffers_not_in_a) > 5 else "")
+        warnings.append(
+            f"{len(buffers_not_in_a)} buffer(s) only in model_b not written ({shown}): buffers come from model_a"
+        )
+    warnings.extend(_prediction_differences(variants))
     for rules, field_name in ((rules_a, "elemental"), (rules_b, "elemental_beta")):
         if rules:
             grouped = elements_by_block(arch, [k.key for k in keys])
             for rule in unmatched_rules(rules, grouped):
                 warnings.append(f"{field_name} entry {rule.index} (`{rule.source}`) matches no key")
-    return MergePlan(arch, method, pins, paths, headers, keys, name, warnings, vae)
+            ratioed = [(k.key, k.block, k.element) for k in keys if k.alpha is not None]
+            warnings.extend(supermerger_differences(rules, arch, ratioed, field=field_name))
+    return MergePlan(arch, method, pins, paths, headers, keys, name, warnings, vae, variants["a"])
 
 
 def _ratio_fields(
@@ -614,13 +718,118 @@ def change_plan(plan: MergePlan, change: PlanChange, blocks: Collection[str]) ->
 
 
 def _conv_in_channels_differ(arch: Architecture, key: str, ta: TensorInfo, tb: TensorInfo) -> bool:
-    """Inpainting (9 input channels) vs normal (4): the shared channels merge, A's others stay."""
+    """Inpainting (9 input channels) in A vs normal (4) in B: the shared channels merge, A's others
+    stay. The other way round is refused by `_check_unets`."""
     return (
         key == arch.conv_in
         and len(ta.shape) == len(tb.shape) == 4
         and ta.shape[0] == tb.shape[0]
         and ta.shape[2:] == tb.shape[2:]
+        and ta.shape[1] >= tb.shape[1]
     )
+
+
+def _check_unets(arch: Architecture, headers: dict[str, CheckpointHeader]) -> None:
+    """Refuse an input whose U-Net the result cannot be made from: one that lacks tensors the
+    architecture needs (a LoRA, an extract, a damaged file: merged, the result would miss them or
+    hold A's in their place), or a B or C that reads more input channels than A (an inpainting
+    model in B would lose its extra channels, as the result takes A's conv_in shape)."""
+    for slot, header in headers.items():
+        if slot == "vae":
+            continue
+        check_unet_complete(header.tensors, arch.name, name=f"model_{slot}", field=f"model_{slot}")
+    channels = {slot: _conv_in_channels(arch, h) for slot, h in headers.items() if slot != "vae"}
+    for slot in ("b", "c"):
+        if (
+            slot in channels
+            and None not in (channels[slot], channels["a"])
+            and channels[slot] > channels["a"]
+        ):
+            what = "an inpainting model" if channels[slot] == 9 else "a model with a wider conv_in"
+            raise InvalidInput(
+                "inpainting-model-not-a",
+                "Inpainting model must be model_a",
+                f"model_{slot} is {what} (its U-Net reads {channels[slot]} input channels) and model_a reads "
+                f"{channels['a']}: the result takes model_a's conv_in, so model_{slot}'s extra channels would be "
+                f"lost. Put the inpainting model in model_a (as SuperMerger requires): the shared channels merge "
+                f"and its extra ones are kept.",
+                field=f"model_{slot}",
+            )
+
+
+def _conv_in_channels(arch: Architecture, header: CheckpointHeader) -> int | None:
+    conv_in = header.tensors.get(arch.conv_in)
+    return conv_in.shape[1] if conv_in is not None and len(conv_in.shape) == 4 else None
+
+
+def _components(arch: Architecture) -> dict[str, str]:
+    """Key prefix → name of each component outside the U-Net (the VAE, each text encoder)."""
+    encoders = arch.text_encoder_prefixes
+    names = (
+        {encoders[0]: "text encoder"}
+        if len(encoders) == 1
+        else {prefix: f"text encoder {i} (`{prefix}`)" for i, prefix in enumerate(encoders, 1)}
+    )
+    return {arch.vae_prefix: "VAE", **names}
+
+
+def _absent_components(arch: Architecture, headers: dict[str, CheckpointHeader]) -> dict[str, set[str]]:
+    """slot → prefixes of the components that input has no key of."""
+    return {
+        slot: {prefix for prefix in _components(arch) if not any(k.startswith(prefix) for k in h.tensors)}
+        for slot, h in headers.items()
+        if slot != "vae"
+    }
+
+
+def _check_one_sided(
+    method: MergeMethod,
+    key: str,
+    alpha: float,
+    beta: float | None,
+    *,
+    has: str,
+    lacks: str,
+    absent: dict[str, set[str]],
+    arch: Architecture,
+) -> None:
+    """Refuse `key` when it belongs to a component (VAE, text encoder) the `lacks` input has none of
+    and its ratios ask for arithmetic: the result would be the `has` input's component alone,
+    not the merge asked for. Ratios that make the result exactly that input (α 0 keeps A's,
+    weighted_sum's α 1 takes B's) are what the request asks, and pass."""
+    prefix = next((p for p in absent[lacks] if key.startswith(p)), None)
+    if prefix is None or method.shortcut(alpha, beta) == f"copy_{has}":
+        return
+    component = _components(arch)[prefix]
+    ratios = f"α {alpha}" + (f", β {beta}" if beta is not None else "")
+    if lacks == "a":
+        fix = "give a complete checkpoint as model_a"
+        if component == "VAE":
+            fix += ", or set one with output.bake_vae"
+        detail = (
+            f"model_a has no {component} (no `{prefix}` keys) but model_b has one: at {ratios} the result "
+            f"would take model_b's {component} whole ({key}), not the merge asked for; {fix}"
+        )
+    else:
+        detail = (
+            f"model_{lacks} has no {component} (no `{prefix}` keys), so {key} cannot be merged at {ratios}: the "
+            f"result would silently keep model_a's {component}. Give a complete checkpoint as model_{lacks}, or "
+            f"set base_alpha to 0 (or an elemental BASE entry) to keep model_a's {component} on purpose"
+        )
+        if component == "VAE":
+            detail += ", or set one with output.bake_vae"
+    raise InvalidInput("missing-component", "Missing component", detail, field=f"model_{lacks}")
+
+
+def _prediction_differences(variants: dict[str, CheckpointVariant]) -> list[str]:
+    """Warnings for inputs that predict otherwise than model A (the result is written as model A)."""
+    a = variants["a"]
+    return [
+        f"model_{slot} is {v.prediction_type} and model_a {a.prediction_type}: the result keeps model_a's "
+        f"prediction type (its markers and modelspec.prediction_type)"
+        for slot, v in variants.items()
+        if slot != "a" and v.prediction_type != a.prediction_type
+    ]
 
 
 def _shape_problem(key: str, ta: TensorInfo, other: TensorInfo, field_name: str) -> InvalidInput:

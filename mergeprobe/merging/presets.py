@@ -1,16 +1,23 @@
-"""Block-weight presets that block-merge users share, per architecture.
+"""Block-weight presets that block-merge users share, per architecture, as SuperMerger applies them.
 
 `PRESETS` holds the 25-value presets of the Merge Block Weighted extension
 (bbc-mc/sdweb-merge-block-weighted-gui, `csv/preset.tsv`), in sd1 U-Net order
 IN00 … IN11, M00, OUT00 … OUT11. Every value is copied from that file as
 published (their rounding included: GRAD_V's 0.9166666667, SMOOTHSTEP's
-15-digit decimals); none is computed here. SuperMerger ships the same table
-(`scripts/mbwpresets.txt`) with a BASE value put in front (0, or 1 for ALL_B);
-its U-Net values are identical, so the table serves both. A preset says
-nothing about BASE: resolving one leaves BASE "not given".
+15-digit decimals); none is computed here. SuperMerger
+(hako-mikan/sd-webui-supermerger, `scripts/mbwpresets_master.txt`) ships the
+same 38 presets with the same U-Net values and a BASE value in front: 0, or 1
+for ALL_B (`PRESET_BASE`). SuperMerger always takes a weight list's first
+value as BASE's ratio, so a preset sets BASE; in a request an explicit
+`base_alpha` / `base_beta` still wins over it.
 
-sd2 has the same 25 U-Net blocks and uses the table as is. Architectures with
-another block count (sdxl: 19) get every preset resampled; see `resample`.
+sd1 and sd2 have the 25 U-Net blocks of the table and use it as is. sdxl (19
+blocks) gets what SuperMerger's `weighttoxl` makes of a 25-value list: every
+sdxl block takes the value of the sd1 block of the same name (IN00–IN08, M00,
+OUT00–OUT08), and sd1's IN09–IN11 and OUT09–OUT11 are dropped; see
+`sd1_to_arch`. The older depth-resampled curve (`resample`) stays available:
+`find_preset(..., by_depth=True)`, written `GRAD_V@depth` in a block-weight
+value (`mergeprobe.merging.blockspec`).
 
 Names are the published ones, case-sensitive in the table (`find_preset`
 also accepts any case).
@@ -18,13 +25,16 @@ also accepts any case).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
-from functools import cache
 
-from mergeprobe.checkpoints.archs import Architecture
+from mergeprobe.checkpoints.archs import SD1, Architecture
 
-PRESET_BLOCK_COUNT = 25
-"""Values per preset in `PRESETS`: sd1's IN00 … IN11, M00, OUT00 … OUT11."""
+PRESET_BLOCKS = SD1.unet_blocks
+"""The block of each value of a preset in `PRESETS` (and of any sd1 weight list): IN00 … IN11, M00, OUT00 … OUT11."""
+PRESET_BLOCK_COUNT = len(PRESET_BLOCKS)
+"""Values per preset in `PRESETS`: 25."""
 
 # Copied from bbc-mc/sdweb-merge-block-weighted-gui csv/preset.tsv (data, not code).
 # fmt: off
@@ -70,6 +80,41 @@ PRESETS: dict[str, tuple[float, ...]] = {
 }
 # fmt: on
 
+# SuperMerger's scripts/mbwpresets_master.txt puts BASE first on every line: 0 on all of them but ALL_B's.
+PRESET_BASE: dict[str, float] = dict.fromkeys(PRESETS, 0.0) | {"ALL_B": 1.0}
+"""BASE's ratio (text encoders, VAE) per preset, as SuperMerger's preset file gives it."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A preset resolved for one architecture.
+
+    name: the published name. base: BASE's ratio (`PRESET_BASE`). unet: one value per U-Net
+    block of the architecture, in U-Net order.
+    """
+
+    name: str
+    base: float
+    unet: tuple[float, ...]
+
+
+def sd1_to_arch(values: Sequence[float], arch: Architecture) -> tuple[float, ...]:
+    """25 sd1 U-Net values (IN00 … OUT11) as one value per U-Net block of `arch`, by block name.
+
+    Every block of `arch` takes the value of the sd1 block of the same name; sd1 blocks
+    that `arch` lacks are dropped. On sdxl this is SuperMerger's `weighttoxl`
+    (`weight[:9] + weight[12:22]`: IN00–IN08, M00, OUT00–OUT08 kept, IN09–IN11 and
+    OUT09–OUT11 dropped); on sd1 and sd2 it returns the values unchanged. Raises
+    ValueError for another count or an architecture with a block sd1 does not have.
+    """
+    if len(values) != PRESET_BLOCK_COUNT:
+        raise ValueError(f"expected {PRESET_BLOCK_COUNT} sd1 values, got {len(values)}")
+    foreign = [b for b in arch.unet_blocks if b not in PRESET_BLOCKS]
+    if foreign:
+        raise ValueError(f"{arch.name} has blocks that sd1 lacks: {', '.join(foreign)}")
+    by_name = dict(zip(PRESET_BLOCKS, (float(v) for v in values), strict=True))
+    return tuple(by_name[b] for b in arch.unet_blocks)
+
 
 def resample(values: tuple[float, ...] | list[float], count: int) -> tuple[float, ...]:
     """`values` (a curve over evenly spaced U-Net positions) read at `count` evenly spaced positions.
@@ -84,7 +129,8 @@ def resample(values: tuple[float, ...] | list[float], count: int) -> tuple[float
     its sd1 neighbours (sdxl IN03 at x = 4 ← sd1 IN04, sdxl IN01 at x = 1.33
     ← 2/3 IN01 + 1/3 IN02). Step presets (WRAP, RING, OUT07 …) therefore get
     in-between values at their edges: the rule follows the curve, not the
-    sd1 block names.
+    sd1 block names. This is not what SuperMerger does (see `sd1_to_arch`); presets
+    use it only when asked (`find_preset(..., by_depth=True)`, `GRAD_V@depth`).
     """
     source = tuple(float(v) for v in values)
     if count < 2 or len(source) < 2:
@@ -105,32 +151,32 @@ def resample(values: tuple[float, ...] | list[float], count: int) -> tuple[float
     return tuple(out)
 
 
-@cache
-def _presets_for_count(count: int) -> dict[str, tuple[float, ...]]:
-    return {name: resample(values, count) for name, values in PRESETS.items()}
+def _unet_values(values: Sequence[float], arch: Architecture, by_depth: bool) -> tuple[float, ...]:
+    return resample(values, len(arch.unet_blocks)) if by_depth else sd1_to_arch(values, arch)
 
 
 def presets_for(arch: Architecture) -> dict[str, tuple[float, ...]]:
     """Every preset for `arch`, in `PRESETS` order: name → one value per U-Net block (U-Net order).
 
-    sd1 and sd2 get the published 25 values; sdxl gets 19 values from `resample`.
-    Returns a new dict on each call (the caller may change it).
+    sd1 and sd2 get the published 25 values; sdxl gets SuperMerger's conversion
+    (`sd1_to_arch`). BASE is not in these lists (`PRESET_BASE`). Returns a new
+    dict on each call (the caller may change it).
     """
-    return dict(_presets_for_count(len(arch.unet_blocks)))
+    return {name: sd1_to_arch(values, arch) for name, values in PRESETS.items()}
 
 
-def find_preset(name: str, arch: Architecture) -> tuple[str, tuple[float, ...]] | None:
-    """(published name, values for `arch`) of the preset called `name`, or None.
+def find_preset(name: str, arch: Architecture, *, by_depth: bool = False) -> Preset | None:
+    """The preset called `name`, resolved for `arch`, or None.
 
     An exact match wins; otherwise a case-insensitive one (`grad_v` → GRAD_V).
-    Surrounding whitespace is ignored.
+    Surrounding whitespace is ignored. The U-Net values are SuperMerger's
+    (`sd1_to_arch`), or with `by_depth` the curve resampled over U-Net depth
+    (`resample`; the same values on sd1 and sd2). BASE is `PRESET_BASE` either way.
     """
-    table = _presets_for_count(len(arch.unet_blocks))
     wanted = name.strip()
-    if wanted in table:
-        return wanted, table[wanted]
-    folded = wanted.casefold()
-    for published, values in table.items():
-        if published.casefold() == folded:
-            return published, values
-    return None
+    if wanted not in PRESETS:
+        folded = wanted.casefold()
+        wanted = next((published for published in PRESETS if published.casefold() == folded), "")
+        if not wanted:
+            return None
+    return Preset(wanted, PRESET_BASE[wanted], _unet_values(PRESETS[wanted], arch, by_depth))

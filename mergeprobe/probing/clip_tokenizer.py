@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
 import unicodedata
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 
 import regex
 
@@ -120,10 +122,25 @@ class ClipTokenizer:
         ]
 
 
-@functools.cache
-def clip_tokenizer() -> ClipTokenizer:
+def _merges_text() -> str:
+    """The shipped merges file: Hugging Face's merges.txt (a version line, then one merge a line)."""
     data = (
         resources.files("mergeprobe").joinpath("configs", "tokenizers", "clip_bpe_merges.txt.gz").read_bytes()
     )
-    lines = gzip.decompress(data).decode("utf-8").splitlines()
+    return gzip.decompress(data).decode("utf-8")
+
+
+@functools.cache
+def clip_tokenizer() -> ClipTokenizer:
+    lines = _merges_text().splitlines()
     return ClipTokenizer([tuple(line.split()) for line in lines[1:] if line])  # type: ignore[misc]
+
+
+def write_vocabulary_files(directory: Path) -> None:
+    """Write `vocab.json` and `merges.txt`, the two files transformers' CLIPTokenizer reads, derived
+    from the shipped merges: every CLIP tokenizer (sd1, sd2, both of sdxl's) has this vocabulary."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(
+        json.dumps(clip_tokenizer().encoder, ensure_ascii=False), encoding="utf-8"
+    )
+    (directory / "merges.txt").write_text(_merges_text(), encoding="utf-8")

@@ -16,12 +16,22 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from mergeprobe.checkpoints.archs import UNKNOWN, Architecture, detect_arch, get_arch
+from mergeprobe.checkpoints.checkpoint_headers import CheckpointHeader
 from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel
 from mergeprobe.merging.blockspec import format_blocks, parse_block_set, parse_steps, spec_problem
+from mergeprobe.probing.capture_estimate import block_geometry, estimate_dump
 from mergeprobe.probing.colorize import Colorize
 from mergeprobe.probing.layer_prompts import LayerPrompt, parse_layer_prompt
+from mergeprobe.probing.pipeline_configs import (
+    PREDICTION_TYPE_DOC,
+    PipelineVariant,
+    PredictionType,
+    check_probeable,
+    fitting_config_dir,
+)
 from mergeprobe.service.errors import InvalidInput
 from mergeprobe.service.request_model import RequestModel
+from mergeprobe.service.settings import Settings
 
 Sampler = Literal["euler_a", "euler", "dpmpp_2m", "dpmpp_2m_karras", "ddim"]
 MAX_PROMPT_CHARS = 2000
@@ -129,6 +139,7 @@ class DumpRequest(RequestModel):
         ),
         examples=[{"layers": "IN01, M00, OUT10", "steps": "20"}],
     )
+    prediction_type: PredictionType | None = Field(default=None, description=PREDICTION_TYPE_DOC)
     layer_prompt_diff: bool = Field(
         default=False,
         description=(
@@ -177,6 +188,7 @@ class DumpResult(BaseModel):
         examples=["float16"],
     )
     pipeline_cached: bool = Field(default=False, description="The worker had the pipeline loaded already.")
+    pipeline: PipelineVariant | None = Field(default=None, description="The scheduler variant it ran with.")
 
 
 def _unknown_arch(name: str) -> InvalidInput:
@@ -202,6 +214,7 @@ class DumpInputs(BaseModel):
 
     model: PinnedModel
     arch: str
+    pipeline: PipelineVariant
     features: CaptureInputs | None
     attention: CaptureInputs | None
     prompts: dict[str, str] = Field(description="Block → its prompt.")
@@ -252,6 +265,9 @@ def prepare_dump(request: DumpRequest, library: ModelLibrary) -> DumpInputs:
     if arch_name == UNKNOWN:
         raise _unknown_arch(path.name)
     arch = get_arch(arch_name)
+    pipeline = check_probeable(
+        path.name, header, library.variant(path), request.prediction_type, library.settings
+    )
 
     warnings: list[str] = []
     prompt = parse_layer_prompt(request.prompt, arch, field="prompt")
@@ -287,9 +303,10 @@ def prepare_dump(request: DumpRequest, library: ModelLibrary) -> DumpInputs:
                 "the difference maps will be zero"
             )
 
-    return DumpInputs(
+    inputs = DumpInputs(
         model=pinned,
         arch=arch.name,
+        pipeline=pipeline,
         features=features,
         attention=attention,
         prompts=prompts,
@@ -299,6 +316,43 @@ def prepare_dump(request: DumpRequest, library: ModelLibrary) -> DumpInputs:
         has_groups=has_groups,
         warnings=warnings,
     )
+    check_capture_size(request, inputs, header, arch, library.settings)
+    return inputs
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def check_capture_size(
+    request: DumpRequest, inputs: DumpInputs, header: CheckpointHeader, arch: Architecture, settings: Settings
+) -> None:
+    """Refuse a dump whose estimated captures exceed the caps (400 naming the larger capture)."""
+    if inputs.features is None and inputs.attention is None:
+        return
+    geometry = block_geometry(header, arch, fitting_config_dir(arch.name, header, settings))
+    estimate = estimate_dump(request, inputs, geometry)
+    over = []
+    if estimate.written_bytes > settings.max_capture_bytes:
+        over.append(
+            f"would write about {_gb(estimate.written_bytes)} (MERGEPROBE_MAX_CAPTURE_BYTES is "
+            f"{_gb(settings.max_capture_bytes)})"
+        )
+    if estimate.memory_bytes > settings.max_capture_memory_bytes:
+        over.append(
+            f"would hold about {_gb(estimate.memory_bytes)} in worker memory (MERGEPROBE_MAX_CAPTURE_MEMORY_BYTES "
+            f"is {_gb(settings.max_capture_memory_bytes)})"
+        )
+    if over:
+        field = estimate.largest_capture
+        shares = ", ".join(f"{name} {_gb(size)}" for name, size in estimate.by_capture.items() if size)
+        raise InvalidInput(
+            "capture-too-large",
+            "Capture too large",
+            f"this dump {' and '.join(over)}; by capture: {shares}. Capture fewer steps or blocks, a smaller "
+            f"image, or without save_tensors",
+            field=field,
+        )
 
 
 def _changes_nothing(parsed: LayerPrompt, resolved: dict[str, str]) -> bool:

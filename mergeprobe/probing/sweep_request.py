@@ -33,6 +33,12 @@ from mergeprobe.merging.merge_plan import (
     plan_merge,
 )
 from mergeprobe.probing.dump_request import MAX_PROMPT_CHARS, Sampler
+from mergeprobe.probing.pipeline_configs import (
+    PREDICTION_TYPE_DOC,
+    PipelineVariant,
+    PredictionType,
+    check_probeable,
+)
 from mergeprobe.service.errors import InvalidInput
 from mergeprobe.service.request_model import RequestModel
 
@@ -134,6 +140,7 @@ class SweepRequest(MergeRecipe):
     steps: int = Field(default=20, ge=1, le=150)
     sampler: Sampler = "euler_a"
     cfg_scale: float = Field(default=7.0, ge=0, le=30)
+    prediction_type: PredictionType | None = Field(default=None, description=PREDICTION_TYPE_DOC)
     width: int = Field(default=512, ge=64, le=2048, multiple_of=8)
     height: int = Field(default=512, ge=64, le=2048, multiple_of=8)
     diff_threshold: float = Field(
@@ -186,6 +193,7 @@ class SweepResult(BaseModel):
     pipeline_cached: bool = Field(
         default=False, description="The worker had model_a's pipeline loaded already."
     )
+    pipeline: PipelineVariant | None = Field(default=None, description="The scheduler variant it ran with.")
 
 
 @dataclass
@@ -357,6 +365,7 @@ class SweepInputs(BaseModel):
     """What a sweep job runs: the baseline's pinned models and the expanded variants."""
 
     arch: str
+    pipeline: PipelineVariant = Field(description="How model A's pipeline is built.")
     models: dict[str, PinnedModel] = Field(description="Slot (a, b, c) → the baseline merge's pinned model.")
     variants: list[dict[str, Any]] = Field(description="Each variant as `Variant.to_json` writes it.")
 
@@ -367,6 +376,15 @@ def prepare_sweep(request: SweepRequest, library: ModelLibrary) -> SweepInputs:
             "invalid-request", "Invalid request", "a baseline merge needs model_b", field="model_b"
         )
     plan = plan_merge(request.baseline_merge(), library, output_name=BASELINE_NAME)
+    path_a = plan.paths["a"]
+    pipeline = check_probeable(
+        path_a.name,
+        plan.headers["a"],
+        library.variant(path_a),
+        request.prediction_type,
+        library.settings,
+        field="model_a",
+    )
     variants = expand_variants(request, plan.arch)
     for variant in variants:
         changed = change_plan(plan, variant.change(), plan.arch.unet_blocks)
@@ -388,4 +406,6 @@ def prepare_sweep(request: SweepRequest, library: ModelLibrary) -> SweepInputs:
             f"the sweep would generate {images} images; the limit is {MAX_IMAGES}",
             field="variants",
         )
-    return SweepInputs(arch=plan.arch.name, models=plan.pins, variants=[v.to_json() for v in variants])
+    return SweepInputs(
+        arch=plan.arch.name, pipeline=pipeline, models=plan.pins, variants=[v.to_json() for v in variants]
+    )

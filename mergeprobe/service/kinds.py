@@ -103,17 +103,24 @@ def _merge_description() -> str:
     lines = [
         "A block-weighted merge, streamed tensor by tensor into a new .safetensors in the model library.",
         "α and β are per key, after block weights and elemental overrides; α is model B's share.",
-        "Computed in fp32 per tensor and cast to `output.dtype`. Non-float tensors and `position_ids` stay "
-        "as in A; a key only in B is copied from B; conv_in of an inpainting model (9 channels) merges its "
-        "shared channels with a 4-channel one and keeps A's others; any other shape mismatch, and an "
-        "architecture mismatch, is a 400 before any tensor is read.",
+        "Computed in fp32 per tensor and cast to `output.dtype`. Buffers (position_ids, the v_pred/ztsnr "
+        "markers, schedule buffers, model_ema.decay, logit_scale, integer tensors) are A's, byte for byte "
+        "(`keep_a` with a `reason`); a weight only in B is copied from B, a buffer only in B is not written. "
+        "conv_in of an inpainting model A (9 channels) merges its shared channels with a 4-channel B and keeps "
+        "A's others; an inpainting B or C with a 4-channel A, an input missing U-Net tensors its architecture "
+        "needs, a VAE or text encoder on one side only where the ratios merge it, any other shape mismatch "
+        "and an architecture mismatch are 400s before any tensor is read.",
         "",
-        "Modes:",
+        "Modes (TIES, DARE and slerp: the plain modes follow the papers, the `_sd_mecha` ones reproduce "
+        "sd-mecha's conventions, which differ):",
     ]
     for method in MERGE_METHODS.values():
-        beta = f" β: {method.beta}." if method.beta else ""
-        models = "A, B, C" if method.needs_c else "A, B"
-        lines.append(f"- `{method.name}` ({models}): {method.formula}.{beta}")
+        beta = f" β: {method.beta.description}." if method.beta else ""
+        models = ", ".join(
+            [slot.upper() for slot in method.inputs]
+            + [f"{slot.upper()} optional" for slot in method.optional_inputs]
+        )
+        lines.append(f"- `{method.name}` ({models}): {method.formula.rstrip('.')}.{beta}")
     lines += [
         "",
         "The output's `__metadata__` holds `sd_merge_recipe` (the request as run, with each input's sha256), "

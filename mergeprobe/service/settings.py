@@ -52,9 +52,10 @@ class Settings(BaseSettings):
     log_level: str = Field(default="INFO", description="Level of the root logger (DEBUG, INFO, WARNING...).")
     pipeline_configs_dir: Path | None = Field(
         default=None,
-        description="Diffusers pipeline config directories per architecture (DIR/sd1, DIR/sd2, DIR/sdxl: "
-        "model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) for loading full-size "
-        "single-file checkpoints offline.",
+        description="An override: diffusers pipeline config folders per architecture (DIR/sd1, DIR/sd2, DIR/sdxl: "
+        "model_index.json, unet/, vae/, text_encoder/, scheduler/, tokenizer/ optional) used for a checkpoint "
+        "they fit before the configs shipped with mergeprobe (the published sd1, sd2, sdxl ones, CLIP "
+        "tokenizers included).",
     )
     generation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
@@ -73,6 +74,18 @@ class Settings(BaseSettings):
         default=2 * 1024**3,
         ge=0,
         description="Memory for the changed U-Net tensors of the variants batched in one sweep call.",
+    )
+    max_capture_bytes: int = Field(
+        default=4 * 1024**3,
+        ge=0,
+        description="A dump whose captures (saved tensors and images), estimated at submission, would write "
+        "more than this is refused with a 400 naming the capture and the estimate.",
+    )
+    max_capture_memory_bytes: int = Field(
+        default=6 * 1024**3,
+        ge=0,
+        description="A dump that would hold more than this in worker memory (saved tensors until the job ends, "
+        "serialised once more at the end) is refused at submission.",
     )
     pipeline_cache_bytes: int = Field(
         default=8 * 1024**3, ge=0, description="Worker memory for cached pipelines (LRU by model sha256)."

@@ -255,8 +255,16 @@ def test_weight_list_errors():
     p = problem_of(resolve_block_weights, [0.5] * 24, SD1, field="alpha")
     assert p.field == "alpha" and p.position is None
     assert p.detail == "expected 25 weights (IN00…OUT11 in U-Net order) or 26 (BASE first) for sd1, got 24"
-    p = problem_of(resolve_block_weights, [0.5] * 25, SDXL, field="alpha")
-    assert p.detail == "expected 19 weights (IN00…OUT08 in U-Net order) or 20 (BASE first) for sdxl, got 25"
+    p = problem_of(resolve_block_weights, [0.5] * 24, SDXL, field="alpha")
+    assert p.detail == (
+        "expected 19 weights (IN00…OUT08 in U-Net order) or 20 (BASE first) for sdxl, "
+        "or 25 / 26 sd1 values (converted as SuperMerger's weighttoxl does), got 24"
+    )
+    p = problem_of(resolve_block_weights, [0.5] * 27, SDXL, field="alpha")
+    assert p.detail.endswith("got 27")
+    values26: list = [0.5] * 26
+    values26[25] = "x"
+    assert problem_of(resolve_block_weights, values26, SDXL, field="alpha").field == "alpha[25]"
     values: list = [0.5] * 25
     values[3] = "0.5"
     assert problem_of(resolve_block_weights, values, SD1, field="alpha").field == "alpha[3]"
@@ -294,15 +302,70 @@ def test_weight_number_strings():
 
 def test_weight_presets():
     w = resolve_block_weights("GRAD_V", SD1, field="alpha")
-    assert w["BASE"] is None and [w[b] for b in SD1_UNET] == list(PRESETS["GRAD_V"])
+    # SuperMerger's GRAD_V line starts with BASE 0
+    assert w["BASE"] == 0.0 and [w[b] for b in SD1_UNET] == list(PRESETS["GRAD_V"])
     assert resolve_block_weights("grad_v", SD1, field="alpha") == w
     assert resolve_block_weights(" FLAT_25 ", SD1, field="alpha")["M00"] == 0.25
     # OUT07 is a preset, not a block spec
     assert [resolve_block_weights("OUT07", SD1, field="a")[b] for b in ("OUT05", "OUT06")] == [1.0, 1.0]
+    assert resolve_block_weights("ALL_B", SD2, field="alpha")["BASE"] == 1.0  # ALL_B's line starts with 1
+    # sdxl: SuperMerger's weighttoxl, each sdxl block the sd1 block of its name
     w = resolve_block_weights("smoothstep*2", SDXL, field="alpha")
-    assert len(w) == 20 and w["BASE"] is None and w["IN00"] == 0.0 and w["M00"] == 1.0 and w["OUT08"] == 0.0
+    assert len(w) == 20 and w["BASE"] == 0.0 and w["IN00"] == 0.0 and w["M00"] == 1.0
+    assert w["IN08"] == 0.518518518518519 and w["OUT08"] == 0.0859375  # sd1 IN08, sd1 OUT08
     p = problem_of(resolve_block_weights, "GRAD_X", SD1, field="alpha")
     assert p.position == 0 and p.detail.endswith("did you mean the preset GRAD_V?")
+
+
+def test_weight_presets_by_depth():
+    # the curve over U-Net depth: sdxl OUT08 at the sd1 curve's end (OUT11), IN01 between sd1 IN01 and IN02
+    w = resolve_block_weights("smoothstep*2@depth", SDXL, field="alpha")
+    assert w["BASE"] == 0.0 and w["M00"] == 1.0 and w["OUT08"] == 0.0 and w["IN03"] == 0.148148148148148
+    w = resolve_block_weights(" GRAD_V @ Depth ", SDXL, field="alpha")
+    assert w["IN01"] == 0.8888888889 and w["OUT08"] == 1.0
+    assert resolve_block_weights("ALL_B@depth", SDXL, field="alpha")["BASE"] == 1.0
+    # sd1 and sd2 have the table's 25 blocks: the same values either way
+    assert resolve_block_weights("GRAD_V@depth", SD1, field="alpha") == resolve_block_weights(
+        "GRAD_V", SD1, field="alpha"
+    )
+    p = problem_of(resolve_block_weights, "GRAD_V@names", SDXL, field="alpha")
+    assert p.position == 6 and p.detail.startswith("unknown preset option `@names`")
+    p = problem_of(resolve_block_weights, "  GRAD_X@depth", SDXL, field="alpha")
+    assert p.position == 2 and p.detail.startswith("`GRAD_X` is not a preset name")
+    assert p.detail.endswith("did you mean the preset GRAD_V?")
+    p = problem_of(resolve_block_weights, "@depth", SDXL, field="alpha")
+    assert p.position == 0 and p.detail.startswith("`@depth` must follow a preset name")
+    assert problem_of(resolve_block_weights, "IN00:1@depth", SDXL, field="alpha").position == 0
+
+
+def test_sd1_lists_on_sdxl_convert_as_supermerger():
+    # SuperMerger's own format: BASE first, then sd1's IN00 … OUT11 (here 0, 1/24, …, 1)
+    sd1 = [i / 24 for i in range(25)]
+    warnings: list[str] = []
+    w = resolve_block_weights([0.3, *sd1], SDXL, field="alpha", warnings=warnings)
+    assert w["BASE"] == 0.3
+    assert [w[b] for b in SDXL_UNET] == sd1[:9] + sd1[12:22]  # weighttoxl: weight[:9] + weight[12:22]
+    assert w["M00"] == 0.5 and w["OUT08"] == 21 / 24
+    assert warnings == [
+        "alpha: 26 sd1 values (BASE first) converted to sdxl as SuperMerger's weighttoxl does: each sdxl "
+        "block takes the sd1 block of the same name (IN00–IN08, M00, OUT00–OUT08); dropped IN09=0.375, "
+        "IN10=0.416667, IN11=0.458333, OUT09=0.916667, OUT10=0.958333, OUT11=1"
+    ]
+    # 25 values: no BASE; a string works the same
+    warnings.clear()
+    text = ",".join(str(v) for v in sd1)
+    w = resolve_block_weights(text, SDXL, field="beta", warnings=warnings)
+    assert w["BASE"] is None and w["IN08"] == 8 / 24 and w["OUT00"] == 13 / 24
+    assert len(warnings) == 1 and warnings[0].startswith("beta: 25 sd1 values converted to sdxl")
+    # without a list to report to, the conversion still happens
+    assert resolve_block_weights(sd1, SDXL, field="alpha")["OUT08"] == 21 / 24
+    # lists that fit the architecture say nothing
+    warnings.clear()
+    resolve_block_weights([0.3, *sd1], SD1, field="alpha", warnings=warnings)
+    resolve_block_weights([0.5] * 20, SDXL, field="alpha", warnings=warnings)
+    assert warnings == []
+    p = problem_of(resolve_block_weights, ",".join(["1"] * 27), SDXL, field="alpha")
+    assert p.position == 52 and p.detail.endswith("got 27")
 
 
 def test_weight_spec():

@@ -11,6 +11,8 @@ from mergeprobe.merging.elemental import (
     elements_by_block,
     parse_elemental,
     rule_matches,
+    supermerger_block_name,
+    supermerger_differences,
     unmatched_rules,
 )
 from mergeprobe.service.errors import MergeprobeError
@@ -236,3 +238,80 @@ def test_rule_matches_and_unmatched():
     assert unmatched_rules(rules[:2], {"OUT05": (e for e in [ATTN2_K])}) == [rules[0]]
     with pytest.raises(ValueError):
         elements_by_block(SD1, [P + "input_blocks.12.0.weight"])
+
+
+def triples(arch, keys):
+    return [(key, block_of_key(arch, key), element_of_key(arch, key)) for key in keys]
+
+
+OUT05_KEYS = [
+    P + "output_blocks.5.0.in_layers.0.weight",
+    P + "output_blocks.5.1.transformer_blocks.0.ff.net.0.proj.weight",
+    P + "output_blocks.5.1.transformer_blocks.0.attn2.to_k.weight",
+    P + "output_blocks.6.0.in_layers.0.weight",
+]
+
+
+def test_supermerger_matches_elements_in_the_whole_key():
+    # `ff` is in every key's `model.diffusion_model.` prefix: SuperMerger takes all of OUT05
+    rules = parse_elemental("OUT05:ff:0.3", SD1, field="elemental")
+    [warning] = supermerger_differences(rules, SD1, triples(SD1, OUT05_KEYS), field="elemental")
+    assert warning == (
+        "elemental entry 1 (`OUT05:ff:0.3`) would select other keys in SuperMerger: 2 differ, e.g. "
+        "`model.diffusion_model.output_blocks.5.0.in_layers.0.weight`, which SuperMerger would change and "
+        "mergeprobe does not (`ff` occurs in the key outside its element `0.in_layers.0.weight`: SuperMerger "
+        "matches elements against the whole key, mergeprobe against the key relative to its block)"
+    )
+    # NOT the other way round: SuperMerger leaves out what mergeprobe changes
+    rules = parse_elemental("OUT05:NOT ff:0.3", SD1, field="elemental")
+    [warning] = supermerger_differences(rules, SD1, triples(SD1, OUT05_KEYS), field="elemental_beta")
+    assert warning.startswith("elemental_beta entry 1 (`OUT05:NOT ff:0.3`) would select other keys")
+    assert ": 2 differ, e.g. `model.diffusion_model.output_blocks.5.0.in_layers.0.weight`" in warning
+    assert "which SuperMerger would leave and mergeprobe changes" in warning
+    # `out` is in `output_blocks`, block digits are in the key too
+    text = "OUT05:out:1, OUT05:5:1, OUT05:in_layers:1, OUT05:attn2 ff.net:1, :transformer_blocks:1"
+    rules = parse_elemental(text, SD1, field="elemental")
+    warnings = supermerger_differences(rules, SD1, triples(SD1, OUT05_KEYS), field="elemental")
+    assert [w.split(")")[0] for w in warnings] == [
+        "elemental entry 1 (`OUT05:out:1`",
+        "elemental entry 2 (`OUT05:5:1`",
+    ]
+
+
+def test_supermerger_block_names_on_sdxl():
+    assert [supermerger_block_name(SD1, b) for b in SD1.blocks] == list(SD1.blocks)
+    assert [supermerger_block_name(SDXL, b) for b in ("BASE", "IN08", "M00", "OUT00", "OUT02", "OUT08")] == [
+        "BASE",
+        "IN08",
+        "IN09",
+        "IN10",
+        "M00",
+        "OUT05",
+    ]
+    keys = [
+        P + "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+        P + "output_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",
+        P + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+    ]
+    rules = parse_elemental("M00:attn2:0.2", SDXL, field="elemental")
+    [warning] = supermerger_differences(rules, SDXL, triples(SDXL, keys), field="elemental")
+    assert warning.startswith(
+        "elemental entry 1 (`M00:attn2:0.2`) would select other keys in SuperMerger: 2 differ"
+    )
+    assert f"`{keys[0]}`, which SuperMerger would leave and mergeprobe changes" in warning
+    assert "SuperMerger reads block names on sdxl through its sd1 list, where this M00 key is IN09" in warning
+    # SuperMerger expands ranges over its sd1 list: IN08-OUT00 is IN08 … IN11, M00, OUT00 there,
+    # which it reads as sdxl IN08, M00, OUT00 … OUT03
+    out01 = P + "output_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    rules = parse_elemental("IN08-OUT00:attn2:0.2", SDXL, field="elemental")
+    [warning] = supermerger_differences(rules, SDXL, triples(SDXL, [*keys, out01]), field="elemental")
+    assert f": 2 differ, e.g. `{keys[1]}`, which SuperMerger would change and mergeprobe does not" in warning
+    assert "where this OUT02 key is M00" in warning
+    # NOT keeps the difference; the IN blocks and an empty block column are the same in both
+    rules = parse_elemental("NOT IN04 M00:attn2:0.2, IN00-IN08:attn2:1, :attn2:1", SDXL, field="elemental")
+    warnings = supermerger_differences(rules, SDXL, triples(SDXL, keys), field="elemental")
+    assert len(warnings) == 1 and warnings[0].startswith("elemental entry 1 (`NOT IN04 M00:attn2:0.2`)")
+    # on sd1 the same entry selects the same keys
+    rules = parse_elemental("NOT IN04 M00:attn2:0.2, OUT02:attn2:1", SD1, field="elemental")
+    sd1_keys = [*keys, P + "output_blocks.10.1.transformer_blocks.0.attn2.to_k.weight"]
+    assert supermerger_differences(rules, SD1, triples(SD1, sd1_keys), field="elemental") == []

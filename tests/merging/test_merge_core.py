@@ -169,6 +169,40 @@ def test_a_method_added_in_one_place_works_everywhere(service, client, models, t
     assert all(row["mean_abs_diff"] > 0 for row in swept["rows"])  # each variant changed its block
 
 
+@pytest.mark.parametrize("mode", ["ties_sd_mecha", "dare_sd_mecha", "slerp_sd_mecha"])
+def test_sd_mecha_modes_through_the_api_and_a_merge_job(service, client, models, mode):
+    """The sd-mecha conventions are modes like any other: listed, validated and merged."""
+    from worker.context import JobContext
+    from worker.engines.merge import run_merge
+    from worker.merging.merge_executor import chunk_rng
+
+    method = MERGE_METHODS[mode]
+    modes = client.get("/openapi.json").json()["components"]["schemas"]["MergeRequest"]["properties"]["mode"]
+    assert mode in modes["enum"]
+    fields = {"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-b", "mode": mode, "alpha": "IN00:0, _:0.8"}
+    if method.beta is not None:
+        missing = client.post("/v1/plans/merge", json=fields)
+        assert missing.status_code == 400 and missing.json()["field"] == "beta"
+        fields["beta"] = 0.5
+    dry_run = client.post("/v1/plans/merge", json=fields)
+    assert dry_run.status_code == 200, dry_run.text
+    actions = {(k["block"], k["action"]) for k in dry_run.json()["keys"]}
+    at_alpha_0 = "copy_a" if method.shortcut(0.0, fields.get("beta")) else "merge"  # the method's own
+    assert ("IN00", at_alpha_0) in actions and ("IN04", "merge") in actions
+
+    request = MergeRequest(**fields, seed=5, output={"name": f"{mode}.safetensors", "dtype": "fp32"})
+    ctx = JobContext.local(KINDS["merge"], request, settings=service.settings(), library=models)
+    assert run_merge(ctx)["mode"] == mode
+    out = load_file(service.models_dir / f"{mode}.safetensors")
+    a = load_file(service.models_dir / "tiny-sd1-a.safetensors")
+    b = load_file(service.models_dir / "tiny-sd1-b.safetensors")
+    key = "model.diffusion_model.input_blocks.4.0.in_layers.2.weight"  # small: one range
+    flat_a, flat_b = a[key].float().flatten(), b[key].float().flatten()
+    expected = method.fn(flat_a.clone(), flat_b, None, 0.8, fields.get("beta"), chunk_rng(5, key, 0))
+    assert torch.equal(out[key].flatten(), expected)
+    assert not torch.equal(out[key].flatten(), flat_a)
+
+
 def test_no_method_name_is_compared_outside_the_registry():
     """Code asks a method about itself; only the registry knows names (docs and defaults aside)."""
     import re

@@ -2,7 +2,7 @@
 
 Plans are checked key by key against real sd1/sdxl key names; merged files are checked against
 references computed here from `safetensors.torch.load_file` with the block of each key worked
-out independently (`sd1_position`), and loaded back with safetensors and diffusers.
+out independently (`sd1_position`), and loaded back with safetensors (in diffusers: test_merge_outputs.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from mergeprobe.service.errors import MergeprobeError
 from mergeprobe.service.problems import Problem
 from mergeprobe.service.problems import problem_of as as_problem
 from mergeprobe.service.settings import Settings
-from worker.checkpoints.tiny_models import tiny_config_dir, write_tiny_checkpoint
+from worker.checkpoints.tiny_models import write_tiny_checkpoint
 from worker.merging import merge_executor
 from worker.merging.stream_merge import stream_merge
 
@@ -271,15 +271,85 @@ def test_block_weights_by_preset(library):
     assert keys[VAE_KEY].alpha == 0.0 and keys[VAE_KEY].action == "copy_a"
 
 
+SDXL_MID_K = U + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"
+SDXL_TEXT = "conditioner.embedders.1.model.text_projection"
+
+
 def test_block_weights_on_sdxl(library):
-    keys = by_key(plan_of(library, model_a="sdxl-a", model_b="sdxl-a", alpha="GRAD_V"))
-    # sdxl has 19 U-Net blocks; GRAD_V is resampled: IN03 ← sd1 IN04, M00 ← M00, OUT08 ← OUT11
+    plan = plan_of(library, model_a="sdxl-a", model_b="sdxl-a", alpha="GRAD_V")
+    keys = by_key(plan)
+    # sdxl has 19 U-Net blocks; GRAD_V as SuperMerger's weighttoxl makes it: each block the sd1
+    # block of its name (IN03 ← IN03, M00 ← M00, OUT08 ← OUT08), BASE 0 from its preset line
     assert keys[U + "input_blocks.3.0.op.weight"].block == "IN03"
-    assert keys[U + "input_blocks.3.0.op.weight"].alpha == 0.6666666667
+    assert keys[U + "input_blocks.3.0.op.weight"].alpha == 0.75
     assert keys[U + "label_emb.0.0.weight"].block == "IN00"
-    assert keys[U + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].alpha == 0.0
-    assert (keys[U + "out.2.weight"].block, keys[U + "out.2.weight"].alpha) == ("OUT08", 1.0)
-    assert keys["conditioner.embedders.1.model.text_projection"].block == "BASE"
+    assert keys[U + "label_emb.0.0.weight"].alpha == 1.0
+    assert keys[SDXL_MID_K].alpha == 0.0
+    assert (keys[U + "out.2.weight"].block, keys[U + "out.2.weight"].alpha) == ("OUT08", 0.75)
+    assert (keys[SDXL_TEXT].block, keys[SDXL_TEXT].alpha) == ("BASE", 0.0)
+    assert plan.warnings == []
+    # the curve over U-Net depth on request: IN03 ← sd1 IN04, OUT08 ← OUT11
+    keys = by_key(plan_of(library, model_a="sdxl-a", model_b="sdxl-a", alpha="GRAD_V@depth"))
+    assert keys[U + "input_blocks.3.0.op.weight"].alpha == 0.6666666667
+    assert keys[U + "out.2.weight"].alpha == 1.0 and keys[SDXL_MID_K].alpha == 0.0
+
+
+def test_sd1_list_on_sdxl_is_converted_with_a_warning(library):
+    # SuperMerger's format (BASE first, sd1's 25 blocks), once as a list, once as beta's string
+    sd1 = [round(i / 24, 4) for i in range(25)]
+    plan = plan_of(
+        library,
+        model_a="sdxl-a",
+        model_b="sdxl-a",
+        mode="triple_sum",
+        model_c="sdxl-a",
+        alpha=[0.1, *sd1],
+        beta=",".join(str(v) for v in [0.2, *sd1]),
+    )
+    keys = by_key(plan)
+    assert keys[SDXL_TEXT].alpha == 0.1 and keys[SDXL_TEXT].beta == 0.2
+    assert keys[U + "input_blocks.8.0.in_layers.0.weight"].alpha == sd1[8]  # sd1 IN08
+    assert keys[SDXL_MID_K].alpha == sd1[12] == 0.5  # sd1 M00
+    assert keys[U + "out.2.weight"].alpha == keys[U + "out.2.weight"].beta == sd1[21]  # sd1 OUT08
+    assert [w.split(":")[0] for w in plan.warnings] == ["alpha", "beta"]
+    assert plan.warnings[0].startswith(
+        "alpha: 26 sd1 values (BASE first) converted to sdxl as SuperMerger's weighttoxl does"
+    )
+    assert "dropped IN09=0.375, IN10=0.4167, IN11=0.4583, OUT09=0.9167" in plan.warnings[0]
+    # the same list on sd1 needs no conversion
+    assert plan_of(library, alpha=[0.1, *sd1]).warnings == []
+
+
+def test_preset_base_and_base_alpha_precedence(library):
+    # the preset's BASE (SuperMerger: ALL_B's line starts with 1) unless base_alpha is given
+    assert by_key(plan_of(library, alpha="ALL_B"))[VAE_KEY].alpha == 1.0
+    assert by_key(plan_of(library, alpha="ALL_B", base_alpha=0.2))[VAE_KEY].alpha == 0.2
+    assert by_key(plan_of(library, alpha="ALL_B", base_alpha=0))[TEXT_KEY].alpha == 0.0
+    assert by_key(plan_of(library, alpha="all_b@depth"))[TEXT_KEY].alpha == 1.0
+    # β: the preset's BASE over the mode's default (0), base_beta over both
+    triple = {"mode": "triple_sum", "model_c": "sd1-c", "alpha": 0}
+    assert by_key(plan_of(library, beta="ALL_B", **triple))[VAE_KEY].beta == 1.0
+    assert by_key(plan_of(library, beta="ALL_B", base_beta=0.3, **triple))[VAE_KEY].beta == 0.3
+    assert by_key(plan_of(library, beta="IN00-OUT11:0.4", **triple))[VAE_KEY].beta == 0.0
+
+
+def test_elemental_entries_that_supermerger_reads_otherwise_warn(library):
+    plan = plan_of(library, alpha=0.5, elemental="OUT05:attn2:0.1, OUT05:ff:0.3, OUT05:NOT attn proj:0.2")
+    assert len(plan.warnings) == 1
+    warning = plan.warnings[0]
+    assert warning.startswith("elemental entry 2 (`OUT05:ff:0.3`) would select other keys in SuperMerger:")
+    assert "e.g. `model.diffusion_model.output_blocks.5." in warning and "`ff` occurs in the key" in warning
+    # the ratios are mergeprobe's: relative to the block, `ff` selects the feed-forward layers only
+    keys = by_key(plan)
+    assert keys[U + "output_blocks.5.1.transformer_blocks.0.ff.net.0.proj.weight"].alpha == 0.3
+    assert keys[U + "output_blocks.5.0.in_layers.0.weight"].alpha == 0.2
+    # sdxl: SuperMerger's M00 is sdxl's OUT02
+    plan = plan_of(library, model_a="sdxl-a", model_b="sdxl-a", alpha=0.5, elemental_beta="M00:attn2:0.2",
+                   mode="triple_sum", model_c="sdxl-a", beta=0.1)  # fmt: skip
+    [warning] = plan.warnings
+    assert warning.startswith("elemental_beta entry 1 (`M00:attn2:0.2`) would select other keys")
+    assert "where this M00 key is IN09" in warning
+    assert by_key(plan)[SDXL_MID_K].beta == 0.2
 
 
 def test_number_alpha_everywhere(library):
@@ -401,12 +471,16 @@ def inpainting_variant(a: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return variant
 
 
-def test_conv_in_channel_mismatch_is_allowed(library, tensors):
+def test_conv_in_channel_mismatch_needs_the_inpainting_model_in_a(library, tensors):
     save_model(library, "a-inpaint.safetensors", inpainting_variant(tensors("sd1-a.safetensors")))
     kp = by_key(plan_of(library, model_a="a-inpaint"))[CONV_IN]
     assert (kp.action, kp.shape) == ("merge", (32, 9, 3, 3))
-    kp = by_key(plan_of(library, model_b="a-inpaint"))[CONV_IN]
-    assert (kp.action, kp.shape) == ("merge", (32, 4, 3, 3))
+    # the other way round B's extra channels would be lost (SuperMerger refuses it too)
+    problem = problem_of(library, model_b="a-inpaint")
+    assert (problem.slug, problem.field) == ("inpainting-model-not-a", "model_b")
+    assert "reads 9 input channels" in problem.detail and "in model_a" in problem.detail
+    problem = problem_of(library, mode="add_difference", model_c="a-inpaint")
+    assert (problem.slug, problem.field) == ("inpainting-model-not-a", "model_c")
 
 
 def test_prune_drops_keys_outside_the_sd_prefixes(library, tensors):
@@ -454,15 +528,20 @@ def test_missing_beta_and_model_c(library):
     for mode in ("triple_sum", "sum_twice"):
         problem = problem_of(library, mode=mode, model_c="sd1-c")
         assert (problem.slug, problem.field) == ("missing-beta", "beta")
-    for mode in ("ties", "dare"):
+    for mode in ("ties", "dare", "ties_sd_mecha", "dare_sd_mecha"):
         assert problem_of(library, mode=mode).field == "beta"
     for mode in ("add_difference", "triple_sum", "train_difference"):
         assert problem_of(library, mode=mode, beta=0.5).field == "model_c"
     assert problem_of(library, model_c="sd1-c").field == "model_c"  # weighted_sum uses no C
     assert problem_of(library, beta=0.5).field == "beta"  # weighted_sum uses no β
     assert problem_of(library, mode="dare", beta=1.0).slug == "invalid-beta"
-    # ties and dare take an optional C
-    assert "c" in plan_of(library, mode="ties", model_c="sd1-c", beta=0.5).paths
+    # ties and dare take an optional C, in both conventions
+    for mode in ("ties", "dare", "ties_sd_mecha", "dare_sd_mecha"):
+        assert "c" in plan_of(library, mode=mode, model_c="sd1-c", beta=0.5).paths
+    assert problem_of(library, mode="slerp_sd_mecha", model_c="sd1-c").field == "model_c"
+    # sd-mecha's dropout takes probability 1: every key is A's, copied
+    keys = plan_of(library, mode="dare_sd_mecha", model_c="sd1-c", beta=1.0).keys
+    assert {k.action for k in keys} <= {"copy_a", "keep_a"}
 
 
 def test_scaled_sum_beta_defaults(library):
@@ -551,6 +630,52 @@ def test_ties_and_slerp_whole_tensors(library, tensors, monkeypatch):
         omega = torch.arccos((va @ vb) / (va.norm() * vb.norm()))
         expected = (torch.sin(0.7 * omega) * va + torch.sin(0.3 * omega) * vb) / torch.sin(omega)
         torch.testing.assert_close(out[key].double().flatten(), expected, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("mode", ["ties_sd_mecha", "dare_sd_mecha", "slerp_sd_mecha"])
+def test_sd_mecha_modes_in_the_engine(library, tensors, monkeypatch, mode):
+    """Each key is the method on the key's inputs, in the executor's ranges (whole tensors for
+    ties and slerp, seeded chunks for dare), and shows its sd-mecha convention at full scale."""
+    a, b, c = tensors("sd1-a.safetensors"), tensors("sd1-b.safetensors"), tensors("sd1-c.safetensors")
+    monkeypatch.setattr(merge_executor, "CHUNK_ELEMENTS", 1000)  # far below the tensor sizes
+    method = MERGE_METHODS[mode]
+    fields = {"mode": mode, "alpha": "M00:0.9, _:0.6", "seed": 11, "output": {"dtype": "fp32"}}
+    if method.accepts("c"):
+        # ties: sd-mecha's default k = 1 (no trim), so the sign vote alone decides below
+        fields |= {"model_c": "sd1-c", "beta": 1.0 if mode == "ties_sd_mecha" else 0.3}
+    plan, path, _, _ = run_merge(library, request(**fields))
+    out = load_file(path)
+    merged = [kp for kp in plan.keys if kp.action == "merge"]
+    assert len(merged) > 100 and by_key(plan)[MID_Q].alpha == 0.9
+    chunked = 0
+    for kp in merged:
+        flat_a, flat_b = a[kp.key].float().flatten(), b[kp.key].float().flatten()
+        flat_c = c[kp.key].float().flatten() if method.accepts("c") else None
+        ranges = merge_executor.chunk_ranges(method, kp.key, flat_a.numel(), plan.arch.conv_in)
+        chunked += len(ranges) > 1
+        expected = torch.cat(
+            [
+                method.fn(
+                    flat_a[start:stop].clone(),
+                    flat_b[start:stop].clone(),
+                    None if flat_c is None else flat_c[start:stop].clone(),
+                    kp.alpha,
+                    kp.beta,
+                    merge_executor.chunk_rng(11, kp.key, start),
+                )
+                for start, stop in ranges
+            ]
+        )
+        result = out[kp.key].flatten()
+        assert torch.equal(result, expected), kp.key
+        if mode == "ties_sd_mecha":  # one vote per model: where B and C pull apart, A stays
+            opposite = (flat_b - flat_a) * (flat_c - flat_a) < 0
+            assert torch.equal(result[opposite], flat_a[opposite]), kp.key
+        if mode == "slerp_sd_mecha":  # on the interpolated norm
+            norm = (1 - kp.alpha) * flat_a.norm() + kp.alpha * flat_b.norm()
+            torch.testing.assert_close(result.norm(), norm, rtol=1e-5, atol=1e-6, msg=kp.key)
+    # dare draws per chunk; ties and slerp must see whole tensors
+    assert (chunked > 0) == method.elementwise
 
 
 def test_keep_dtype(library, tensors):
@@ -727,13 +852,6 @@ def test_conv_in_nine_channels_with_four(library, tensors, monkeypatch):
     assert conv.shape == (32, 9, 3, 3)
     torch.testing.assert_close(conv[:, :4], 0.5 * a9[CONV_IN][:, :4].float() + 0.5 * b[CONV_IN].float())
     assert torch.equal(conv[:, 4:], a9[CONV_IN][:, 4:].float())  # A's other 5 channels exactly
-    # the other way round: B's extra channels are dropped, A's shape kept
-    save_model(library, "b-inpaint.safetensors", inpainting_variant(b))
-    _, path, _, _ = run_merge(library, request(model_b="b-inpaint", alpha=0.5, output={"dtype": "fp16"}))
-    conv = load_file(path)[CONV_IN]
-    assert conv.shape == (32, 4, 3, 3)
-    expected = 0.5 * tensors("sd1-a.safetensors")[CONV_IN].float() + 0.5 * b[CONV_IN].float()
-    assert_within_ulp(conv, expected, torch.float16, CONV_IN)
 
 
 def test_conv_in_nine_channels_alpha_one(library, tensors):
@@ -748,7 +866,7 @@ def test_conv_in_nine_channels_alpha_one(library, tensors):
     assert torch.equal(out[CONV_IN][:, 4:], a9[CONV_IN][:, 4:])
 
 
-@pytest.mark.parametrize("mode", ["ties", "dare"])
+@pytest.mark.parametrize("mode", ["ties", "dare", "ties_sd_mecha", "dare_sd_mecha"])
 def test_optional_model_c_missing_a_key(library, tensors, mode):
     c = dict(tensors("sd1-c.safetensors"))
     del c[FINAL_OUT]
@@ -775,28 +893,3 @@ def test_bake_vae_in_the_output(library, tensors):
     out = load_file(path)
     for key in vae_keys:
         assert torch.equal(out[key], c[key]), key
-
-
-def test_merged_output_loads_into_diffusers(library, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from diffusers import StableDiffusionPipeline
-
-    _, path, _, _ = run_merge(library, request(alpha=LIST_ALPHA, base_alpha=0.3, output={"dtype": "fp16"}))
-    merged = load_file(path)
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(path), config=str(tiny_config_dir("sd1")), local_files_only=True
-    )
-    unet = pipe.unet.state_dict()
-    for diffusers_key, key in (
-        ("conv_in.weight", CONV_IN),
-        ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight", IN04_TO_K),
-        ("mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight", MID_Q),
-    ):
-        assert torch.equal(unet[diffusers_key].float(), merged[key].float()), key
-    # (the text model's state-dict names differ between transformers versions: match by suffix)
-    q_proj = [
-        v
-        for k, v in pipe.text_encoder.state_dict().items()
-        if k.endswith("encoder.layers.0.self_attn.q_proj.weight")
-    ]
-    assert len(q_proj) == 1 and torch.equal(q_proj[0].float(), merged[TEXT_KEY].float())

@@ -24,9 +24,13 @@ ALL_METHODS = {
     "sum_twice",
     "train_difference",
     "ties",
+    "ties_sd_mecha",
     "dare",
+    "dare_sd_mecha",
     "slerp",
+    "slerp_sd_mecha",
 }
+SD_MECHA_VARIANTS = {"ties": "ties_sd_mecha", "dare": "dare_sd_mecha", "slerp": "slerp_sd_mecha"}
 
 A = [1.0, 2.0, -3.0, 0.5]
 B = [3.0, 0.0, 1.0, 0.5]
@@ -71,13 +75,14 @@ def test_registry_metadata():
     needs_c = {name for name, m in MERGE_METHODS.items() if m.needs_c}
     assert needs_c == {"add_difference", "triple_sum", "sum_twice", "train_difference"}
     assert {name for name, m in MERGE_METHODS.items() if m.inputs == ("a", "b")} == ALL_METHODS - needs_c
-    assert {name for name, m in MERGE_METHODS.items() if m.accepts("c") and not m.needs_c} == {"ties", "dare"}
+    optional_c = {name for name, m in MERGE_METHODS.items() if m.accepts("c") and not m.needs_c}
+    assert optional_c == {"ties", "dare", "ties_sd_mecha", "dare_sd_mecha"}
     beta_required = {name for name, m in MERGE_METHODS.items() if m.beta is not None and m.beta.required}
-    assert beta_required == {"triple_sum", "sum_twice", "ties", "dare"}
+    assert beta_required == {"triple_sum", "sum_twice", "ties", "dare", "ties_sd_mecha", "dare_sd_mecha"}
     uses_beta = {name for name, m in MERGE_METHODS.items() if m.beta is not None}
     assert uses_beta == beta_required | {"scaled_sum"}
     not_elementwise = {name for name, m in MERGE_METHODS.items() if not m.elementwise}
-    assert not_elementwise == {"ties", "slerp"}
+    assert not_elementwise == {"ties", "slerp", "ties_sd_mecha", "slerp_sd_mecha"}
     assert {name for name, m in MERGE_METHODS.items() if m.lerp} == {"weighted_sum"}
 
 
@@ -89,6 +94,10 @@ def test_methods_state_their_ranges():
     assert ties.ratio_problems(1.0, 1.0) == [] and ties.ratio_problems(1.0, -0.1) != []
     assert weighted.ratio_problems(1e308, None)[0][0] == "alpha"
     assert weighted.ratio_problems(-2.0, None) == []  # extrapolation is a merge users make
+    # sd-mecha's dropout takes probability 1 (nothing kept, no rescale); its k is a share like ties'
+    dare_sd_mecha, ties_sd_mecha = MERGE_METHODS["dare_sd_mecha"], MERGE_METHODS["ties_sd_mecha"]
+    assert dare_sd_mecha.ratio_problems(0.5, 1.0) == [] and dare_sd_mecha.ratio_problems(0.5, 1.01) != []
+    assert ties_sd_mecha.ratio_problems(1.0, 1.0) == [] and ties_sd_mecha.ratio_problems(1.0, -0.1) != []
 
 
 def test_shortcuts_are_the_methods_own():
@@ -100,6 +109,12 @@ def test_shortcuts_are_the_methods_own():
     assert shortcuts["add_difference"] == shortcuts["train_difference"] == ("copy_a", None, "copy_a")
     assert shortcuts["scaled_sum"] == (None, None, "copy_a")
     assert shortcuts["dare"] == shortcuts["slerp"] == (None, None, None)
+    # sd-mecha's add_difference returns A as it is when α is 0; its slerp has no shortcut
+    assert shortcuts["ties_sd_mecha"] == shortcuts["dare_sd_mecha"] == ("copy_a", None, "copy_a")
+    assert shortcuts["slerp_sd_mecha"] == (None, None, None)
+    # β = 1 drops every element of every delta: exactly A
+    assert MERGE_METHODS["dare_sd_mecha"].shortcut(0.7, 1.0) == "copy_a"
+    assert MERGE_METHODS["dare_sd_mecha"].shortcut(0.7, 0.99) is None
 
 
 def test_import_does_not_import_torch():
@@ -327,6 +342,182 @@ def test_slerp_nearly_parallel_is_lerp():
 
 def test_slerp_zero_vector_is_lerp():
     out = run("slerp", [0.0, 0.0], [2.0, -4.0], alpha=0.25)
+    assert_values(out, [0.5, -1.0])
+
+
+# ----------------------------------------------------------------------------- sd-mecha conventions
+# Each case is one where sd-mecha's convention (sd_mecha/extensions/builtin/merge_methods/ in
+# github.com/ljleb/sd-mecha, 1.1.5) and the paper's give different results: the expected values
+# are sd-mecha's definitions worked out by hand, and the paper method's result is asserted too.
+
+
+def test_each_convention_names_the_other():
+    for paper, variant in SD_MECHA_VARIANTS.items():
+        assert "paper" in MERGE_METHODS[paper].formula
+        assert f"`{variant}`" in MERGE_METHODS[paper].formula  # where to go for an sd-mecha recipe
+        assert "sd-mecha" in MERGE_METHODS[variant].formula
+    # the sd-mecha function each reproduces, and its parameter names for α and β
+    ties_text, dare_text = MERGE_METHODS["ties_sd_mecha"].formula, MERGE_METHODS["dare_sd_mecha"].formula
+    assert "add_difference_ties" in ties_text and "`k`" in ties_text and "vote_sgn=False" in ties_text
+    assert "dropout" in dare_text and "`probability`" in dare_text and "rescale=1" in dare_text
+    assert "linear.py slerp" in MERGE_METHODS["slerp_sd_mecha"].formula
+
+
+def test_the_api_description_states_the_conventions():
+    from mergeprobe.service.kinds import KINDS
+
+    text = KINDS["merge"].description
+    assert "the plain modes follow the papers" in text
+    for name in [*SD_MECHA_VARIANTS, *SD_MECHA_VARIANTS.values()]:
+        method = MERGE_METHODS[name]
+        assert f"- `{name}` (A, B{', C optional' if method.accepts('c') else ''}): {method.formula}" in text
+    assert "β: sd-mecha's k: the share of each delta kept, in [0, 1], required." in text
+    assert "Ratio(" not in text
+
+
+def test_ties_sd_mecha_votes_by_count():
+    # No trim (k = β = 1). τ_B = [3, 1, −2, 0.5], τ_C = [−1, 1, 1, −0.5].
+    # sd-mecha: γ = sign(sign τ_B + sign τ_C) = [0, +, 0, 0]: where B and C disagree in sign the
+    # vote is a tie and nothing is added, however much larger one is; e1: mean(1, 1) = 1.
+    a = [1.0, 1.0, 1.0, 1.0]
+    b, c = [4.0, 2.0, -1.0, 1.5], [0.0, 2.0, 2.0, 0.5]
+    assert_values(run("ties_sd_mecha", a, b, c, alpha=1.0, beta=1.0), [1.0, 2.0, 1.0, 1.0])
+    # The paper: γ = sign(τ_B + τ_C) = [+, +, −, 0]: B's 3 and −2 win → A + [3, 1, −2, 0]
+    assert_values(run("ties", a, b, c, alpha=1.0, beta=1.0), [4.0, 2.0, -1.0, 1.0])
+
+
+def test_ties_sd_mecha_trims_like_filter_top_k():
+    # One delta, τ_B = [4, −1, 2, −3], n = 4. sd-mecha keeps |τ| ≥ the j-th smallest magnitude,
+    # j = max(int((1 − k)·4), 1):
+    a, b = [0.0] * 4, [4.0, -1.0, 2.0, -3.0]
+    # k = 0.5: j = 2 → threshold 2 → 3 elements kept; the paper keeps round(0.5·4) = 2
+    assert_values(run("ties_sd_mecha", a, b, alpha=1.0, beta=0.5), [4.0, 0.0, 2.0, -3.0])
+    assert_values(run("ties", a, b, alpha=1.0, beta=0.5), [4.0, 0.0, 0.0, -3.0])
+    # k = 0: j = 4 → threshold 4 → the largest stays; the paper keeps nothing
+    assert_values(run("ties_sd_mecha", a, b, alpha=1.0, beta=0.0), [4.0, 0.0, 0.0, 0.0])
+    assert_values(run("ties", a, b, alpha=1.0, beta=0.0), a)
+    # k = 1: j = max(0, 1) = 1 → everything
+    assert_values(run("ties_sd_mecha", a, b, alpha=0.5, beta=1.0), [2.0, -0.5, 1.0, -1.5])
+
+
+def test_ties_sd_mecha_truncates_in_float64_as_sd_mecha_does():
+    # n = 10, |τ| = 1…10. (1 − 0.8)·10 is 1.9999999999999996 in float64, truncated to 1: the
+    # threshold is the smallest magnitude and all 10 are kept (exactly: j = 2, 9 kept).
+    assert int((1 - 0.8) * 10) == 1 and int((1 - 0.7) * 10) == 3
+    a = [0.0] * 10
+    b = [1.0, -2.0, 3.0, -4.0, 5.0, -6.0, 7.0, -8.0, 9.0, -10.0]
+    assert_values(run("ties_sd_mecha", a, b, alpha=1.0, beta=0.8), b)
+    assert_values(run("ties", a, b, alpha=1.0, beta=0.8), [0.0, 0.0, *b[2:]])  # round(8) kept
+    # k = 0.7: (1 − 0.7)·10 = 3.0000000000000004 → j = 3 → |τ| ≥ 3: 8 kept (the paper: 7)
+    assert_values(run("ties_sd_mecha", a, b, alpha=1.0, beta=0.7), [0.0, 0.0, *b[2:]])
+    assert_values(run("ties", a, b, alpha=1.0, beta=0.7), [0.0, 0.0, 0.0, *b[3:]])
+
+
+def test_ties_sd_mecha_reproduces_sd_mechas_own_test():
+    # The deltas and expected result of sd-mecha's tests/merge_methods/test_ties.py::test_ties
+    # (ties_sum, k = 0.5): with A = 0 and α = 1 the merge is the merged delta itself.
+    tau_b = [[-1.0, 2.0, 3.0, 4.0], [4.0, -3.0, 2.0, 1.0], [3.0, 4.0, 1.0, -2.0], [2.0, 1.0, -4.0, 3.0]]
+    tau_c = [[3.0, 4.0, 1.0, -2.0], [2.0, 1.0, -4.0, 3.0], [-1.0, 2.0, 3.0, 4.0], [4.0, -3.0, 2.0, 1.0]]
+    expected = [[3.0, 3.0, 3.0, 0.0], [3.0, -3.0, 0.0, 3.0], [3.0, 3.0, 3.0, 0.0], [3.0, -3.0, 0.0, 3.0]]
+    zeros = [[0.0] * 4 for _ in range(4)]
+    assert_values(run("ties_sd_mecha", zeros, tau_b, tau_c, alpha=1.0, beta=0.5), expected)
+    assert not torch.equal(run("ties", zeros, tau_b, tau_c, alpha=1.0, beta=0.5), t(expected))
+
+
+def test_dare_sd_mecha_averages_the_kept_deltas():
+    # β = 0 keeps everything and rescales by 1: per element the mean of τ_B = [1, 0] and
+    # τ_C = [−1, 2] (a kept 0 counts: e1 is mean(0, 2) = 1) → A + 0.5·[0, 1]
+    a, b, c = [1.0, 2.0], [2.0, 2.0], [0.0, 4.0]
+    assert_values(run("dare_sd_mecha", a, b, c, alpha=0.5, beta=0.0, rng=rng(0)), [1.0, 2.5])
+    assert_values(run("dare", a, b, c, alpha=0.5, beta=0.0, rng=rng(0)), [1.0, 3.0])  # the sum
+
+
+def test_dare_sd_mecha_with_drops():
+    # A = 0, τ_B = 1, τ_C = 2 everywhere, β = 0.5, α = 1. Per element, sd-mecha's dropout gives
+    # both kept: (1 + 2)/2/0.5 = 3; only B: 1/0.5 = 2; only C: 2/0.5 = 4; neither: 0.
+    # The same generator keeps the same elements as `dare`, whose sum shows which were kept:
+    # 6 both, 2 only B, 4 only C, 0 neither.
+    n = 10_000
+    inputs = (torch.zeros(n), torch.ones(n), torch.full((n,), 2.0))
+    summed = MERGE_METHODS["dare"].fn(*(x.clone() for x in inputs), 1.0, 0.5, rng(3))
+    averaged = MERGE_METHODS["dare_sd_mecha"].fn(*(x.clone() for x in inputs), 1.0, 0.5, rng(3))
+    expected = torch.where(summed == 6.0, 3.0, summed)
+    assert torch.equal(averaged, expected)
+    assert set(torch.unique(averaged).tolist()) == {0.0, 2.0, 3.0, 4.0}
+    assert abs((averaged == 3.0).float().mean().item() - 0.25) < 0.02  # both kept: (1 − β)²
+
+
+def test_dare_sd_mecha_with_b_alone_is_dare():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    paper = MERGE_METHODS["dare"].fn(a.clone(), b.clone(), None, 0.7, 0.4, rng(9))
+    sd_mecha = MERGE_METHODS["dare_sd_mecha"].fn(a.clone(), b.clone(), None, 0.7, 0.4, rng(9))
+    torch.testing.assert_close(sd_mecha, paper, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(sd_mecha, a)
+
+
+def test_dare_sd_mecha_drops_everything_at_probability_1():
+    # sd-mecha: probability 1 keeps nothing and leaves the delta unscaled (no 0/0): A
+    assert_values(run("dare_sd_mecha", A, B, C, alpha=0.7, beta=1.0, rng=rng(0)), A)
+
+
+def test_sd_mecha_alpha_0_is_a_even_with_infinite_deltas():
+    # sd-mecha's add_difference returns A itself at α = 0, where A + 0·τ would be NaN for τ = ∞
+    b = [math.inf, 2.0, -3.0, 0.5]
+    assert_values(run("ties_sd_mecha", A, b, C, alpha=0.0, beta=1.0), A)
+    assert_values(run("dare_sd_mecha", A, b, C, alpha=0.0, beta=0.5, rng=rng(0)), A)
+    assert torch.isnan(run("ties", A, b, C, alpha=0.0, beta=1.0)).any()
+
+
+def test_slerp_sd_mecha_rescales_to_the_interpolated_norm():
+    # Ω = π/2, α = 0.5: the unit vector at 45°, scaled to (|A| + |B|)/2 = 2.5 → 2.5/√2 each
+    out = run("slerp_sd_mecha", [2.0, 0.0], [0.0, 3.0], alpha=0.5)
+    assert_values(out, [2.5 / math.sqrt(2), 2.5 / math.sqrt(2)], exact=False)
+    # the paper's slerp applies the coefficients to A and B as they are: [2, 3]/√2
+    assert_values(
+        run("slerp", [2.0, 0.0], [0.0, 3.0], alpha=0.5), [math.sqrt(2), 1.5 * math.sqrt(2)], exact=False
+    )
+
+
+def test_slerp_sd_mecha_rotates_by_alpha_omega():
+    # A = 2 at 0°, B = 4 at 60°, α = 0.25: norm 0.75·2 + 0.25·4 = 2.5 at 0.25·60° = 15°
+    a, b = [2.0, 0.0], [2.0, 2.0 * math.sqrt(3)]
+    angle = math.radians(15)
+    out = run("slerp_sd_mecha", a, b, alpha=0.25)
+    assert_values(out, [2.5 * math.cos(angle), 2.5 * math.sin(angle)], exact=False)
+    paper = run("slerp", a, b, alpha=0.25)
+    assert (paper - out).abs().max() > 0.1
+
+
+def test_slerp_sd_mecha_has_no_near_parallel_threshold():
+    # cos Ω ≈ 0.99995: `slerp` takes the lerp [1, 0.005]; sd-mecha interpolates on the arc:
+    # norm (1 + √1.0001)/2 at angle atan(0.01)/2
+    out = run("slerp_sd_mecha", [1.0, 0.0], [1.0, 0.01], alpha=0.5)
+    norm, angle = (1 + math.sqrt(1.0001)) / 2, math.atan(0.01) / 2
+    assert_values(out, [norm * math.cos(angle), norm * math.sin(angle)], exact=False)
+    assert out[0] - 1.0 > 1e-5  # not the lerp's 1
+    assert_values(run("slerp", [1.0, 0.0], [1.0, 0.01], alpha=0.5), [1.0, 0.005], exact=False)
+    # Anti-parallel, α = 0.5: Ω = π, (sin(π/2)·[1, 0] + sin(π/2)·[−1, 0])/sin π = 0 (sin π is
+    # −8.7e−8 in float32, not 0: no NaN, no fallback); `slerp` takes the lerp [1, 0]
+    assert_values(run("slerp_sd_mecha", [3.0, 0.0], [-1.0, 0.0], alpha=0.5), [0.0, 0.0])
+    assert_values(run("slerp", [3.0, 0.0], [-1.0, 0.0], alpha=0.5), [1.0, 0.0])
+
+
+def test_slerp_sd_mecha_norm_on_random_tensors():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(3, 4, generator=g), 5 * torch.randn(3, 4, generator=g)
+    for alpha in (0.2, 0.5, 0.9):
+        out = MERGE_METHODS["slerp_sd_mecha"].fn(a.clone(), b.clone(), None, alpha, None, None)
+        expected_norm = (1 - alpha) * a.norm() + alpha * b.norm()
+        torch.testing.assert_close(out.norm(), expected_norm, rtol=1e-5, atol=0)
+    # the paper's slerp of vectors this different in norm is not on that norm
+    paper = MERGE_METHODS["slerp"].fn(a.clone(), b.clone(), None, 0.5, None, None)
+    assert abs(paper.norm() - (a.norm() + b.norm()) / 2) > 0.1
+
+
+def test_slerp_sd_mecha_zero_vector_is_lerp():
+    # A/|A| is NaN: sd-mecha falls back to (1 − α)·A + α·B
+    out = run("slerp_sd_mecha", [0.0, 0.0], [2.0, -4.0], alpha=0.25)
     assert_values(out, [0.5, -1.0])
 
 

@@ -165,7 +165,7 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
     header = library.header(path)
     sha256 = inputs.model.sha256
     ctx.progress(0, 1, "loading pipeline")
-    pipe, cached, device = get_pipeline(ctx.settings, path, header, arch, sha256)
+    pipe, cached, device = get_pipeline(ctx.settings, path, header, arch, sha256, inputs.pipeline)
     pipe.scheduler = make_scheduler(request.sampler, pipe.scheduler.config)
     sdxl = arch == "sdxl"
     encode = PromptEncoder(pipe, sdxl, device)
@@ -299,6 +299,7 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
         "warnings": inputs.warnings,
         "captures": len(recorder.manifest),
         "pipeline_cached": cached,
+        "pipeline": inputs.pipeline.model_dump(),
         "device": str(device),
         "dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "seconds": round(time.monotonic() - started, 3),

@@ -14,7 +14,7 @@ from mergeprobe.merging.merge_plan import MergePlan, MergeRequest, plan_merge
 from worker.context import JobContext
 from worker.merging.stream_merge import pick_device, stream_merge
 
-PLAN_COLUMNS = ("key", "block", "element", "alpha", "beta", "action")
+PLAN_COLUMNS = ("key", "block", "element", "alpha", "beta", "action", "reason")
 
 
 def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
@@ -40,10 +40,17 @@ def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
             progress=lambda done, total: ctx.progress(done, total, "merging tensors"),
             read_delay=ctx.settings.debug_tensor_delay,
         )
+        # Read back as the library and the next merge will read it (layout, header size): a file
+        # that could not be listed is never committed.
+        library.header(tmp, field="output.name")
         final = library.commit(tmp, plan.output_name)
     finally:
         tmp.unlink(missing_ok=True)
-    info = library.info(final)
+    try:
+        info = library.info(final)
+    except BaseException:
+        final.unlink(missing_ok=True)  # a failed job leaves no model behind, committed or not
+        raise
     ctx.add_counter("merge_bytes_read", bytes_read(plan))
     ctx.add_counter("merge_bytes_written", info.size_bytes)
     result = {
@@ -87,14 +94,6 @@ def plan_csv(plan: MergePlan) -> bytes:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(PLAN_COLUMNS)
     for k in plan.keys:
-        writer.writerow(
-            [
-                k.key,
-                k.block,
-                k.element,
-                "" if k.alpha is None else k.alpha,
-                "" if k.beta is None else k.beta,
-                k.action,
-            ]
-        )
+        row = k.to_json()
+        writer.writerow(["" if row[column] is None else row[column] for column in PLAN_COLUMNS])
     return out.getvalue().encode()

@@ -156,7 +156,7 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
     merge_seed = request.seed
     ctx.progress(0, 1, "loading pipeline")
     pipe, cached, device = get_pipeline(
-        settings, plan.paths["a"], plan.headers["a"], arch, plan.pins["a"].sha256
+        settings, plan.paths["a"], plan.headers["a"], arch, plan.pins["a"].sha256, inputs.pipeline
     )
     sources = {
         slot: MappedCheckpoint(p, plan.headers[slot], read_delay=settings.debug_tensor_delay)
@@ -316,6 +316,7 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
         "ranking": ranking,
         "images": done,
         "pipeline_cached": cached,
+        "pipeline": inputs.pipeline.model_dump(),
         "device": str(device),
         "dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "seconds": round(time.monotonic() - started, 3),

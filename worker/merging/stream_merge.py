@@ -32,15 +32,20 @@ from pathlib import Path
 
 import torch
 
-from mergeprobe.checkpoints.checkpoint_headers import DTYPE_SIZES
+from mergeprobe.checkpoints.checkpoint_headers import DTYPE_SIZES, MAX_HEADER_BYTES
 from mergeprobe.checkpoints.safetensors_layout import build_header
 from mergeprobe.merging.merge_metadata import HASH_PLACEHOLDER
 from mergeprobe.merging.merge_plan import KeyPlan, MergePlan
+from mergeprobe.service.errors import TooLarge
 from worker.checkpoints.checkpoint_io import TORCH_DTYPES, MappedCheckpoint
 from worker.merging import merge_executor
 from worker.merging.merge_executor import PlanExecutor, numel_of
 
 MAX_IN_FLIGHT = 6  # tasks submitted and not yet hashed
+# safetensors' own reader (ComfyUI, diffusers and Forge load through it) refuses a longer JSON
+# header, our reader (the library, the next merge) one over MAX_HEADER_BYTES.
+SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
+OUTPUT_HEADER_LIMIT = min(SAFETENSORS_MAX_HEADER_BYTES, MAX_HEADER_BYTES)
 
 
 @dataclass(frozen=True)
@@ -203,6 +208,7 @@ def stream_merge(
 ) -> str:
     """Write the merged checkpoint to `out_path`; returns the sha256 of its tensor data."""
     header, offsets = build_header(((k.key, k.dtype, k.shape) for k in plan.keys), metadata)
+    _check_header_size(header, metadata)
     sources = {
         slot: MappedCheckpoint(path, plan.headers[slot], read_delay=read_delay)
         for slot, path in plan.paths.items()
@@ -261,6 +267,20 @@ def stream_merge(
         os.close(fd)
         for source in sources.values():
             source.close()
+
+
+def _check_header_size(header: bytes, metadata: dict[str, str]) -> None:
+    """Refuse, before a byte is written, a header the readers of the file would refuse."""
+    size = len(header) - 8
+    if size <= OUTPUT_HEADER_LIMIT:
+        return
+    metadata_bytes = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+    raise TooLarge(
+        "output-header-too-large",
+        "Output header too large",
+        f"the output's safetensors header would be {size} bytes ({metadata_bytes} of them metadata); "
+        f"readers refuse headers over {OUTPUT_HEADER_LIMIT} bytes",
+    )
 
 
 def _usable_cpus() -> int:

@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from mergeprobe.checkpoints.checkpoint_headers import CheckpointHeader
+from mergeprobe.probing.pipeline_configs import PipelineVariant, find_config_dir
 from mergeprobe.service.settings import Settings
-from worker.probing.pipelines import PipelineCache, find_config_dir, load_pipeline, pick_device
+from worker.probing.pipelines import PipelineCache, load_pipeline, pick_device
 
 _cache_lock = threading.Lock()
 _cache: PipelineCache | None = None
@@ -83,11 +84,14 @@ class PromptEncoder:
         return self.cache[key]
 
 
-def get_pipeline(settings: Settings, path: Path, header: CheckpointHeader, arch: str, sha256: str):
-    """(pipeline, was it cached, device): loaded once per model version and worker."""
+def get_pipeline(
+    settings: Settings, path: Path, header: CheckpointHeader, arch: str, sha256: str, variant: PipelineVariant
+):
+    """(pipeline, was it cached, device): loaded once per model version, scheduler variant and worker."""
     device, dtype = pick_device(settings.generation_dtype)
     config_dir = find_config_dir(arch, header, settings)
+    key = f"{sha256}:{variant.prediction_type}:{'ztsnr' if variant.zero_terminal_snr else 'snr'}"
     pipe, cached = pipeline_cache(settings).get(
-        sha256, lambda: load_pipeline(path, arch, config_dir, device, dtype)
+        key, lambda: load_pipeline(path, arch, config_dir, device, dtype, variant)
     )
     return pipe, cached, device
