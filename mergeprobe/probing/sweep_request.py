@@ -32,6 +32,7 @@ from mergeprobe.merging.merge_plan import (
     check_ratios,
     plan_merge,
 )
+from mergeprobe.probing.capture_estimate import PNG_BOUND
 from mergeprobe.probing.dump_request import MAX_PROMPT_CHARS, Sampler
 from mergeprobe.probing.pipeline_configs import (
     PREDICTION_TYPE_DOC,
@@ -404,6 +405,20 @@ def prepare_sweep(request: SweepRequest, library: ModelLibrary) -> SweepInputs:
             "too-many-images",
             "Invalid request",
             f"the sweep would generate {images} images; the limit is {MAX_IMAGES}",
+            field="variants",
+        )
+    # Each image is written as a PNG and drawn once more into grid.png, which is built in memory.
+    pixels = images * request.width * request.height * PNG_BOUND
+    settings = library.settings
+    if 2 * pixels > settings.max_capture_bytes or pixels > settings.max_capture_memory_bytes:
+        raise InvalidInput(
+            "capture-too-large",
+            "Capture too large",
+            f"the sweep's {images} images of {request.width}x{request.height} would write about "
+            f"{2 * pixels / 1024**3:.2f} GiB and hold a {pixels / 1024**3:.2f} GiB grid in worker memory "
+            f"(MERGEPROBE_MAX_CAPTURE_BYTES {settings.max_capture_bytes / 1024**3:.2f} GiB, "
+            f"MERGEPROBE_MAX_CAPTURE_MEMORY_BYTES {settings.max_capture_memory_bytes / 1024**3:.2f} GiB); "
+            "use fewer variants or seeds, or smaller images",
             field="variants",
         )
     return SweepInputs(

@@ -70,3 +70,25 @@ def test_dumps_over_the_caps_are_refused_at_submission(service, tiny_models):
         small = {**body, "steps": 2, "width": 64, "height": 64}
         accepted = client.post("/v1/jobs/dump", json=small)
         assert accepted.status_code == 202, accepted.text
+
+
+def test_sweeps_over_the_caps_are_refused_at_submission(service, tiny_models):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    install_model(service, tiny_models["sd1"])
+    sweep = {
+        "model_a": "tiny-sd1-a",
+        "variants": {"blocks": "IN00-OUT11", "alpha": 0, "beta": 0.5},
+        "prompt": "a cat",
+        "seeds": [1, 2, 3, 4],
+        "steps": 2,
+        "width": 1024,
+        "height": 1024,
+    }
+    with TestClient(create_app(service.settings(max_capture_bytes=100_000_000))) as client:
+        problem = assert_problem(client.post("/v1/jobs/sweep", json=sweep), 400, "variants")
+        assert "104 images" in problem["detail"] and "MERGEPROBE_MAX_CAPTURE_BYTES" in problem["detail"]
+        accepted = client.post("/v1/jobs/sweep", json={**sweep, "width": 64, "height": 64})
+        assert accepted.status_code == 202, accepted.text
