@@ -119,6 +119,8 @@ class ModelLibrary:
         self.max_upload_bytes = settings.max_upload_bytes
         self.settings = settings
         self._headers: dict[tuple[str, int, int], CheckpointHeader] = {}
+        # The sd2 rule reads a tensor from the file: once per file version, not per listing.
+        self._variants: dict[tuple[str, int, int], CheckpointVariant] = {}
         self._lock = threading.Lock()
 
     # -- lookup -------------------------------------------------------------
@@ -257,12 +259,23 @@ class ModelLibrary:
         return sha256, legacy
 
     def variant(self, path: Path, *, field: str = "model") -> CheckpointVariant:
-        return detect_variant(self.header(path, field=field), path)
+        stat = path.stat()
+        cache_key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            cached = self._variants.get(cache_key)
+        if cached is not None:
+            return cached
+        variant = detect_variant(self.header(path, field=field), path)
+        with self._lock:
+            if len(self._variants) > 64:
+                self._variants.clear()
+            self._variants[cache_key] = variant
+        return variant
 
     def info(self, path: Path) -> ModelInfo:
         header = self.header(path)
         sha256, legacy = self.hashes(path)
-        variant = detect_variant(header, path)
+        variant = self.variant(path)
         return ModelInfo(
             id=self.id_of(path),
             name=path.name,
