@@ -52,6 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for path in await asyncio.to_thread(state.library.sweep_abandoned_uploads):
+            log.warning("removed %s, the temp file of an upload cut off by a crash", path.name)
         reaper = asyncio.create_task(_reap_lost_jobs(state))
         try:
             yield

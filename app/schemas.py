@@ -128,6 +128,10 @@ class ModelInfoModel(BaseModel):
         description="The safetensors `__metadata__`.", examples=[{"format": "pt"}]
     )
     variant: VariantModel
+    download_url: str = Field(
+        description="The model's file: GET it (Range, ETag = sha256).",
+        examples=["/v1/models/tiny-sd1-a/file"],
+    )
 
 
 class ModelList(BaseModel):

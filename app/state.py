@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import redis
 from fastapi import Request
 
-from mergeprobe.checkpoints.library import ModelLibrary
+from mergeprobe.checkpoints.library import ModelLibrary, open_library
 from mergeprobe.service.artifacts import ArtifactStore
 from mergeprobe.service.jobs import JobStore
 from mergeprobe.service.settings import Settings
@@ -34,7 +34,7 @@ class AppState:
             settings=settings,
             redis=connection,
             store=JobStore(connection, settings),
-            library=ModelLibrary(settings),
+            library=open_library(settings, connection),
             artifacts=ArtifactStore(settings),
         )
 

@@ -22,7 +22,7 @@ Runs (the seconds are those of the timed section, measured in the child):
           ``sdxl-supermerger_blocks`` converted to the LDM config), its defaults, the threads the
           engine is given.
 * floor   the I/O floor: read both inputs fully and write one file of the same size, 16 MB at a
-          time, no arithmetic.
+          time, no arithmetic, then fsync it (the engine fsyncs its output before the commit).
 * floor_hash  the floor plus the sha256 of the written bytes in a second thread: the engine must
           hash its output (``modelspec.hash_sha256``), and one sha256 stream runs at ~2 GB/s.
 * naive   load everything: ``safetensors.torch.load_file`` both, a weighted sum per key in fp32,
@@ -261,6 +261,8 @@ def child_mecha(arch: str, directory: Path) -> dict:
 
 
 def child_floor(arch: str, directory: Path) -> dict:
+    from mergeprobe.service.durable import fsync_file
+
     models = directory / "models"
     out = models / "bench-out-floor.safetensors"
     buf_a, buf_b = bytearray(CHUNK), bytearray(CHUNK)
@@ -281,6 +283,7 @@ def child_floor(arch: str, directory: Path) -> dict:
             chunk = view_a[:n]
             while chunk:
                 chunk = chunk[fo.write(chunk) :]
+        fsync_file(fo)  # as stream_merge does: the written bytes on the disk, in the timed section
     size = out.stat().st_size
     out.unlink()
     return timed.report(baseline_rss_anon_mb=baseline, output_bytes=size)
@@ -292,6 +295,8 @@ def child_floor_hash(arch: str, directory: Path) -> dict:
     import hashlib
     import queue
     import threading
+
+    from mergeprobe.service.durable import fsync_file
 
     models = directory / "models"
     out = models / "bench-out-floor-hash.safetensors"
@@ -333,6 +338,7 @@ def child_floor_hash(arch: str, directory: Path) -> dict:
             filled.put((index, n))
         filled.put(None)
         thread.join()
+        fsync_file(fo)
     size = out.stat().st_size
     out.unlink()
     return timed.report(baseline_rss_anon_mb=baseline, output_bytes=size)

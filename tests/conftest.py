@@ -21,6 +21,11 @@ import redis
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One torch intra-op thread per process: `-n 2` already runs two test processes (plus worker
+# subprocesses) on 2 cores; torch's default of a thread per core oversubscribes them and its
+# OpenMP threads spin-wait (the heaviest test files: 139 s -> 75 s). Set before torch loads;
+# workers and `mergeprobe serve` started by tests inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 # Tests that use these need a real Redis and usually worker processes or servers: they carry the
@@ -229,3 +234,40 @@ def install_model(service: Service, source: Path, name: str | None = None) -> Pa
 
         shutil.copyfile(source, target)
     return target
+
+
+# Dummy credentials for the S3-compatible test server; the config paths keep a developer's own AWS
+# profile out of the tests.
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto in server mode), one per session: tests make their own
+    buckets. Skips the test where moto is not installed."""
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint, monkeypatch):
+    """A fresh bucket on the test S3 server, the dummy credentials in this process's environment;
+    yields (name, boto3 client)."""
+    boto3 = pytest.importorskip("boto3")
+    for key, value in AWS_TEST_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    name = f"mergeprobe-{secrets.token_hex(4)}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    return name, client

@@ -124,7 +124,8 @@ class JobContext:
 
     def progress(self, completed: int, total: int, stage: str) -> None:
         now = time.monotonic()
-        if completed >= total or now - self._last_progress >= _PROGRESS_EVERY:
+        # total 0 (not known yet: a download without a Content-Length) is throttled like any other.
+        if 0 < total <= completed or now - self._last_progress >= _PROGRESS_EVERY:
             self._last_progress = now
             self.reporter.set_progress(self.job_id, completed, total, stage)
 

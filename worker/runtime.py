@@ -11,7 +11,7 @@ from functools import cache
 
 import redis
 
-from mergeprobe.checkpoints.library import ModelLibrary
+from mergeprobe.checkpoints.library import ModelLibrary, open_library
 from mergeprobe.service.artifacts import ArtifactStore
 from mergeprobe.service.jobs import JobStore
 from mergeprobe.service.settings import Settings
@@ -38,9 +38,10 @@ def connect(settings: Settings) -> redis.Redis:
 def get_runtime() -> WorkerRuntime:
     settings = Settings()
     settings.ensure_dirs()
+    connection = connect(settings)
     return WorkerRuntime(
         settings=settings,
-        store=JobStore(connect(settings), settings),
-        library=ModelLibrary(settings),
+        store=JobStore(connection, settings),
+        library=open_library(settings, connection),
         artifacts=ArtifactStore(settings),
     )

@@ -108,6 +108,7 @@ def _run_job(job_id: str) -> str:
         store.finish(job_id, "failed", artifacts=[], error=error)
         return "failed"
     finally:
+        runtime.library.release_leases()  # the job's models may leave this host's cache now
         with runtime.lock:
             runtime.current_job_id = None
     assert ctx is not None

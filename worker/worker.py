@@ -106,4 +106,9 @@ def run_worker(burst: bool = False) -> None:
     configure_from_settings(runtime.settings)
     runtime.name = f"{socket.gethostname()}.{os.getpid()}"
     remove_orphan_partials(runtime)
+    try:
+        for path in runtime.library.sweep_abandoned_uploads():
+            log.warning("removed %s, a temp file whose writer is gone", path.name)
+    except Exception:  # noqa: BLE001 - housekeeping must not keep the worker from starting
+        log.exception("could not sweep abandoned temp files")
     MergeprobeWorker(runtime).work(burst=burst, logging_level="INFO")

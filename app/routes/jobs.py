@@ -1,14 +1,22 @@
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from app.artifact_responses import artifact_response
+from app.downloads import (
+    ZIP_MEDIA_TYPE,
+    add_download_routes,
+    artifact_download,
+    content_disposition,
+    download_response,
+    zip_stream,
+)
 from app.openapi_docs import REDIS_UNAVAILABLE, SSE_EVENT
 from app.schemas import Job, JobList, JobStatus, ProblemModel
 from app.state import AppState, get_state
@@ -166,26 +174,6 @@ async def job_events(id: str, request: Request, state: AppState = Depends(get_st
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-@router.get(
-    "/{id}/artifacts/{name}",
-    summary="Download an artifact",
-    description="Supports Range requests; the ETag is the artifact's sha256 (If-None-Match answers 304). "
-    "With `MERGEPROBE_ARTIFACTS_BACKEND=s3` and `MERGEPROBE_S3_DOWNLOADS=redirect` the answer is a 307 to a "
-    "presigned URL of the object store, which then serves the bytes and ranges itself.",
-    responses={
-        200: {
-            "description": "The artifact, with the media type of its record (text/csv, image/png, …)",
-            "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
-        },
-        206: {"description": "Partial content (one range, or several as multipart/byteranges)"},
-        304: {"description": "Not modified"},
-        307: {"description": "Redirect to a presigned object-store URL (s3 backend, redirect downloads)"},
-        400: {"model": ProblemModel, "description": "Malformed Range header"},
-        404: {"model": ProblemModel},
-        416: {"model": ProblemModel, "description": "Range not satisfiable (`Content-Range: bytes */size`)"},
-    },
-    response_class=FileResponse,
-)
 def get_artifact(id: str, name: str, request: Request, state: AppState = Depends(get_state)) -> Response:
     job = state.store.require(id)
     record = next((a for a in job["artifacts"] if a["name"] == name), None)
@@ -194,4 +182,55 @@ def get_artifact(id: str, name: str, request: Request, state: AppState = Depends
         raise Problem(
             404, "unknown-artifact", "Unknown artifact", f"job {id} has no artifact {name!r}", field="name"
         )
-    return artifact_response(state.artifacts, id, name, record, request)
+    return download_response(artifact_download(state.artifacts, id, record), request)
+
+
+add_download_routes(
+    router,
+    "/{id}/artifacts/{name}",
+    get_artifact,
+    name="artifact",
+    summary="Download an artifact",
+    description="Supports Range requests (several ranges answer multipart/byteranges); the ETag is the "
+    "artifact's sha256 (If-None-Match answers 304). With `MERGEPROBE_ARTIFACTS_BACKEND=s3` and "
+    "`MERGEPROBE_S3_DOWNLOADS=redirect` the answer is a 307 to a presigned URL of the object store, which then "
+    "serves the bytes and ranges itself.",
+    media_type="*/*",
+    what="The artifact, with the media type of its record (text/csv, image/png, …)",
+)
+
+
+@router.get(
+    "/{id}/artifacts.zip",
+    operation_id="download_job_artifacts_zip",
+    summary="Download all of a job's artifacts as one zip",
+    description="Every artifact the job lists, as one zip streamed while the artifacts are read (nothing is "
+    "built in memory or on disk first), entries named by artifact name: CSV and JSON deflated, the others "
+    "(PNG, GIF, safetensors) stored; entries over 4 GiB are zip64. Artifacts are listed once a job has "
+    "succeeded: for a job still queued or running, failed or canceled the zip is empty (a valid archive "
+    "with no entries).",
+    responses={
+        200: {
+            "description": "The zip",
+            "content": {ZIP_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+            "headers": {
+                "Content-Disposition": {
+                    "description": '`attachment; filename="<job id>-artifacts.zip"`',
+                    "schema": {"type": "string"},
+                }
+            },
+        },
+        404: {"model": ProblemModel},
+    },
+    response_class=StreamingResponse,
+)
+def get_artifacts_zip(id: str, state: AppState = Depends(get_state)) -> StreamingResponse:
+    job = state.store.require(id)
+    downloads = [artifact_download(state.artifacts, id, record) for record in job["artifacts"]]
+    # Entries dated when the job finished: the same job gives the same archive every time.
+    modified = datetime.fromisoformat(job["finished_at"] or job["created_at"])
+    return StreamingResponse(
+        zip_stream(downloads, modified),
+        media_type=ZIP_MEDIA_TYPE,
+        headers={"Content-Disposition": content_disposition(f"{id}-artifacts.zip")},
+    )

@@ -9,6 +9,10 @@ Pure Python (never imports torch): the HTTP front end validates untrusted upload
   :mod:`mergeprobe.checkpoints.ckpt_unpickler` reads ``<archive>/data.pkl`` with a restricted unpickler
   that resolves only inert stand-ins for the torch tensor-rebuild globals.
 
+Each reader takes a path, or a path (its name: the extension, the messages) and ``fileobj``: any
+seekable binary file object, e.g. one that serves ranged GETs from an object store, which is read
+and never closed.
+
 This module holds what both readers share: the result types, the dtype table, the error and
 the helpers that keep untrusted text in error messages short and printable. Every problem
 raises :class:`CheckpointFormatError` with a message meant for the user who uploaded the file.
@@ -19,8 +23,11 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
+from typing import BinaryIO
 
 __all__ = [
     "DTYPE_SIZES",
@@ -29,6 +36,7 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointHeader",
     "TensorInfo",
+    "check_leading_bytes",
     "read_checkpoint_header",
     "read_float_values",
     "sniff_format",
@@ -114,8 +122,15 @@ _FLOAT_FORMATS = {"F64": "d", "F32": "f", "F16": "e"}
 MAX_VALUES_READ = 1 << 16
 
 
-def read_float_values(path: str | os.PathLike[str], header: CheckpointHeader, key: str) -> list[float] | None:
-    """The values of one small floating-point tensor, read without torch (F64, F32, F16, BF16).
+def read_float_values(
+    path: str | os.PathLike[str] | None,
+    header: CheckpointHeader,
+    key: str,
+    *,
+    fileobj: BinaryIO | None = None,
+) -> list[float] | None:
+    """The values of one small floating-point tensor, read without torch (F64, F32, F16, BF16),
+    from the file at `path` or from `fileobj` (then `path` may be None).
 
     None when the tensor is of another dtype, larger than MAX_VALUES_READ elements, or (ckpt)
     not contiguous. Used for the one statistic variant detection needs, on the API side.
@@ -128,12 +143,16 @@ def read_float_values(path: str | os.PathLike[str], header: CheckpointHeader, ke
         return None
     size = info.numel * DTYPE_SIZES[info.dtype]
     if info.data_offsets is not None:
-        with open(path, "rb") as f:
+        with _open_checkpoint(path, fileobj) as (f, _):
             f.seek(header.data_start + info.data_offsets[0])
             raw = f.read(size)
     elif info.storage is not None:
         record, first = info.storage
-        with zipfile.ZipFile(path) as archive, archive.open(record) as fh:
+        with (
+            _open_checkpoint(path, fileobj) as (f, _),
+            zipfile.ZipFile(f) as archive,
+            archive.open(record) as fh,
+        ):
             fh.seek(first * DTYPE_SIZES[info.dtype])
             raw = fh.read(size)
     else:
@@ -149,6 +168,29 @@ def read_float_values(path: str | os.PathLike[str], header: CheckpointHeader, ke
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+@contextmanager
+def _open_checkpoint(
+    path: str | os.PathLike[str] | None, fileobj: BinaryIO | None
+) -> Iterator[tuple[BinaryIO, int]]:
+    """(file, its size in bytes), positioned at byte 0: `fileobj` when given, left open for its
+    owner; else the file at `path`, closed on exit.
+
+    `fileobj` needs read, seek and tell, and read(n) must return n bytes short of the end of the
+    file (as io.BufferedReader's does; zipfile relies on that too). It needs no fileno(): its
+    size is found by seeking to its end.
+    """
+    if fileobj is not None:
+        fileobj.seek(0, os.SEEK_END)
+        size = fileobj.tell()
+        fileobj.seek(0)
+        yield fileobj, size
+        return
+    if path is None:
+        raise TypeError("a checkpoint needs a path or a fileobj")
+    with open(path, "rb") as f:
+        yield f, os.fstat(f.fileno()).st_size
 
 
 def _clip(text: str, limit: int = 120) -> str:
@@ -200,30 +242,50 @@ def sniff_format(first_bytes: bytes) -> str | None:
     return None
 
 
-def read_checkpoint_header(
-    path: str | os.PathLike[str], max_header_bytes: int = MAX_HEADER_BYTES
-) -> CheckpointHeader:
-    """The header of a .safetensors, .ckpt, .pt or .pth file, chosen by extension; the first
-    bytes of the file must not contradict the extension."""
-    name = os.fsdecode(path)
-    ext = os.path.splitext(name)[1].lower()
+def expected_format(path: str | os.PathLike[str]) -> str:
+    """The format a file's name promises: "safetensors" or "ckpt"."""
+    ext = os.path.splitext(os.fsdecode(path))[1].lower()
     expected = _EXTENSIONS.get(ext)
     if expected is None:
         shown = f"extension {_q(ext)}" if ext else "no extension"
         raise CheckpointFormatError(
             f"unsupported file type ({shown}); expected .safetensors, .ckpt, .pt or .pth"
         )
-    with open(path, "rb") as f:
-        head = f.read(16)
+    return expected
+
+
+def check_leading_bytes(path: str | os.PathLike[str], head: bytes) -> str:
+    """The format a file's name promises, checked against its first 16 bytes: an upload of the
+    wrong kind of file is refused as soon as they arrive."""
+    expected = expected_format(path)
+    ext = os.path.splitext(os.fsdecode(path))[1].lower()
     found = sniff_format(head)
     if found is not None and found != expected:
         what = "a safetensors file" if found == "safetensors" else "a PyTorch checkpoint (zip or pickle)"
         raise CheckpointFormatError(f"the file name ends in {ext} but its first bytes are those of {what}")
+    return expected
+
+
+def read_checkpoint_header(
+    path: str | os.PathLike[str],
+    max_header_bytes: int = MAX_HEADER_BYTES,
+    *,
+    fileobj: BinaryIO | None = None,
+) -> CheckpointHeader:
+    """The header of a .safetensors, .ckpt, .pt or .pth file, chosen by the extension of `path`;
+    the first bytes of the file must not contradict the extension.
+
+    With `fileobj` the bytes are read from it (see _open_checkpoint), which is left open, and
+    `path` only names the file."""
+    expected_format(path)  # before the file is opened: a name no reader takes is refused as such
+    with _open_checkpoint(path, fileobj) as (f, _):
+        head = f.read(16)
+    expected = check_leading_bytes(path, head)
     # Imported here, not at the top: both readers import the shared types above from this module.
     if expected == "safetensors":
         from mergeprobe.checkpoints.safetensors_header import read_safetensors_header
 
-        return read_safetensors_header(path, max_header_bytes)
+        return read_safetensors_header(path, max_header_bytes, fileobj=fileobj)
     from mergeprobe.checkpoints.ckpt_unpickler import read_ckpt_header
 
-    return read_ckpt_header(path)
+    return read_ckpt_header(path, fileobj=fileobj)

@@ -22,7 +22,7 @@ import pickle
 import pickletools
 import re
 import zipfile
-from typing import Any
+from typing import Any, BinaryIO
 
 from mergeprobe.checkpoints.checkpoint_headers import (
     _MAX_INT64,
@@ -34,15 +34,21 @@ from mergeprobe.checkpoints.checkpoint_headers import (
     _checked_numel,
     _clip,
     _int_text,
+    _open_checkpoint,
     _q,
     _size_text,
 )
 
-__all__ = ["MAX_PICKLE_BYTES", "MAX_PICKLE_OPS", "read_ckpt_header"]
+__all__ = ["MAX_PICKLE_BYTES", "MAX_PICKLE_ENTRIES", "MAX_PICKLE_OPS", "read_ckpt_header"]
 
 # The pickle record (data.pkl) may hold at most this many bytes and opcodes.
 MAX_PICKLE_BYTES = 200 * 1024 * 1024
 MAX_PICKLE_OPS = 5_000_000
+# ... and build at most this many dict entries and list (and set) items, counted in the prescan,
+# which walks every opcode in Python: a pickle of a 2.4 M-entry dict has 7 M opcodes, and reaching
+# MAX_PICKLE_OPS took seconds. A state dict holds one entry per tensor (SDXL with EMA: ~5 k) and
+# a training checkpoint's optimizer state a few per parameter.
+MAX_PICKLE_ENTRIES = 200_000
 # zipfile turns each central directory entry (46+ bytes) into a ZipInfo object (~10x that).
 _MAX_CENTRAL_DIRECTORY = 16 * 1024 * 1024
 # Dict keys / set items whose hash an attacker can choose (tuples, floats, big ints,
@@ -54,9 +60,9 @@ _MAX_KEY_ITEMS = 256
 _NOTHING_RUN = "refusing to load it (nothing in it was run)"
 
 
-def read_ckpt_header(path: str | os.PathLike[str]) -> CheckpointHeader:
-    with open(path, "rb") as f:
-        file_size = os.fstat(f.fileno()).st_size
+def read_ckpt_header(path: str | os.PathLike[str], *, fileobj: BinaryIO | None = None) -> CheckpointHeader:
+    """`fileobj`: read from it instead of opening `path` (see checkpoint_headers._open_checkpoint)."""
+    with _open_checkpoint(path, fileobj) as (f, file_size):
         head = f.read(4)
         if head != _ZIP_MAGIC:
             if head[:1] == b"\x80":
@@ -173,33 +179,72 @@ def _read_torch_zip(archive: zipfile.ZipFile, file_size: int) -> dict[str, Tenso
     return tensors
 
 
+# For counting entries in the prescan: how each opcode changes the depth of the unpickler's stack
+# apart from MARKs and the items it takes off above one (pickletools' stack_before/stack_after) ...
+_STACK_CHANGE = {
+    op.name: len(op.stack_after)
+    - sum(item not in (pickletools.markobject, pickletools.stackslice) for item in op.stack_before)
+    for op in pickletools.opcodes
+}
+# ... the opcodes that take every item above the last MARK off the stack, and the MARK ...
+_MARK_CONSUMERS = frozenset(
+    op.name for op in pickletools.opcodes if pickletools.markobject in op.stack_before
+)
+# ... and those that take them into a dict (two items an entry) or a list or set (one an item).
+_FILLING_OPCODES = {"SETITEMS": 2, "DICT": 2, "APPENDS": 1, "LIST": 1, "ADDITEMS": 1, "FROZENSET": 1}
+
+
 def _prescan_pickle(data: bytes, member: str) -> None:
     """Walk the opcodes without executing anything: size limits, forbidden opcodes, and any
-    GLOBAL outside the allowlist, before the unpickler is even created."""
-    count = 0
+    GLOBAL outside the allowlist, before the unpickler is even created. The stack depth is
+    followed (as pickletools.dis does) only to count the entries the pickle builds."""
+    count = entries = depth = 0
+    marks: list[int] = []  # the stack depth at each open MARK
     try:
         for opcode, arg, pos in pickletools.genops(data):
             count += 1
+            op = opcode.name
             if count > MAX_PICKLE_OPS:
                 raise CheckpointFormatError(
                     f"the pickle in {member} has more than {MAX_PICKLE_OPS} opcodes; refused as a possible pickle bomb"
                 )
-            if opcode.name in _FORBIDDEN_OPCODES:
+            if op in _FORBIDDEN_OPCODES:
                 raise CheckpointFormatError(
-                    f"the pickle in {member} uses the {opcode.name} opcode (at byte {pos}), which is not "
+                    f"the pickle in {member} uses the {op} opcode (at byte {pos}), which is not "
                     f"allowed; {_NOTHING_RUN}"
                 )
-            if opcode.name == "PROTO" and arg > 2:
+            if op == "PROTO" and arg > 2:
                 # torch.save writes protocol 2, and torch's weights_only loader (what the worker
                 # uses) reads nothing newer: refuse here rather than fail later in a job.
                 raise CheckpointFormatError(
                     f"the pickle in {member} uses pickle protocol {arg}; only protocol 2 (what torch.save "
                     "writes by default) is supported"
                 )
-            if opcode.name == "GLOBAL":
+            if op == "GLOBAL":
                 module, _, name = str(arg).partition(" ")
                 if (module, name) not in _ALLOWED_GLOBALS:
                     raise _refused(member, module, name)
+            if op == "MARK":
+                marks.append(depth)
+                continue
+            if op in _MARK_CONSUMERS:
+                if not marks:
+                    raise CheckpointFormatError(f"the pickle in {member} is corrupt: {op} without a MARK")
+                mark = marks.pop()
+                if op in _FILLING_OPCODES:
+                    entries += (depth - mark) // _FILLING_OPCODES[op]
+                depth = mark
+            elif op == "POP" and marks and depth == marks[-1]:
+                marks.pop()  # the unpickler's POP takes a MARK when nothing is above it
+                continue
+            elif op == "SETITEM" or op == "APPEND":
+                entries += 1
+            depth += _STACK_CHANGE[op]
+            if entries > MAX_PICKLE_ENTRIES:
+                raise CheckpointFormatError(
+                    f"the pickle in {member} builds more than {MAX_PICKLE_ENTRIES} dict entries and list items "
+                    "(a state dict has one per tensor); refused as a possible pickle bomb"
+                )
     except CheckpointFormatError:
         raise
     except Exception as exc:  # genops: unknown opcode, truncated argument, no STOP ...

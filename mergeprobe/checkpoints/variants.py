@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from mergeprobe.checkpoints.archs import UNET_PREFIX, UNKNOWN, detect_arch, get_arch
 from mergeprobe.checkpoints.checkpoint_headers import CheckpointHeader, read_float_values
@@ -122,10 +122,12 @@ def _ema_kind(header: CheckpointHeader) -> Literal["none", "separate", "only"]:
     return "separate" if _has_prefix(header, UNET_PREFIX) else "only"
 
 
-def _sd2_statistic(path: str | os.PathLike[str] | None, header: CheckpointHeader) -> float | None:
-    if path is None or SD2_V_STATISTIC_KEY not in header.tensors:
+def _sd2_statistic(
+    path: str | os.PathLike[str] | None, fileobj: BinaryIO | None, header: CheckpointHeader
+) -> float | None:
+    if (path is None and fileobj is None) or SD2_V_STATISTIC_KEY not in header.tensors:
         return None
-    values = read_float_values(path, header, SD2_V_STATISTIC_KEY)
+    values = read_float_values(path, header, SD2_V_STATISTIC_KEY, fileobj=fileobj)
     if not values:
         return None
     mean = math.fsum(values) / len(values)
@@ -133,7 +135,11 @@ def _sd2_statistic(path: str | os.PathLike[str] | None, header: CheckpointHeader
 
 
 def _prediction(
-    path: str | os.PathLike[str] | None, header: CheckpointHeader, arch: str, in_channels: int | None
+    path: str | os.PathLike[str] | None,
+    fileobj: BinaryIO | None,
+    header: CheckpointHeader,
+    arch: str,
+    in_channels: int | None,
 ) -> tuple[str | None, str]:
     keys = header.tensors
     if not _has_prefix(header, UNET_PREFIX):
@@ -148,7 +154,7 @@ def _prediction(
     if declared is not None:
         return declared, "the file's modelspec.prediction_type metadata"
     if arch == "sd2" and in_channels == 4:
-        statistic = _sd2_statistic(path, header)
+        statistic = _sd2_statistic(path, fileobj, header)
         if statistic is not None:
             found = "v_prediction" if statistic > SD2_V_STATISTIC_THRESHOLD else "epsilon"
             side = ">" if found == "v_prediction" else "≤"
@@ -182,13 +188,16 @@ def _title(
     return name, title
 
 
-def detect_variant(header: CheckpointHeader, path: str | os.PathLike[str] | None = None) -> CheckpointVariant:
-    """The variant of the checkpoint with this header; `path` lets the sd2 rule read its one tensor."""
+def detect_variant(
+    header: CheckpointHeader, path: str | os.PathLike[str] | None = None, *, fileobj: BinaryIO | None = None
+) -> CheckpointVariant:
+    """The variant of the checkpoint with this header; `path` or `fileobj` (read, never closed) lets
+    the sd2 rule read its one tensor."""
     refiner = _is_refiner(header)
     arch = UNKNOWN if refiner else detect_arch(header.tensors)
     conv_in = header.tensors.get(UNET_PREFIX + "input_blocks.0.0.weight")
     in_channels = conv_in.shape[1] if conv_in is not None and len(conv_in.shape) == 4 else None
-    prediction, source = _prediction(path, header, arch, in_channels)
+    prediction, source = _prediction(path, fileobj, header, arch, in_channels)
     inpainting = in_channels == 9
     known = get_arch(arch) if arch != UNKNOWN else None
     resolution = None

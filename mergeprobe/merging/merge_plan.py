@@ -285,7 +285,7 @@ class MergePlan:
     arch: Architecture
     method: MergeMethod
     pins: dict[str, PinnedModel]  # "a", "b", optionally "c" and "vae"
-    paths: dict[str, Path]  # the files that hold the pinned bytes
+    paths: dict[str, Path]  # the local files that hold the pinned bytes (none in an s3 API's plan)
     headers: dict[str, CheckpointHeader]
     keys: list[KeyPlan]
     output_name: str
@@ -329,9 +329,12 @@ class MergePlan:
 
 def _resolve_models(
     request: MergeRequest, library: ModelLibrary, pinned: dict[str, PinnedModel] | None
-) -> tuple[dict[str, PinnedModel], dict[str, Path], dict[str, CheckpointHeader]]:
-    """Each slot's pinned model, file and header: pinned now from the request's references (the
-    API), or opened from the pins a job carries (the worker), never resolved by name again."""
+) -> tuple[
+    dict[str, PinnedModel], dict[str, Path], dict[str, CheckpointHeader], dict[str, CheckpointVariant]
+]:
+    """Each slot's pinned model, local file (where there is one), header and variant: pinned now
+    from the request's references (the API: from the library's index, no file needed), or opened
+    from the pins a job carries (the worker), never resolved by name again."""
     method = MERGE_METHODS[request.mode]
     refs = {"a": ("model_a", request.model_a), "b": ("model_b", request.model_b)}
     if method.needs_c:
@@ -351,15 +354,19 @@ def _resolve_models(
         refs["c"] = ("model_c", request.model_c)
     if request.output.bake_vae:
         refs["vae"] = ("output.bake_vae", request.output.bake_vae)
-    pins, paths, headers = {}, {}, {}
+    pins, paths, headers, variants = {}, {}, {}, {}
     for slot, (field_name, ref) in refs.items():
         if pinned is None:
-            pins[slot], paths[slot] = library.pin(ref, field=field_name)
+            pins[slot], entry = library.pin(ref, field=field_name)
+            headers[slot], variants[slot] = entry.header, entry.variant
+            if entry.path is not None:  # the local backend's: in-process runs (tests, benchmarks) read it
+                paths[slot] = entry.path
         else:
             pins[slot] = pinned[slot]
             paths[slot] = library.open_pinned(pins[slot], field=field_name)
-        headers[slot] = library.header(paths[slot], field=field_name)
-    return pins, paths, headers
+            headers[slot] = library.header(paths[slot], field=field_name)
+            variants[slot] = library.variant(paths[slot], field=field_name)
+    return pins, paths, headers, variants
 
 
 def _arch_of(headers: dict[str, CheckpointHeader]) -> Architecture:
@@ -438,8 +445,8 @@ def _vae_tensors(arch: Architecture, header: CheckpointHeader) -> dict[str, str]
     return standalone
 
 
-def default_output_name(request: MergeRequest, paths: dict[str, Path]) -> str:
-    stems = "_".join(paths[s].name.rsplit(".", 1)[0][:40] for s in ("a", "b", "c") if s in paths)
+def default_output_name(request: MergeRequest, pins: dict[str, PinnedModel]) -> str:
+    stems = "_".join(pins[s].name.rsplit(".", 1)[0][:40] for s in ("a", "b", "c") if s in pins)
     return f"{stems}_{request.mode}_{secrets.token_hex(3)}.safetensors"
 
 
@@ -459,13 +466,10 @@ def plan_merge(
             field="mode",
         )
     method = MERGE_METHODS[request.mode]
-    pins, paths, headers = _resolve_models(request, library, pinned)
+    pins, paths, headers, variants = _resolve_models(request, library, pinned)
     arch = _arch_of(headers)
     _check_unets(arch, headers)
-    variants = {
-        slot: library.variant(paths[slot], field=f"model_{slot}") for slot in headers if slot != "vae"
-    }
-    name = output_name or request.output.name or default_output_name(request, paths)
+    name = output_name or request.output.name or default_output_name(request, pins)
     validate_model_name(name, field="output.name")
     if not name.endswith(".safetensors"):
         raise InvalidInput(
@@ -611,7 +615,7 @@ def plan_merge(
         warnings.append(
             f"{len(buffers_not_in_a)} buffer(s) only in model_b not written ({shown}): buffers come from model_a"
         )
-    warnings.extend(_prediction_differences(variants))
+    warnings.extend(_prediction_differences({s: v for s, v in variants.items() if s != "vae"}))
     for rules, field_name in ((rules_a, "elemental"), (rules_b, "elemental_beta")):
         if rules:
             grouped = elements_by_block(arch, [k.key for k in keys])

@@ -259,15 +259,13 @@ def _capture_inputs(
 
 def prepare_dump(request: DumpRequest, library: ModelLibrary) -> DumpInputs:
     """Validate a dump against its model and resolve everything the engine needs (400 on any spec error)."""
-    pinned, path = library.pin(request.model, field="model")
-    header = library.header(path, field="model")
+    pinned, entry = library.pin(request.model, field="model")
+    header = entry.header
     arch_name = detect_arch(header.tensors)
     if arch_name == UNKNOWN:
-        raise _unknown_arch(path.name)
+        raise _unknown_arch(entry.name)
     arch = get_arch(arch_name)
-    pipeline = check_probeable(
-        path.name, header, library.variant(path), request.prediction_type, library.settings
-    )
+    pipeline = check_probeable(entry.name, header, entry.variant, request.prediction_type, library.settings)
 
     warnings: list[str] = []
     prompt = parse_layer_prompt(request.prompt, arch, field="prompt")

@@ -377,11 +377,10 @@ def prepare_sweep(request: SweepRequest, library: ModelLibrary) -> SweepInputs:
             "invalid-request", "Invalid request", "a baseline merge needs model_b", field="model_b"
         )
     plan = plan_merge(request.baseline_merge(), library, output_name=BASELINE_NAME)
-    path_a = plan.paths["a"]
     pipeline = check_probeable(
-        path_a.name,
+        plan.pins["a"].name,
         plan.headers["a"],
-        library.variant(path_a),
+        plan.variant,
         request.prediction_type,
         library.settings,
         field="model_a",

@@ -4,7 +4,8 @@ Either way no reader sees a partial artifact, and the writer computes its sha256
 writing:
 
 - local (`MERGEPROBE_ARTIFACTS_BACKEND=local`): written to a hidden temp file beside the final
-  name, then renamed into place;
+  name, then renamed into place, durably (`mergeprobe.service.durable`): an artifact reported as
+  stored survives a power cut;
 - s3 (`MERGEPROBE_ARTIFACTS_BACKEND=s3`, AWS S3 or MinIO): written to a local temp file under the
   data dir, then uploaded (multipart above 8 MiB) and the temp file deleted. An S3 object appears
   whole or not at all; its sha256 is kept as object metadata. The API and the workers then share
@@ -18,18 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from mergeprobe.service.durable import durable_mkdir, durable_replace
 from mergeprobe.service.errors import NotFound
+from mergeprobe.service.s3 import ObjectStream, connect_s3, key_prefix
 from mergeprobe.service.settings import Settings
 
 log = logging.getLogger("mergeprobe.artifacts")
@@ -37,7 +37,6 @@ log = logging.getLogger("mergeprobe.artifacts")
 _ARTIFACT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,199}$")
 _JOB_ID = re.compile(r"^[0-9a-f]{24}$")
 _MULTIPART_BYTES = 8 * 1024**2
-_CHUNK_BYTES = 64 * 1024
 
 
 def artifact_url(job_id: str, name: str) -> str:
@@ -93,11 +92,11 @@ class ArtifactStore:
 
     def _staging_path(self, job_id: str, name: str) -> Path:
         final = self.path_of(job_id, name)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        durable_mkdir(final.parent)
         return final.with_name(f".{secrets.token_hex(6)}.{name}.partial")
 
     def _commit(self, tmp: Path, job_id: str, name: str, media_type: str, sha256: str, size: int) -> None:
-        os.replace(tmp, self.path_of(job_id, name))
+        durable_replace(tmp, self.path_of(job_id, name))
 
     @contextmanager
     def writer(self, job_id: str, name: str, media_type: str) -> Iterator[_HashingWriter]:
@@ -139,24 +138,6 @@ class ArtifactStore:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
 
-@dataclass
-class ObjectStream:
-    """An open S3 GET: the bytes of one range of an artifact, read in chunks."""
-
-    body: Any
-    content_length: int
-    last_modified: datetime | None
-
-    def chunks(self, size: int = _CHUNK_BYTES) -> Iterator[bytes]:
-        try:
-            yield from self.body.iter_chunks(size)
-        finally:
-            self.body.close()
-
-    def close(self) -> None:
-        self.body.close()
-
-
 class S3ArtifactStore(ArtifactStore):
     """Artifacts as objects `{MERGEPROBE_S3_PREFIX}{job_id}/{name}` in an S3-compatible bucket."""
 
@@ -164,46 +145,17 @@ class S3ArtifactStore(ArtifactStore):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        if not settings.s3_bucket:
-            raise RuntimeError("MERGEPROBE_ARTIFACTS_BACKEND=s3 needs MERGEPROBE_S3_BUCKET")
-        try:
-            import boto3
-            from boto3.s3.transfer import TransferConfig
-            from botocore.config import Config
-        except ImportError as exc:  # pragma: no cover - depends on the install
-            raise RuntimeError(
-                "MERGEPROBE_ARTIFACTS_BACKEND=s3 needs boto3: pip install 'mergeprobe[s3]'"
-            ) from exc
-        self.bucket = settings.s3_bucket
-        prefix = (settings.s3_prefix or "").lstrip("/")
-        self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        self.s3 = connect_s3(settings, "MERGEPROBE_ARTIFACTS_BACKEND")
+        from boto3.s3.transfer import TransferConfig  # there: connect_s3 imported boto3
+
+        self.client, self.bucket = self.s3.client, self.s3.bucket
+        self.prefix = key_prefix(settings.s3_prefix)
         self.downloads = settings.s3_downloads
         self.presign_seconds = settings.s3_presign_seconds
         self.staging = (settings.data_dir / "tmp" / "artifact-uploads").resolve()
-        endpoint = settings.s3_endpoint_url or None
-        # Custom endpoints (MinIO, moto, most S3-compatibles) want path-style addressing.
-        config = Config(
-            signature_version="s3v4",
-            retries={"mode": "standard", "max_attempts": 5},
-            max_pool_connections=32,
-            s3={"addressing_style": "path" if endpoint else "auto"},
-        )
-        session = boto3.session.Session()
-        self.client = session.client(
-            "s3", endpoint_url=endpoint, region_name=settings.s3_region or None, config=config
-        )
-        public = settings.s3_public_endpoint_url or None
-        self._presign_client = (
-            session.client("s3", endpoint_url=public, region_name=settings.s3_region or None, config=config)
-            if public and public != endpoint
-            else self.client
-        )
         self._transfer = TransferConfig(
             multipart_threshold=_MULTIPART_BYTES, multipart_chunksize=_MULTIPART_BYTES
         )
-        from botocore.exceptions import ClientError
-
-        self._client_error = ClientError
 
     def key(self, job_id: str, name: str) -> str:
         self.path_of(job_id, name)  # validates both names
@@ -212,10 +164,6 @@ class S3ArtifactStore(ArtifactStore):
     def _job_prefix(self, job_id: str) -> str:
         self.job_dir(job_id)
         return f"{self.prefix}{job_id}/"
-
-    def _missing(self, exc: Exception) -> bool:
-        error = getattr(exc, "response", {}).get("Error", {})
-        return str(error.get("Code")) in {"404", "NoSuchKey", "NotFound"}
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -237,12 +185,7 @@ class S3ArtifactStore(ArtifactStore):
 
     def head(self, job_id: str, name: str) -> dict[str, Any] | None:
         """The object's metadata, or None when there is no such object."""
-        try:
-            return self.client.head_object(Bucket=self.bucket, Key=self.key(job_id, name))
-        except self._client_error as exc:
-            if self._missing(exc):
-                return None
-            raise
+        return self.s3.head(self.key(job_id, name))
 
     def exists(self, job_id: str, name: str) -> bool:
         return self.head(job_id, name) is not None
@@ -252,16 +195,7 @@ class S3ArtifactStore(ArtifactStore):
     ) -> ObjectStream | None:
         """Bytes [start, end) of an artifact (all of it when end is None), or None when there is no
         such object."""
-        args = {"Bucket": self.bucket, "Key": self.key(job_id, name)}
-        if end is not None:
-            args["Range"] = f"bytes={start}-{end - 1}"
-        try:
-            response = self.client.get_object(**args)
-        except self._client_error as exc:
-            if self._missing(exc):
-                return None
-            raise
-        return ObjectStream(response["Body"], int(response["ContentLength"]), response.get("LastModified"))
+        return self.s3.open_range(self.key(job_id, name), start, end)
 
     def read_bytes(self, job_id: str, name: str) -> bytes:
         response = self.client.get_object(Bucket=self.bucket, Key=self.key(job_id, name))
@@ -270,16 +204,7 @@ class S3ArtifactStore(ArtifactStore):
 
     def presigned_url(self, job_id: str, name: str, media_type: str | None = None) -> str:
         """A GET URL for the object, valid for `MERGEPROBE_S3_PRESIGN_SECONDS`."""
-        params = {
-            "Bucket": self.bucket,
-            "Key": self.key(job_id, name),
-            "ResponseContentDisposition": f'attachment; filename="{name}"',
-        }
-        if media_type:
-            params["ResponseContentType"] = media_type
-        return self._presign_client.generate_presigned_url(
-            "get_object", Params=params, ExpiresIn=self.presign_seconds
-        )
+        return self.s3.presigned_get(self.key(job_id, name), name, media_type, self.presign_seconds)
 
     def object_keys(self, job_id: str) -> list[str]:
         keys: list[str] = []

@@ -54,6 +54,11 @@ class Unprocessable(MergeprobeError):
     something this deployment lacks (a pipeline config)."""
 
 
+class UpstreamFailed(MergeprobeError):
+    """A server the service fetched from on the request's behalf (an import's source) answered with
+    an error, could not be reached, or broke off the transfer."""
+
+
 class Overloaded(MergeprobeError):
     """Too much is waiting already; try again after `retry_after` seconds."""
 

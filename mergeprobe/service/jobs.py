@@ -345,6 +345,23 @@ class JobStore:
                 self.redis.srem(self._running_key, job_id)
         return lost
 
+    def active_jobs_using(self, sha256: str) -> list[str]:
+        """Ids of the queued and running jobs pinned to a model's bytes (every pinned model in a
+        job's inputs carries its sha256), oldest first."""
+        ids = {i.decode() if isinstance(i, bytes) else i for i in self.redis.smembers(self._running_key)}
+        ids.update(self.queue.get_job_ids())
+        ordered = sorted(ids)
+        using = []
+        for job_id, raw in zip(
+            ordered, self.redis.mget([self._job_key(i) for i in ordered]) if ordered else [], strict=True
+        ):
+            if not raw:
+                continue
+            job = json.loads(raw)
+            if job["status"] not in FINAL_STATUSES and sha256 in json.dumps(job.get("inputs")):
+                using.append(job_id)
+        return using
+
     def queue_depth(self) -> int:
         return self.queue.count
 

@@ -21,6 +21,7 @@ from mergeprobe.merging.merge_plan import ElementalRequest, MergeInputs, MergeRe
 from mergeprobe.probing.dump_request import DumpInputs, DumpRequest, DumpResult, prepare_dump
 from mergeprobe.probing.sweep_request import SweepInputs, SweepRequest, SweepResult, prepare_sweep
 from mergeprobe.service.errors import InvalidInput
+from mergeprobe.service.model_import import IMPORT_DESCRIPTION, ImportInputs, ImportRequest, prepare_import
 from mergeprobe.service.request_model import RequestModel
 from mergeprobe.service.settings import Settings
 
@@ -58,9 +59,8 @@ class InspectInputs(BaseModel):
 
 
 def prepare_inspect(request: InspectRequest, library: ModelLibrary) -> InspectInputs:
-    pinned, path = library.pin(request.model, field="model")
-    header = library.header(path, field="model")
-    arch = header.arch
+    pinned, entry = library.pin(request.model, field="model")
+    arch = entry.header.arch
     if arch == UNKNOWN:
         raise InvalidInput(
             "unknown-architecture",
@@ -71,12 +71,25 @@ def prepare_inspect(request: InspectRequest, library: ModelLibrary) -> InspectIn
     return InspectInputs(model=pinned, arch=arch)
 
 
+def model_url(model_id: str) -> str:
+    """Where the API describes a library model."""
+    return f"/v1/models/{model_id}"
+
+
+def model_file_url(model_id: str) -> str:
+    """Where the API serves a library model's file."""
+    return f"/v1/models/{model_id}/file"
+
+
 class MergedModel(BaseModel):
     id: str = Field(examples=["blend"])
     name: str = Field(examples=["blend.safetensors"])
     sha256: str
     short_hash: str
-    url: str = Field(examples=["/v1/models/blend"])
+    url: str = Field(description="The model's description.", examples=["/v1/models/blend"])
+    download_url: str = Field(
+        description="The model's file (Range, ETag = sha256).", examples=["/v1/models/blend/file"]
+    )
 
 
 class MergeResult(BaseModel):
@@ -91,6 +104,17 @@ class MergeResult(BaseModel):
     size_bytes: int
     data_sha256: str = Field(description="sha256 of the tensor data (also modelspec.hash_sha256).")
     torch: str = Field(description="torch version that computed it.")
+
+
+class ImportResult(BaseModel):
+    model: MergedModel = Field(description="The imported model, registered in the model library.")
+    size_bytes: int = Field(examples=[2_132_625_894])
+    sha256: str = Field(description="sha256 of the downloaded bytes, computed while they streamed in.")
+    source: str = Field(
+        description="The URL as requested.", examples=["https://models.example.com/sd15/blend.safetensors"]
+    )
+    seconds: float = Field(description="Time of the download (validating and storing not included).")
+    bytes_per_second: int = Field(description="size_bytes / seconds.", examples=[104_857_600])
 
 
 def prepare_merge(request: MergeRequest, library: ModelLibrary) -> MergeInputs:
@@ -270,6 +294,18 @@ KINDS: dict[str, JobKind] = {
             prepare=prepare_sweep,
             engine="worker.engines.sweep:run_sweep",
             timeout=6 * _HOUR,
+        ),
+        JobKind(
+            name="import",
+            summary="Import a model from an http(s) or s3:// URL",
+            description=IMPORT_DESCRIPTION,
+            request_model=ImportRequest,
+            inputs_model=ImportInputs,
+            result_model=ImportResult,
+            prepare=prepare_import,
+            engine="worker.engines.import_model:run_import",
+            # Long enough for an SDXL checkpoint (7 GB) at 1 MB/s.
+            timeout=3 * _HOUR,
         ),
     )
 }

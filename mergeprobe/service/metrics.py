@@ -42,6 +42,7 @@ DURATION_BUCKETS: tuple[float, ...] = (
 COUNTERS: dict[str, str] = {
     "merge_bytes_read": "Bytes of input tensors read by merge and elemental jobs that succeeded.",
     "merge_bytes_written": "Bytes of merged checkpoints written by merge and elemental jobs that succeeded.",
+    "import_bytes": "Bytes downloaded by import jobs that succeeded.",
     "jobs_rejected": "Job submissions refused with 429 because the queue held MERGEPROBE_MAX_QUEUED jobs.",
 }
 

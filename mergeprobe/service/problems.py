@@ -15,6 +15,7 @@ from mergeprobe.service.errors import (
     Overloaded,
     TooLarge,
     Unprocessable,
+    UpstreamFailed,
 )
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -64,6 +65,7 @@ _STATUS: tuple[tuple[type[MergeprobeError], int], ...] = (
     (TooLarge, 413),
     (Unprocessable, 422),
     (Overloaded, 429),
+    (UpstreamFailed, 502),
 )
 
 

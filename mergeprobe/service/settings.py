@@ -90,12 +90,36 @@ class Settings(BaseSettings):
     pipeline_cache_bytes: int = Field(
         default=8 * 1024**3, ge=0, description="Worker memory for cached pipelines (LRU by model sha256)."
     )
+    # The model library across hosts: local directory (default) or bytes in an S3-compatible bucket
+    # addressed by sha256, with the index (names, headers, variants) in Redis.
+    library_backend: Literal["local", "s3"] = Field(
+        default="local",
+        description="Where the model library lives: `local` (MODELS_DIR on this host) or `s3` (the bucket of "
+        "S3_BUCKET under S3_MODELS_PREFIX, indexed in Redis, so every API process and worker shares it).",
+    )
+    s3_models_prefix: str = Field(
+        default="models/", description="Key prefix of the s3 library: models are PREFIX{sha256}."
+    )
+    model_cache_bytes: int = Field(
+        default=64 * 1024**3,
+        ge=0,
+        description="s3 library: disk a worker gives its local copies of models (DATA_DIR/cache/models, by "
+        "sha256); least recently used out first, never one a running job reads.",
+    )
+    header_cache_bytes: int = Field(
+        default=64 * 1024**2,
+        ge=0,
+        description="Memory for parsed checkpoint headers (estimated size); a header larger than a quarter "
+        "of it is not kept.",
+    )
     # Artifacts across hosts: local directory (default) or an S3-compatible bucket (AWS S3, MinIO).
     # Credentials come from boto3's chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profile, role).
     artifacts_backend: Literal["local", "s3"] = Field(
         default="local", description="Where job artifacts live: `local` (ARTIFACTS_DIR) or `s3`."
     )
-    s3_bucket: str | None = Field(default=None, description="Bucket of the s3 artifacts backend.")
+    s3_bucket: str | None = Field(
+        default=None, description="Bucket of the s3 artifacts and library backends."
+    )
     s3_prefix: str = Field(default="artifacts/", description="Key prefix: objects are PREFIX{job_id}/{name}.")
     s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, moto); unset: AWS.")
     s3_public_endpoint_url: str | None = Field(
@@ -108,6 +132,16 @@ class Settings(BaseSettings):
     )
     s3_presign_seconds: int = Field(
         default=900, ge=1, le=7 * 24 * 3600, description="Presigned URL lifetime."
+    )
+    # Import jobs make the worker fetch whatever URL a client names, from inside the deployment's
+    # network (SSRF): an allow list keeps them to the model stores meant, away from internal services
+    # and cloud metadata endpoints. Parsed in mergeprobe/service/model_import.py.
+    import_allowed_hosts: str = Field(
+        default="",
+        description="Comma-separated sources import jobs may fetch from: a host name allows that host and "
+        "its subdomains (`huggingface.co` allows `cdn-lfs.huggingface.co`), an IP address itself, "
+        "`s3://bucket` that bucket at S3_ENDPOINT_URL. Checked at submission and on every redirect. Empty: "
+        "any http(s) host and any bucket the worker's credentials can read.",
     )
 
     @field_validator("job_timeouts", mode="before")
@@ -128,6 +162,11 @@ class Settings(BaseSettings):
     @cached_property
     def cache_path(self) -> Path:
         return (self.data_dir / "cache").resolve()
+
+    @cached_property
+    def model_cache_path(self) -> Path:
+        """The s3 library's local copies of models (a worker's cache, also its merges' scratch)."""
+        return self.cache_path / "models"
 
     @cached_property
     def api_key_list(self) -> list[str]:

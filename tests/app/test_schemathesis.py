@@ -48,14 +48,20 @@ def live(redis_url, tmp_path_factory, tiny_models):
 
     from app.main import create_app
 
-    svc = Service(redis_url, tmp_path_factory.mktemp("schemathesis") / "data")
+    # Generated import URLs must make no one fetch anything: the only source allowed cannot resolve.
+    no_sources = {"import_allowed_hosts": "import.invalid"}
+    svc = Service(
+        redis_url,
+        tmp_path_factory.mktemp("schemathesis") / "data",
+        MERGEPROBE_IMPORT_ALLOWED_HOSTS="import.invalid",
+    )
     svc.models_dir.mkdir(parents=True)
     for key in ("sd1", "sd1-b", "sdxl"):
         install_model(svc, tiny_models[key])
     for i in range(20):  # fodder for DELETE /v1/models/{id}
         install_model(svc, tiny_models["sd2"], f"victim-{i}.safetensors")
-    app = create_app(svc.settings())
-    locked = create_app(svc.settings(api_keys="k1"))
+    app = create_app(svc.settings(**no_sources))
+    locked = create_app(svc.settings(api_keys="k1", **no_sources))
     with TestClient(app) as client:
         # Jobs in every final status, so that job lookups and listings return real records.
         ok = client.post("/v1/jobs/inspect", json={"model": "tiny-sd1-a"}).json()

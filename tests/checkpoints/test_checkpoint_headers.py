@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import pickle
@@ -35,6 +36,49 @@ from mergeprobe.checkpoints.safetensors_header import read_safetensors_header
 from tests.conftest import REPO
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+class NoFilenoReader:
+    """A seekable binary file object with no fileno(), as a reader serving ranged GETs from an
+    object store is, and no close(): the header readers must need neither."""
+
+    def __init__(self, data: bytes) -> None:
+        self._bytes = io.BytesIO(data)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._bytes.read(size)
+
+    def readinto(self, buffer) -> int:
+        return self._bytes.readinto(buffer)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._bytes.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._bytes.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+
+@pytest.fixture(params=["path", "BytesIO", "no-fileno"])
+def read_header(request):
+    """read_checkpoint_header by each route: the path, or the file's bytes in a file object
+    (io.BytesIO, NoFilenoReader) handed over at its end under a name that is no file on disk,
+    so that a reader that opened the name or relied on the position would fail."""
+
+    def read(path: Path, **kwargs):
+        if request.param == "path":
+            return read_checkpoint_header(path, **kwargs)
+        data = Path(path).read_bytes()
+        fileobj = io.BytesIO(data) if request.param == "BytesIO" else NoFilenoReader(data)
+        fileobj.seek(0, io.SEEK_END)
+        try:
+            return read_checkpoint_header(f"/no/such/dir/{Path(path).name}", fileobj=fileobj, **kwargs)
+        finally:
+            assert not getattr(fileobj, "closed", False)  # the caller's to close
+
+    return read
 
 
 def _raw_header(path: Path) -> tuple[dict, bytes]:
@@ -100,7 +144,7 @@ class Evil:
 # -- safetensors ------------------------------------------------------------------------
 
 
-def test_safetensors_header_matches_a_real_file(tmp_path):
+def test_safetensors_header_matches_a_real_file(tmp_path, read_header):
     path = tmp_path / "model.safetensors"
     tensors = {
         "model.w16": torch.randn(3, 5).half(),
@@ -111,7 +155,7 @@ def test_safetensors_header_matches_a_real_file(tmp_path):
         "model.empty": torch.zeros(0, 3),
     }
     save_torch(tensors, str(path), metadata={"format": "pt", "ss_note": "x"})
-    header = read_checkpoint_header(path)
+    header = read_header(path)
     raw, data = _raw_header(path)
 
     assert header.format == "safetensors"
@@ -144,14 +188,14 @@ def test_safetensors_numpy_file_and_direct_reader(tmp_path):
     assert header.metadata == {}
 
 
-def test_too_short(tmp_path):
+def test_too_short(tmp_path, read_header):
     path = tmp_path / "x.safetensors"
     path.write_bytes(b"abc")
     with pytest.raises(CheckpointFormatError, match="3 bytes long.*8-byte header length"):
-        read_safetensors_header(path)
+        read_header(path)
 
 
-def test_huge_header_length_fails_fast_without_allocating(tmp_path):
+def test_huge_header_length_fails_fast_without_allocating(tmp_path, read_header):
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", 2**40) + b"{}")
     tracemalloc.start()
@@ -160,7 +204,7 @@ def test_huge_header_length_fails_fast_without_allocating(tmp_path):
         with pytest.raises(
             CheckpointFormatError, match=r"header length 1099511627776 \(bytes 0-7\) exceeds the 100 MB limit"
         ):
-            read_checkpoint_header(path)
+            read_header(path)
         elapsed = time.perf_counter() - started
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -170,39 +214,39 @@ def test_huge_header_length_fails_fast_without_allocating(tmp_path):
     assert MAX_HEADER_BYTES == 100 * 1024 * 1024
 
 
-def test_header_limit_is_configurable(tmp_path):
+def test_header_limit_is_configurable(tmp_path, read_header):
     path = _small_st(tmp_path)
     with pytest.raises(CheckpointFormatError, match="exceeds the 64 bytes limit"):
-        read_safetensors_header(path, max_header_bytes=64)
+        read_header(path, max_header_bytes=64)
 
 
-def test_header_length_larger_than_file(tmp_path):
+def test_header_length_larger_than_file(tmp_path, read_header):
     path = tmp_path / "x.safetensors"
     path.write_bytes(struct.pack("<Q", 1000) + b'{"a": 1}')
     with pytest.raises(
         CheckpointFormatError, match=r"truncated: header length 1000 .* larger than the 8 bytes"
     ):
-        read_safetensors_header(path)
+        read_header(path)
     # Also past the default cap when the caller raises it: still no allocation of that size.
     path.write_bytes(struct.pack("<Q", 2**40) + b"{}")
     with pytest.raises(CheckpointFormatError, match="truncated: header length"):
-        read_safetensors_header(path, max_header_bytes=2**41)
+        read_header(path, max_header_bytes=2**41)
 
 
-def test_zero_header_length(tmp_path):
+def test_zero_header_length(tmp_path, read_header):
     path = _write_st(tmp_path / "x.safetensors", b"", b"")
     with pytest.raises(CheckpointFormatError, match="header length .* is 0"):
-        read_safetensors_header(path)
+        read_header(path)
 
 
-def test_truncated_data(tmp_path):
+def test_truncated_data(tmp_path, read_header):
     path = _small_st(tmp_path)
     path.write_bytes(path.read_bytes()[:-3])
     with pytest.raises(
         CheckpointFormatError,
         match=r"truncated: tensor 'b' ends at byte 14 but the file has only 11 bytes of data",
     ):
-        read_checkpoint_header(path)
+        read_header(path)
 
 
 @pytest.mark.parametrize(
@@ -214,10 +258,10 @@ def test_truncated_data(tmp_path):
         (b"[1, 2]", "header JSON is an array, not an object"),
     ],
 )
-def test_invalid_json(tmp_path, blob, message):
+def test_invalid_json(tmp_path, blob, message, read_header):
     path = _write_st(tmp_path / "x.safetensors", blob, b"")
     with pytest.raises(CheckpointFormatError, match=message):
-        read_safetensors_header(path)
+        read_header(path)
 
 
 def _mutations():
@@ -289,67 +333,130 @@ def _mutations():
 @pytest.mark.parametrize(
     ("change", "message"), [m[1:] for m in _mutations()], ids=[m[0] for m in _mutations()]
 )
-def test_invalid_tensor_table(tmp_path, change, message):
+def test_invalid_tensor_table(tmp_path, change, message, read_header):
     header, data = _raw_header(_small_st(tmp_path))
     header = copy.deepcopy(header)
     change(header)
     path = _write_st(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(CheckpointFormatError, match=message):
-        read_safetensors_header(path)
+        read_header(path)
 
 
-def test_gap_and_trailing_bytes_are_refused(tmp_path):
+def test_gap_and_trailing_bytes_are_refused(tmp_path, read_header):
     header, data = _raw_header(_small_st(tmp_path))
     header["b"]["data_offsets"] = [10, 16]
     path = _write_st(tmp_path / "gap.safetensors", header, data + b"zz")
     with pytest.raises(CheckpointFormatError, match=r"data bytes 8-10 after tensor 'a' belong to no tensor"):
-        read_safetensors_header(path)
+        read_header(path)
     header, data = _raw_header(_small_st(tmp_path))
     path = _write_st(tmp_path / "trail.safetensors", header, data + b"zz")
     with pytest.raises(
         CheckpointFormatError, match="16 bytes but the tensors end at byte 14; 2 trailing bytes"
     ):
-        read_safetensors_header(path)
+        read_header(path)
 
 
-def test_duplicate_key_and_tensor_cap(tmp_path, monkeypatch):
+def test_duplicate_key_and_tensor_cap(tmp_path, monkeypatch, read_header):
     entry = '{"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}'
     path = _write_st(tmp_path / "dup.safetensors", f'{{"a": {entry}, "a": {entry}}}'.encode(), b"x")
     with pytest.raises(CheckpointFormatError, match="key 'a' twice"):
-        read_safetensors_header(path)
-    monkeypatch.setattr(st, "MAX_TENSORS", 1)
-    header = {"a": json.loads(entry), "b": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}
-    path = _write_st(tmp_path / "many.safetensors", header, b"xy")
-    with pytest.raises(CheckpointFormatError, match="lists 2 tensors; at most 1"):
-        read_safetensors_header(path)
+        read_header(path)
+    monkeypatch.setattr(st, "MAX_TENSORS", 2)
+    entries = {key: {"dtype": "U8", "shape": [1], "data_offsets": [i, i + 1]} for i, key in enumerate("abc")}
+    two = _write_st(tmp_path / "two.safetensors", {k: entries[k] for k in "ab"}, b"xy")
+    assert list(read_header(two).tensors) == ["a", "b"]
+    path = _write_st(tmp_path / "many.safetensors", entries, b"xyz")
+    with pytest.raises(
+        CheckpointFormatError,
+        match='header has 3 "dtype" fields, one per tensor; at most 2 tensors are accepted',
+    ):
+        read_header(path)
+    # "dtype" spelled with an escape is not counted before the parse; the parsed header is.
+    escaped = json.dumps(entries).replace('"dtype"', '"\\u0064type"').encode()
+    path = _write_st(tmp_path / "escaped.safetensors", escaped, b"xyz")
+    with pytest.raises(CheckpointFormatError, match="header lists 3 tensors; at most 2 are accepted"):
+        read_header(path)
 
 
-def test_zero_size_tensors_and_empty_file(tmp_path):
+def test_zero_size_tensors_and_empty_file(tmp_path, read_header):
     header = {
         "z1": {"dtype": "F32", "shape": [0, 4], "data_offsets": [0, 0]},
         "z2": {"dtype": "F16", "shape": [0], "data_offsets": [0, 0]},
     }
-    parsed = read_safetensors_header(_write_st(tmp_path / "z.safetensors", header, b""))
+    parsed = read_header(_write_st(tmp_path / "z.safetensors", header, b""))
     assert list(parsed.tensors) == ["z1", "z2"] and parsed.tensors["z1"].nbytes == 0
-    assert read_safetensors_header(_write_st(tmp_path / "e.safetensors", b"{}", b"")).tensors == {}
+    assert read_header(_write_st(tmp_path / "e.safetensors", b"{}", b"")).tensors == {}
 
 
-def test_untrusted_key_is_shown_safely(tmp_path):
+def test_untrusted_key_is_shown_safely(tmp_path, read_header):
     header, data = _raw_header(_small_st(tmp_path))
     nasty = "\x1b[31m" + "k" * 500
     header[nasty] = header.pop("a")
     header[nasty]["dtype"] = "nope"
     path = _write_st(tmp_path / "x.safetensors", header, data)
     with pytest.raises(CheckpointFormatError) as info:
-        read_safetensors_header(path)
+        read_header(path)
     assert "\x1b" not in str(info.value) and len(str(info.value)) < 400
+
+
+def zero_size_tensors_header(count: int, *, key_length: int = 64, dtype_field: bytes = b'"dtype"') -> bytes:
+    """A safetensors JSON header of `count` zero-size F32 tensors under U-Net-like keys of
+    `key_length` characters (at 64, entries of ~117 bytes)."""
+    entry = b'{%s:"F32","shape":[0],"data_offsets":[0,0]}' % dtype_field
+    return (
+        b"{"
+        + b",".join(
+            b'"' + (b"model.diffusion_model.output_blocks.%07d." % i).ljust(key_length, b"k") + b'":' + entry
+            for i in range(count)
+        )
+        + b"}"
+    )
+
+
+def test_header_of_800k_tensors_is_refused_before_parsing(tmp_path):
+    # As reported: a 93 MB header of 800 k zero-size tensors. Parsing it took 12 s and 1 GB;
+    # the count before the parse needs the header's bytes and nothing per entry.
+    header = zero_size_tensors_header(800_000)
+    path = _write_st(tmp_path / "zeros.safetensors", header, b"")
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            CheckpointFormatError,
+            match='header has 800000 "dtype" fields, one per tensor; at most 100000 tensors are accepted',
+        ):
+            read_checkpoint_header(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < len(header) + 1024 * 1024
+
+
+def test_header_of_escaped_keys_is_refused_by_its_colons(tmp_path):
+    # "\u0064type" is "dtype" to the JSON parser but not to the count of "dtype" fields; each
+    # entry still has 4 ':' outside strings, and 150 k entries have more than 100 k entries may.
+    header = zero_size_tensors_header(150_000, dtype_field=rb'"\u0064type"')
+    path = _write_st(tmp_path / "escaped.safetensors", header, b"")
+    with pytest.raises(
+        CheckpointFormatError,
+        match="header has 600000 ':' characters; 100000 tensor entries and their metadata need at most 500000",
+    ):
+        read_checkpoint_header(path)
+
+
+def test_metadata_full_of_colons_is_accepted(tmp_path):
+    # kohya's ss_tag_frequency is JSON in a metadata string: one ':' per tag, none a member of the
+    # header. A file of few tensors may spend the ':' its tensors leave unused.
+    tags = json.dumps({"img/10_subject": {f"tag {i}": 1 for i in range(150_000)}})
+    path = tmp_path / "lora.safetensors"
+    save_numpy({"w": np.ones(2, dtype=np.float16)}, str(path), metadata={"ss_tag_frequency": tags})
+    assert read_checkpoint_header(path).metadata["ss_tag_frequency"] == tags
 
 
 # -- .ckpt ---------------------------------------------------------------------------------
 
 
-def _check_against_torch(path: Path, expected: dict[str, torch.Tensor]) -> None:
-    header = read_checkpoint_header(path)
+def _check_against_torch(read_header, path: Path, expected: dict[str, torch.Tensor]) -> None:
+    header = read_header(path)
     assert header.format == "ckpt" and header.metadata == {} and header.data_start == 0
     assert header.file_size == path.stat().st_size
     assert list(header.tensors) == list(expected)  # pickle order
@@ -362,7 +469,7 @@ def _check_against_torch(path: Path, expected: dict[str, torch.Tensor]) -> None:
         assert info.nbytes == tensor.numel() * tensor.element_size()
 
 
-def test_ckpt_with_nested_state_dict(tmp_path):
+def test_ckpt_with_nested_state_dict(tmp_path, read_header):
     base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     state = {
         "model.half": torch.randn(2, 3).half(),
@@ -381,16 +488,16 @@ def test_ckpt_with_nested_state_dict(tmp_path):
     extra = {"global_step": 5, "epoch": 1, "input_shape": torch.Size([1, 4]), "betas": (0.9, 0.99)}
     torch.save({"state_dict": state, **extra}, path)
     loaded = torch.load(path, weights_only=True)["state_dict"]
-    _check_against_torch(path, loaded)
-    assert read_ckpt_header(path).tensors["model.half"].dtype == "F16"
-    assert read_ckpt_header(path).tensors["model.bf16"].dtype == "BF16"
+    _check_against_torch(read_header, path, loaded)
+    assert read_header(path).tensors["model.half"].dtype == "F16"
+    assert read_header(path).tensors["model.bf16"].dtype == "BF16"
 
 
-def test_ckpt_flat_state_dict_and_module_state_dict(tmp_path):
+def test_ckpt_flat_state_dict_and_module_state_dict(tmp_path, read_header):
     flat = {"w": torch.randn(4, 4), "b": torch.zeros(4, dtype=torch.float64), "n": 3}
     path = tmp_path / "flat.pt"
     torch.save(flat, path)
-    _check_against_torch(path, {"w": flat["w"], "b": flat["b"]})
+    _check_against_torch(read_header, path, {"w": flat["w"], "b": flat["b"]})
 
     # An nn.Module state_dict is an OrderedDict with a _metadata attribute (pickled with BUILD);
     # with optimizer state alongside, as Lightning saves it.
@@ -402,20 +509,20 @@ def test_ckpt_flat_state_dict_and_module_state_dict(tmp_path):
     torch.save(
         {"state_dict": model.state_dict(), "optimizer_states": [optimizer.state_dict()], "lr": 1e-3}, path
     )
-    _check_against_torch(path, dict(model.state_dict()))
+    _check_against_torch(read_header, path, dict(model.state_dict()))
 
 
-def test_ckpt_without_tensors(tmp_path):
+def test_ckpt_without_tensors(tmp_path, read_header):
     path = tmp_path / "none.ckpt"
     torch.save({"state_dict": {"step": 1}}, path)
-    assert read_ckpt_header(path).tensors == {}
+    assert read_header(path).tensors == {}
 
 
-def test_ckpt_top_level_not_a_dict(tmp_path):
+def test_ckpt_top_level_not_a_dict(tmp_path, read_header):
     path = tmp_path / "list.ckpt"
     torch.save([torch.ones(2)], path)
     with pytest.raises(CheckpointFormatError, match=r"holds a list, not a dict of tensors"):
-        read_ckpt_header(path)
+        read_header(path)
 
 
 def _system_pickle(command: str) -> bytes:
@@ -494,12 +601,14 @@ def test_ckpt_custom_class_is_refused(tmp_path):
         (b"\x80\x02X\x01\x00\x00\x00xQ.", "persistent id that is not a storage record"),
         # Truncated pickle.
         (b"\x80\x02}q\x00(X\x05\x00\x00\x00", "is corrupt"),
+        # SETITEMS with no MARK to take its items from.
+        (b"\x80\x02}K\x01K\x02u.", "is corrupt: SETITEMS without a MARK"),
     ],
 )
-def test_ckpt_crafted_pickles(tmp_path, pkl, message):
+def test_ckpt_crafted_pickles(tmp_path, pkl, message, read_header):
     path = _torch_zip(tmp_path / "crafted.ckpt", pkl)
     with pytest.raises(CheckpointFormatError, match=message):
-        read_ckpt_header(path)
+        read_header(path)
 
 
 def test_ckpt_deeply_nested_dict_key_does_not_crash(tmp_path):
@@ -519,21 +628,21 @@ def test_ckpt_deeply_nested_dict_key_does_not_crash(tmp_path):
     assert "refused: the pickle in archive/data.pkl has a dict key nested too deeply" in result.stdout
 
 
-def test_ckpt_limits(tmp_path, monkeypatch):
+def test_ckpt_limits(tmp_path, monkeypatch, read_header):
     path = tmp_path / "x.ckpt"
     torch.save({"state_dict": {f"w{i}": torch.ones(1) for i in range(50)}}, path)
     monkeypatch.setattr(ckpt, "MAX_PICKLE_OPS", 100)
     with pytest.raises(CheckpointFormatError, match="more than 100 opcodes"):
-        read_ckpt_header(path)
+        read_header(path)
     monkeypatch.setattr(ckpt, "_MAX_CENTRAL_DIRECTORY", 200)
     with pytest.raises(
         CheckpointFormatError, match=r"central directory is \d+ bytes; more than 200 bytes is refused"
     ):
-        read_ckpt_header(path)
+        read_header(path)
     monkeypatch.undo()
     monkeypatch.setattr(ckpt, "MAX_PICKLE_BYTES", 100)
     with pytest.raises(CheckpointFormatError, match="pickles over 100 bytes are refused"):
-        read_ckpt_header(path)
+        read_header(path)
     monkeypatch.undo()
     # Many keys with attacker-chosen hashes (collision bombs).
     pkl = (
@@ -542,50 +651,89 @@ def test_ckpt_limits(tmp_path, monkeypatch):
         + b"u."
     )
     with pytest.raises(CheckpointFormatError, match="more than 10000 non-string dict keys"):
-        read_ckpt_header(_torch_zip(tmp_path / "keys.ckpt", pkl))
+        read_header(_torch_zip(tmp_path / "keys.ckpt", pkl))
 
 
-def test_ckpt_legacy_format_is_refused(tmp_path):
+def ckpt_of_dict_entries(path: Path, count: int) -> Path:
+    """A zip laid out like torch.save's whose pickle is one dict of `count` str -> int entries."""
+    return _torch_zip(path, pickle.dumps({f"k{i}": i for i in range(count)}, protocol=2))
+
+
+def test_ckpt_pickle_of_2_4m_dict_entries_is_refused_early(tmp_path):
+    # As reported: 2.4 M dict entries, 7 M opcodes. The prescan walked 5 M of them (MAX_PICKLE_OPS)
+    # before refusing it; it now stops at the 200 001st entry.
+    path = ckpt_of_dict_entries(tmp_path / "entries.ckpt", 2_400_000)
+    with pytest.raises(
+        CheckpointFormatError,
+        match=r"the pickle in archive/data\.pkl builds more than 200000 dict entries and list items",
+    ):
+        read_checkpoint_header(path)
+
+
+def test_ckpt_entry_cap_counts_dict_entries_and_list_items(tmp_path, monkeypatch):
+    path = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {f"w{i}": torch.ones(1) for i in range(50)}}, path)
+    # 51 entries: the outer dict's and one per tensor (the tuples that rebuild a tensor are none).
+    monkeypatch.setattr(ckpt, "MAX_PICKLE_ENTRIES", 51)
+    assert len(read_ckpt_header(path).tensors) == 50
+    monkeypatch.setattr(ckpt, "MAX_PICKLE_ENTRIES", 50)
+    with pytest.raises(CheckpointFormatError, match="builds more than 50 dict entries and list items"):
+        read_ckpt_header(path)
+
+    monkeypatch.setattr(ckpt, "MAX_PICKLE_ENTRIES", 4)
+    # One dict entry and 4 list items (APPENDS).
+    lists = _torch_zip(tmp_path / "list.ckpt", pickle.dumps({"x": [1, 2, 3, 4]}, protocol=2))
+    with pytest.raises(CheckpointFormatError, match="builds more than 4 dict entries"):
+        read_ckpt_header(lists)
+    # 5 entries set after two MARKs, the second taken off again by POP (the unpickler's POP takes
+    # a MARK when nothing is above it): SETITEMS then takes all 10 items above the first MARK.
+    pairs = b"".join(b"K%cK\x00" % i for i in range(5))
+    popped_mark = _torch_zip(tmp_path / "pop.ckpt", b"\x80\x02}((0" + pairs + b"u.")
+    with pytest.raises(CheckpointFormatError, match="builds more than 4 dict entries"):
+        read_ckpt_header(popped_mark)
+
+
+def test_ckpt_legacy_format_is_refused(tmp_path, read_header):
     path = tmp_path / "old.ckpt"
     torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
     with pytest.raises(
         CheckpointFormatError, match=r"legacy \.ckpt format .* not supported; re-save it with torch\.save"
     ):
-        read_checkpoint_header(path)
+        read_header(path)
 
 
-def test_ckpt_broken_archives(tmp_path):
+def test_ckpt_broken_archives(tmp_path, read_header):
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": {"a": torch.ones(3), "b": torch.ones(2, dtype=torch.float16)}}, good)
 
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(good.read_bytes()[:-100])
     with pytest.raises(CheckpointFormatError, match="corrupt zip archive"):
-        read_ckpt_header(truncated)
+        read_header(truncated)
 
     no_pickle = _rewrite_zip(good, tmp_path / "nopkl.ckpt", {"/data.pkl": None})
     with pytest.raises(CheckpointFormatError, match=r"no <archive>/data\.pkl record"):
-        read_ckpt_header(no_pickle)
+        read_header(no_pickle)
 
     no_storage = _rewrite_zip(good, tmp_path / "nostorage.ckpt", {"/data/1": None})
     with pytest.raises(
         CheckpointFormatError, match=r"storage '1' used by good/data\.pkl has no record good/data/1"
     ):
-        read_ckpt_header(no_storage)
+        read_header(no_storage)
 
     short_storage = _rewrite_zip(good, tmp_path / "short.ckpt", {"/data/0": b"\0" * 4})
     with pytest.raises(
         CheckpointFormatError, match=r"good/data/0 holds 4 bytes but the pickle declares 12 bytes"
     ):
-        read_ckpt_header(short_storage)
+        read_header(short_storage)
 
     not_zip = tmp_path / "text.ckpt"
     not_zip.write_bytes(b"hello world")
     with pytest.raises(CheckpointFormatError, match="not the zip signature"):
-        read_ckpt_header(not_zip)
+        read_header(not_zip)
 
 
-def test_ckpt_view_past_its_storage_is_refused(tmp_path):
+def test_ckpt_view_past_its_storage_is_refused(tmp_path, read_header):
     # A hand-made pickle: a 4-element FloatStorage viewed as 3x2.
     pkl = (
         b"\x80\x02}X\x01\x00\x00\x00wctorch._utils\n_rebuild_tensor_v2\n("
@@ -596,38 +744,38 @@ def test_ckpt_view_past_its_storage_is_refused(tmp_path):
     with pytest.raises(
         CheckpointFormatError, match=r"tensor 'w': its view .* reaches element 5 but storage '0' holds only 4"
     ):
-        read_ckpt_header(path)
+        read_header(path)
 
 
 # -- dispatch and sniffing -------------------------------------------------------------------
 
 
-def test_dispatch_by_extension_and_magic(tmp_path):
+def test_dispatch_by_extension_and_magic(tmp_path, read_header):
     st = _small_st(tmp_path)
     ckpt = tmp_path / "m.ckpt"
     torch.save({"w": torch.ones(1)}, ckpt)
 
     upper = tmp_path / "M.SAFETENSORS"
     upper.write_bytes(st.read_bytes())
-    assert read_checkpoint_header(upper).format == "safetensors"
+    assert read_header(upper).format == "safetensors"
 
     disguised = tmp_path / "zip.safetensors"
     disguised.write_bytes(ckpt.read_bytes())
     with pytest.raises(
         CheckpointFormatError, match=r"ends in \.safetensors but its first bytes are those of a PyTorch"
     ):
-        read_checkpoint_header(disguised)
+        read_header(disguised)
     disguised = tmp_path / "st.ckpt"
     disguised.write_bytes(st.read_bytes())
     with pytest.raises(
         CheckpointFormatError, match=r"ends in \.ckpt but its first bytes are those of a safetensors"
     ):
-        read_checkpoint_header(disguised)
+        read_header(disguised)
 
     other = tmp_path / "model.bin"
     other.write_bytes(st.read_bytes())
     with pytest.raises(CheckpointFormatError, match=r"unsupported file type \(extension '\.bin'\)"):
-        read_checkpoint_header(other)
+        read_header(other)
     with pytest.raises(CheckpointFormatError, match="no extension"):
         read_checkpoint_header(tmp_path / "model")
 

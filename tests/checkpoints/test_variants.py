@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from mergeprobe.checkpoints.checkpoint_headers import read_checkpoint_header, read_float_values
 from mergeprobe.checkpoints.variants import SD2_V_STATISTIC_KEY, detect_variant
+from tests.checkpoints.test_checkpoint_headers import NoFilenoReader
 
 UNET = "model.diffusion_model."
 
@@ -35,8 +36,15 @@ def derive(
     return dest
 
 
-def variant_of(path: Path):
-    return detect_variant(read_checkpoint_header(path), path)
+def variant_of(path: Path, *, from_fileobj: bool = False):
+    """detect_variant of the file at `path`, or of its bytes in a file object with no fileno()
+    (named so that nothing could open it)."""
+    if not from_fileobj:
+        return detect_variant(read_checkpoint_header(path), path)
+    fileobj = NoFilenoReader(path.read_bytes())
+    return detect_variant(
+        read_checkpoint_header(f"/no/such/dir/{path.name}", fileobj=fileobj), fileobj=fileobj
+    )
 
 
 def with_spread(source: Path, std: float, dtype=torch.float16) -> dict[str, torch.Tensor]:
@@ -57,11 +65,12 @@ def test_plain_models(tiny_models, arch, name, resolution):
 
 @pytest.mark.parametrize(("std", "expected"), [(0.2, "v_prediction"), (0.05, "epsilon")])
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
-def test_sd2_by_comfyuis_statistic(tiny_models, tmp_path, std, expected, suffix):
+@pytest.mark.parametrize("from_fileobj", [False, True], ids=["path", "fileobj"])
+def test_sd2_by_comfyuis_statistic(tiny_models, tmp_path, std, expected, suffix, from_fileobj):
     path = derive(
         tiny_models["sd2"], tmp_path / f"sd2{suffix}", add=with_spread(tiny_models["sd2"], std), nest=True
     )
-    v = variant_of(path)
+    v = variant_of(path, from_fileobj=from_fileobj)
     assert (v.arch, v.prediction_type) == ("sd2", expected)
     assert v.name == ("sd2-v" if expected == "v_prediction" else "sd2-epsilon")
     assert v.resolution == (768 if expected == "v_prediction" else 512)
@@ -73,9 +82,12 @@ def test_statistic_values_read_without_torch(tiny_models, tmp_path, dtype):
     path = derive(
         tiny_models["sd2"], tmp_path / "m.safetensors", add=with_spread(tiny_models["sd2"], 0.3, dtype)
     )
-    values = read_float_values(path, read_checkpoint_header(path), SD2_V_STATISTIC_KEY)
+    header = read_checkpoint_header(path)
+    values = read_float_values(path, header, SD2_V_STATISTIC_KEY)
     expected = load_file(path)[SD2_V_STATISTIC_KEY].float().tolist()
     assert values == pytest.approx(expected, abs=0) and len(values) > 1
+    fileobj = NoFilenoReader(path.read_bytes())
+    assert read_float_values(None, header, SD2_V_STATISTIC_KEY, fileobj=fileobj) == values
 
 
 def test_markers_and_metadata(tiny_models, tmp_path):

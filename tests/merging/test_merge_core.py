@@ -25,16 +25,22 @@ RECIPE = {
 }
 
 
-@pytest.fixture
-def models(service, tiny_models, tmp_path_factory):
-    """tiny-{arch}-a and tiny-{arch}-b for every architecture, in the service's library."""
+@pytest.fixture(scope="module")
+def b_models(tiny_models, tmp_path_factory):
+    """tiny-{arch}-b for every architecture, written once per module (the tests only read them)."""
     root = tmp_path_factory.mktemp("b-models")
+    paths = {"sd1": tiny_models["sd1-b"]}
+    for arch in ("sd2", "sdxl"):
+        paths[arch] = write_tiny_checkpoint(arch, root / f"tiny-{arch}-b.safetensors", seed=2, dtype="fp16")
+    return paths
+
+
+@pytest.fixture
+def models(service, tiny_models, b_models):
+    """tiny-{arch}-a and tiny-{arch}-b for every architecture, in the service's library."""
     for arch in ("sd1", "sd2", "sdxl"):
         install_model(service, tiny_models[arch])
-        b = tiny_models["sd1-b"] if arch == "sd1" else root / f"tiny-{arch}-b.safetensors"
-        if arch != "sd1":
-            write_tiny_checkpoint(arch, b, seed=2, dtype="fp16")
-        install_model(service, b)
+        install_model(service, b_models[arch])
     return ModelLibrary(service.settings())
 
 

@@ -355,10 +355,11 @@ def test_a_header_readers_refuse_is_never_written(library):
 
 
 def test_a_job_failing_after_commit_leaves_no_model(library, monkeypatch):
-    def broken_info(self, path):
+    def broken_hash_cache(self, path, sha256, legacy):
         raise OSError("disk went away")
 
-    monkeypatch.setattr(ModelLibrary, "info", broken_info)
+    # The step after the file took its final name.
+    monkeypatch.setattr(ModelLibrary, "_store_hashes", broken_hash_cache)
     with pytest.raises(OSError):
         merge(library, alpha=0.5, output={"name": "gone.safetensors"})
     assert not (library.root / "gone.safetensors").exists() and leftovers(library) == []

@@ -23,6 +23,23 @@ from worker.merging import stream_merge as stream_merge_module
 from worker.probing.pipelines import load_pipeline
 
 
+@pytest.fixture(scope="module")
+def others(tmp_path_factory):
+    """arch → (tiny-{arch}-b, tiny-{arch}-c), written once per module on first use (only read)."""
+    root = tmp_path_factory.mktemp("sweep-baseline-sources")
+    written: dict[str, tuple] = {}
+
+    def get(arch: str):
+        if arch not in written:
+            written[arch] = tuple(
+                write_tiny_checkpoint(arch, root / f"tiny-{arch}-{name}.safetensors", seed=seed, dtype="fp16")
+                for name, seed in (("b", 2), ("c", 3))
+            )
+        return written[arch]
+
+    return get
+
+
 @pytest.mark.parametrize(
     ("arch", "mode", "beta"),
     [
@@ -40,14 +57,14 @@ from worker.probing.pipelines import load_pipeline
         ("sd1", "train_difference", None),
     ],
 )
-def test_baseline_equals_the_written_merge(tmp_path, tiny_models, monkeypatch, arch, mode, beta):
+def test_baseline_equals_the_written_merge(tmp_path, tiny_models, others, monkeypatch, arch, mode, beta):
     """Every method (each is checked on one architecture; the fused text-encoder cases on sd2/sdxl)."""
     monkeypatch.setattr(merge_executor, "CHUNK_ELEMENTS", 1000)  # tiny tensors span many ranges
     models = tmp_path / "models"
     models.mkdir()
     shutil.copy(tiny_models[arch], models / f"tiny-{arch}-a.safetensors")
-    write_tiny_checkpoint(arch, models / f"tiny-{arch}-b.safetensors", seed=2, dtype="fp16")
-    write_tiny_checkpoint(arch, models / f"tiny-{arch}-c.safetensors", seed=3, dtype="fp16")
+    for source in others(arch):
+        shutil.copy(source, models / source.name)
     library = ModelLibrary(Settings(data_dir=tmp_path))
     request = MergeRequest(
         model_a=f"tiny-{arch}-a",

@@ -23,26 +23,34 @@ SUBMISSIONS = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(SUBMISSIONS))
-def test_a_model_replaced_after_submission_fails_the_job(service, client, tiny_models, tmp_path, kind):
+def test_a_model_replaced_after_submission_fails_the_job(service, client, tiny_models, tmp_path):
+    """Every kind's job queued, the model replaced, then one worker runs them all."""
     install_model(service, tiny_models["sd1"])
     install_model(service, tiny_models["sd1-b"])
-    response = client.post(f"/v1/jobs/{kind}", json=SUBMISSIONS[kind])
-    assert response.status_code == 202, response.text
-    job = response.json()
-    pinned = job["inputs"]["model"] if "model" in job["inputs"] else job["inputs"]["models"]["b"]
-    assert pinned["name"] == "tiny-sd1-b.safetensors" and len(pinned["sha256"]) == 64
-    # No worker yet: delete the model and upload other bytes under the same name.
-    assert client.delete("/v1/models/tiny-sd1-b").status_code == 204
+    jobs = {}
+    for kind in sorted(SUBMISSIONS):
+        response = client.post(f"/v1/jobs/{kind}", json=SUBMISSIONS[kind])
+        assert response.status_code == 202, (kind, response.text)
+        job = response.json()
+        pinned = job["inputs"]["model"] if "model" in job["inputs"] else job["inputs"]["models"]["b"]
+        assert pinned["name"] == "tiny-sd1-b.safetensors" and len(pinned["sha256"]) == 64, kind
+        jobs[kind] = job["id"]
+    # No worker yet. The API refuses to delete a model a queued job uses (each kind's job counts)...
+    refused = client.delete("/v1/models/tiny-sd1-b")
+    assert refused.status_code == 409
+    assert f"used by {len(jobs)} queued" in refused.json()["detail"]
+    assert all(job_id in refused.json()["detail"] for job_id in jobs.values()), refused.json()
+    # ...so replace its bytes behind the library's back, as someone with the directory may.
     other = write_tiny_checkpoint("sd1", tmp_path / "other.safetensors", seed=9, dtype="fp16")
-    uploaded = client.post("/v1/models?name=tiny-sd1-b.safetensors", content=other.read_bytes())
-    assert uploaded.status_code == 201, uploaded.text
+    (service.models_dir / "tiny-sd1-b.safetensors").unlink()
+    install_model(service, other, "tiny-sd1-b.safetensors")
     service.start_worker()
-    job = wait_for_job(client, job["id"], timeout=120)
-    assert job["status"] == "failed", job
-    error = job["error"]
-    assert error["type"].endswith("/model-changed") and error["status"] == 409
-    assert "tiny-sd1-b changed since the job was accepted" in error["detail"]
+    for kind, job_id in jobs.items():
+        job = wait_for_job(client, job_id, timeout=120)
+        assert job["status"] == "failed", (kind, job)
+        error = job["error"]
+        assert error["type"].endswith("/model-changed") and error["status"] == 409, (kind, error)
+        assert "tiny-sd1-b changed since the job was accepted" in error["detail"], (kind, error)
     assert client.get("/v1/models").json()  # the library is intact
     assert not (service.models_dir / "m.safetensors").exists()
 

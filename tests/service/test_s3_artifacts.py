@@ -15,44 +15,15 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import REPO, install_model, wait_for_job
+from tests.conftest import AWS_TEST_ENV, REPO, install_model, wait_for_job
 
 boto3 = pytest.importorskip("boto3")
-moto_server = pytest.importorskip("moto.server")
-
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> str:
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3_endpoint, monkeypatch):
-    """A fresh bucket, AWS credentials (dummy) in this process's environment; yields (name, client)."""
-    for key, value in AWS_ENV.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    name = f"mergeprobe-{secrets.token_hex(4)}"
-    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    client.create_bucket(Bucket=name)
-    return name, client
+pytest.importorskip("moto.server")
 
 
 def _s3_env(s3_endpoint: str, bucket_name: str, **extra: str) -> dict[str, str]:
     return {
-        **AWS_ENV,
+        **AWS_TEST_ENV,
         "MERGEPROBE_ARTIFACTS_BACKEND": "s3",
         "MERGEPROBE_S3_BUCKET": bucket_name,
         "MERGEPROBE_S3_ENDPOINT_URL": s3_endpoint,

@@ -11,6 +11,7 @@ import torch
 
 from mergeprobe.merging.merge_metadata import merge_metadata
 from mergeprobe.merging.merge_plan import MergePlan, MergeRequest, plan_merge
+from mergeprobe.service.kinds import model_file_url, model_url
 from worker.context import JobContext
 from worker.merging.stream_merge import pick_device, stream_merge
 
@@ -42,15 +43,9 @@ def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
         )
         # Read back as the library and the next merge will read it (layout, header size): a file
         # that could not be listed is never committed.
-        library.header(tmp, field="output.name")
-        final = library.commit(tmp, plan.output_name)
+        info = library.commit(tmp, plan.output_name, field="output.name").info()
     finally:
         tmp.unlink(missing_ok=True)
-    try:
-        info = library.info(final)
-    except BaseException:
-        final.unlink(missing_ok=True)  # a failed job leaves no model behind, committed or not
-        raise
     ctx.add_counter("merge_bytes_read", bytes_read(plan))
     ctx.add_counter("merge_bytes_written", info.size_bytes)
     result = {
@@ -59,7 +54,8 @@ def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
             "name": info.name,
             "sha256": info.sha256,
             "short_hash": info.short_hash,
-            "url": f"/v1/models/{info.id}",
+            "url": model_url(info.id),
+            "download_url": model_file_url(info.id),
         },
         "arch": plan.arch.name,
         "mode": plan.method.name,

@@ -36,6 +36,7 @@ from mergeprobe.checkpoints.checkpoint_headers import DTYPE_SIZES, MAX_HEADER_BY
 from mergeprobe.checkpoints.safetensors_layout import build_header
 from mergeprobe.merging.merge_metadata import HASH_PLACEHOLDER
 from mergeprobe.merging.merge_plan import KeyPlan, MergePlan
+from mergeprobe.service.durable import fsync_file
 from mergeprobe.service.errors import TooLarge
 from worker.checkpoints.checkpoint_io import TORCH_DTYPES, MappedCheckpoint
 from worker.merging import merge_executor
@@ -206,7 +207,7 @@ def stream_merge(
     progress: Callable[[int, int], None] = lambda done, total: None,
     read_delay: float = 0.0,  # seconds per tensor read (settings.debug_tensor_delay)
 ) -> str:
-    """Write the merged checkpoint to `out_path`; returns the sha256 of its tensor data."""
+    """Write the merged checkpoint to `out_path`, fsynced; returns the sha256 of its tensor data."""
     header, offsets = build_header(((k.key, k.dtype, k.shape) for k in plan.keys), metadata)
     _check_header_size(header, metadata)
     sources = {
@@ -261,6 +262,9 @@ def stream_merge(
         final_header = header.replace(placeholder, f'"modelspec.hash_sha256":"0x{digest}"'.encode(), 1)
         assert len(final_header) == len(header)
         os.pwrite(fd, final_header, 0)
+        # On the disk before the library commits it under its name: a crash must not leave a
+        # committed model with missing or zeroed tensors.
+        fsync_file(fd)
         return digest
     finally:
         torch.set_num_threads(intra_op_threads)
