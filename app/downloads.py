@@ -67,6 +67,11 @@ class Download:
     def etag(self) -> str:
         return f'"{self.sha256}"'
 
+    def exists(self) -> bool:
+        if self.stored is None:
+            return self.path is not None and self.path.is_file()
+        return self.stored.head() is not None
+
     def chunks(self) -> Iterator[bytes]:
         """All of its bytes, read a chunk at a time."""
         if self.stored is None:

@@ -227,6 +227,10 @@ add_download_routes(
 def get_artifacts_zip(id: str, state: AppState = Depends(get_state)) -> StreamingResponse:
     job = state.store.require(id)
     downloads = [artifact_download(state.artifacts, id, record) for record in job["artifacts"]]
+    # Checked before the 200 goes out: a missing artifact is a 404, not a zip cut off midway.
+    for download in downloads:
+        if not download.exists():
+            raise download.missing
     # Entries dated when the job finished: the same job gives the same archive every time.
     modified = datetime.fromisoformat(job["finished_at"] or job["created_at"])
     return StreamingResponse(

@@ -18,6 +18,7 @@ shadow another model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -26,7 +27,7 @@ import re
 import secrets
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -488,19 +489,21 @@ class ModelLibrary:
         *,
         sha256: str | None = None,
         field: str = "name",
+        name_field: str | None = None,
         header: CheckpointHeader | None = None,
     ) -> ModelEntry:
         """Validate a finished temp file (its header as the library and the next job will read it)
         and add it to the library under `name`, durably; the temp file is gone either way.
 
-        `sha256` when the writer hashed the bytes as it wrote them; `header` when it parsed them."""
+        `sha256` when the writer hashed the bytes as it wrote them; `header` when it parsed them.
+        Problems with the file name `field`; a name taken meanwhile, `name_field` (default: `field`)."""
         try:
             header = header or parse_header(tmp, name, field=field)
             variant = detect_variant(header, tmp)
             check_storable(name, header, variant, field=field)
             sha256 = sha256 or sha256_of(tmp)
             legacy = legacy_hash_of(tmp)
-            entry = self._add(tmp, name, sha256, legacy, header, variant, field)
+            entry = self._add(tmp, name, sha256, legacy, header, variant, name_field or field)
         finally:
             tmp.unlink(missing_ok=True)
         return entry
@@ -515,12 +518,15 @@ class ModelLibrary:
         variant: CheckpointVariant,
         field: str,
     ) -> ModelEntry:
-        self.check_name_free(name, field=field)
         final = self.root / name
-        try:
-            durable_link(tmp, final)  # atomic create-if-absent
-        except FileExistsError:
-            raise name_taken_error(name, f"a model named {name!r} already exists", field) from None
+        # The link alone is atomic only for the exact name: `m.ckpt` and `m.safetensors` committed
+        # at once would both get in. One lock file orders every add in this directory.
+        with self._names_lock():
+            self.check_name_free(name, field=field)
+            try:
+                durable_link(tmp, final)  # atomic create-if-absent
+            except FileExistsError:
+                raise name_taken_error(name, f"a model named {name!r} already exists", field) from None
         try:
             self._store_hashes(final, sha256, legacy)
         except BaseException:
@@ -531,6 +537,13 @@ class ModelLibrary:
         with self._lock:
             self._variants[(str(final), stat.st_size, stat.st_mtime_ns)] = variant
         return ModelEntry(name, sha256, legacy, header, variant, final)
+
+    @contextlib.contextmanager
+    def _names_lock(self) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".names.lock", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            yield
 
     def _begin_upload(self, name: str, declared_length: int | None) -> UploadStream:
         """Checks an upload passes before a byte of its body is read."""

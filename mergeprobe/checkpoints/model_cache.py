@@ -106,9 +106,15 @@ class ModelCache:
         return evicted
 
     def admit(self, tmp: Path, sha256: str, ext: str) -> Path:
-        """Move a verified file into the cache under its sha256 and lease it."""
+        """Give a verified file its sha256 name in the cache and lease it. Where another process
+        of the host got there first, its file (the same bytes) is kept: replacing it would pull
+        the file from under that process's lease."""
         final = self.path_for(sha256, ext)
-        os.replace(tmp, final)
+        try:
+            os.link(tmp, final)
+        except FileExistsError:
+            pass
+        tmp.unlink(missing_ok=True)
         self.lease(final)
         return final
 

@@ -18,13 +18,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
 import logging
 import secrets
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from mergeprobe.checkpoints.library import (
 )
 from mergeprobe.checkpoints.model_cache import ModelCache
 from mergeprobe.checkpoints.variants import CheckpointVariant, detect_variant
+from mergeprobe.service.durable import fsync_file
 from mergeprobe.service.errors import InvalidInput, NotFound
 from mergeprobe.service.s3 import S3RangeFile, connect_s3, key_prefix
 from mergeprobe.service.settings import Settings
@@ -61,6 +63,10 @@ PART_BYTES = 16 * 1024 * 1024  # multipart part size (S3: at least 5 MiB but the
 _FETCH_CHUNK = 8 * 1024 * 1024
 # Staged uploads older than this were cut off (the API that ran them died); swept at start.
 STALE_UPLOAD = timedelta(hours=24)
+# Redis locks of the index: held for index writes and a HEAD or two (a copy only in the rare case
+# that the bytes were deleted between the first HEAD and the lock).
+LOCK_SECONDS = 600
+LOCK_WAIT_SECONDS = 120
 STAGING_TIME = "%Y%m%dT%H%M%S"  # a staged upload's key starts with the time it began
 
 
@@ -127,7 +133,27 @@ class S3ModelLibrary(ModelLibrary):
         return json.loads(raw) if raw else None
 
     def names(self) -> list[str]:
-        return sorted(k.decode() if isinstance(k, bytes) else k for k in self.redis.hkeys(self.records_key))
+        names = (k.decode() if isinstance(k, bytes) else k for k in self.redis.hkeys(self.records_key))
+        return sorted(names, key=lambda n: (not n.endswith(".safetensors"), n))  # as the local backend
+
+    # -- locks: what hosts do to the index and the bucket, one at a time where it matters --
+    @contextlib.contextmanager
+    def _names_lock(self) -> Iterator[None]:
+        """Orders the name checks and adds of every host (HSETNX alone guards only exact names)."""
+        with self.redis.lock(
+            f"{self.records_key}:lock", timeout=LOCK_SECONDS, blocking_timeout=LOCK_WAIT_SECONDS
+        ):
+            yield
+
+    @contextlib.contextmanager
+    def _bytes_lock(self, sha256: str) -> Iterator[None]:
+        """Orders an add of these bytes (object present → name registered) and a delete of their
+        last name (no name left → object deleted): a delete on one host must not remove the object
+        another host has just found present and is about to give a name."""
+        with self.redis.lock(
+            f"{self.headers_key}:lock:{sha256}", timeout=LOCK_SECONDS, blocking_timeout=LOCK_WAIT_SECONDS
+        ):
+            yield
 
     def _header_of(self, sha256: str, name: str, field: str) -> CheckpointHeader:
         cached = self._headers.get(sha256)
@@ -171,9 +197,23 @@ class S3ModelLibrary(ModelLibrary):
         if why:
             raise name_taken_error(name, why, field)
 
+    def _store_and_register(self, entry: ModelEntry, put_bytes: Any, field: str) -> None:
+        """Make sure the bucket holds the entry's bytes (`put_bytes()` puts them there) and add its
+        name; the bytes of a name refused are not left behind, unless another name has them."""
+        key = self.object_key(entry.sha256)
+        if self.s3.head(key) is None:
+            put_bytes()  # outside the lock: a copy of gigabytes must not hold up other hosts
+        with self._bytes_lock(entry.sha256):
+            if self.s3.head(key) is None:  # the last name of these bytes was deleted meanwhile
+                put_bytes()
+            try:
+                self._register(entry, field)
+            except BaseException:
+                self._drop_unreferenced(entry.sha256)
+                raise
+
     def _register(self, entry: ModelEntry, field: str) -> None:
-        """Add a name for bytes already in the bucket; a 409 when the name was taken meanwhile."""
-        self.redis.hset(self.headers_key, entry.sha256, header_to_json(entry.header))
+        """Add a name for bytes in the bucket; a 409 when the name (or its id) was taken meanwhile."""
         info = entry.info().to_dict()
         info.pop("id")
         record = {
@@ -184,22 +224,25 @@ class S3ModelLibrary(ModelLibrary):
             "created_at": datetime.now(UTC).isoformat(),
             "info": info,
         }
-        # Checked again just before: a name added since is refused (HSETNX alone misses ids).
-        self.check_name_free(entry.name, field=field)
-        if not self.redis.hsetnx(self.records_key, entry.name, json.dumps(record)):
-            raise name_taken_error(entry.name, f"a model named {entry.name!r} already exists", field)
+        with self._names_lock():
+            self.check_name_free(entry.name, field=field)
+            self.redis.hset(self.headers_key, entry.sha256, header_to_json(entry.header))
+            if not self.redis.hsetnx(self.records_key, entry.name, json.dumps(record)):
+                raise name_taken_error(entry.name, f"a model named {entry.name!r} already exists", field)
 
     def _referenced(self, sha256: str) -> bool:
         return any(r["sha256"] == sha256 for r in self._records().values())
 
     def delete(self, ref: str) -> ModelEntry:
         entry = self.lookup(ref, field="id")
-        self.redis.hdel(self.records_key, entry.name)
-        self._drop_unreferenced(entry.sha256)
+        with self._bytes_lock(entry.sha256):
+            self.redis.hdel(self.records_key, entry.name)
+            self._drop_unreferenced(entry.sha256)
         return entry
 
     def _drop_unreferenced(self, sha256: str) -> None:
-        """Delete the bytes and header of a sha256 no name points at any more."""
+        """Delete the bytes and header of a sha256 no name points at any more (the caller holds
+        the bytes' lock)."""
         if not self._referenced(sha256):
             self.s3.client.delete_object(Bucket=self.s3.bucket, Key=self.object_key(sha256))
             self.redis.hdel(self.headers_key, sha256)
@@ -208,6 +251,8 @@ class S3ModelLibrary(ModelLibrary):
     def open_pinned(self, pinned: PinnedModel, *, field: str = "model") -> Path:
         """The local copy of a pinned model's bytes, fetched into the cache (and verified) when this
         host has none; leased until `release_leases`, so no eviction removes it under the job."""
+        if not self._referenced(pinned.sha256):  # as the local backend: its bytes left the library
+            raise model_changed_error(pinned, "was removed", field)
         ext = Path(pinned.name).suffix
         cached = self.cache.get(pinned.sha256, ext)
         if cached is not None:
@@ -231,6 +276,8 @@ class S3ModelLibrary(ModelLibrary):
                 for chunk in stream.chunks(_FETCH_CHUNK):
                     digest.update(chunk)
                     out.write(chunk)
+                # The cache trusts a file's name as its checksum: it must not be empty after a crash.
+                fsync_file(out)
             if digest.hexdigest() != pinned.sha256:
                 raise InvalidInput(
                     "model-corrupt",
@@ -270,14 +317,12 @@ class S3ModelLibrary(ModelLibrary):
         name, keep it in this host's cache."""
         self.check_name_free(name, field=field)
         key = self.object_key(sha256)
-        if self.s3.head(key) is None:
-            self.s3.client.upload_file(str(tmp), self.s3.bucket, key, Config=_transfer_config())
         entry = ModelEntry(name, sha256, legacy, header, variant)
-        try:
-            self._register(entry, field)
-        except BaseException:
-            self._drop_unreferenced(sha256)
-            raise
+
+        def upload() -> None:
+            self.s3.client.upload_file(str(tmp), self.s3.bucket, key, Config=_transfer_config())
+
+        self._store_and_register(entry, upload, field)
         self.cache.make_room(header.file_size)
         self.cache.admit(tmp, sha256, Path(name).suffix)
         return entry
@@ -331,12 +376,14 @@ class S3ModelLibrary(ModelLibrary):
         reader.seek(0x100000)
         legacy = hashlib.sha256(reader.read(0x10000)).hexdigest()[:8]
         key = self.object_key(sha256)
-        if self.s3.head(key) is None:
+        entry = ModelEntry(name, sha256, legacy, header, variant)
+
+        def copy() -> None:
             self.s3.client.copy(
                 {"Bucket": self.s3.bucket, "Key": staging}, self.s3.bucket, key, Config=_transfer_config()
             )
-        entry = ModelEntry(name, sha256, legacy, header, variant)
-        self._register(entry, "body")
+
+        self._store_and_register(entry, copy, "body")
         return entry
 
     def sweep_abandoned_uploads(self) -> list[Path]:

@@ -116,7 +116,9 @@ class AllowedSources:
 
     def allows(self, source: ImportSource) -> bool:
         if self.anything:
-            return True
+            # Even with no list, not the cloud metadata services (instance credentials live
+            # there); they are reachable only when listed explicitly.
+            return source.scheme == "s3" or not _is_metadata_service(source.host)
         if source.scheme == "s3":
             return source.host in self.buckets
         host = source.host.rstrip(".")
@@ -127,6 +129,21 @@ class AllowedSources:
 
     def described(self) -> str:
         return ", ".join([*self.hosts, *(f"s3://{b}" for b in self.buckets)])
+
+
+_METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata", "instance-data"})
+
+
+def _is_metadata_service(host: str) -> bool:
+    host = host.rstrip(".").lower()
+    if host in _METADATA_HOSTS:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    # 169.254.169.254 (AWS, GCP, Azure, …) is link-local; AWS's IPv6 one is fd00:ec2::254.
+    return address.is_link_local or address == ipaddress.ip_address("fd00:ec2::254")
 
 
 def _is_ip(host: str) -> bool:
@@ -147,7 +164,10 @@ def check_source(url: str, settings: Settings) -> ImportSource:
         raise _refuse(
             "invalid-url", "Invalid URL", url, "spaces and control characters must be percent-encoded"
         )
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL" for an unclosed [
+        raise _refuse("invalid-url", "Invalid URL", url, str(exc)) from None
     if scheme not in SCHEMES:
         raise _refuse(
             "unsupported-url-scheme",
@@ -183,7 +203,10 @@ def _credentials_refused(url: str) -> InvalidInput:
 def _http_source(url: str, scheme: str) -> ImportSource:
     if not url.isascii():
         raise _refuse("invalid-url", "Invalid URL", url, "non-ASCII characters must be percent-encoded")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise _refuse("invalid-url", "Invalid URL", url, str(exc)) from None
     if "@" in parts.netloc:
         raise _credentials_refused(url)
     try:

@@ -360,3 +360,25 @@ def test_allowed_hosts_match_whole_labels_and_exact_addresses():
     assert AllowedSources.of(Settings(import_allowed_hosts="")).allows(
         ImportSource("s3://b/k", "s3", "b", "k")
     )
+
+
+def test_malformed_urls_and_metadata_services_are_refused_at_submission(importer):
+    """Found in review: an unclosed IPv6 bracket was a 500; the cloud metadata service (instance
+    credentials) may not be imported from unless listed, even when no list is set."""
+    from mergeprobe.service.errors import InvalidInput
+    from mergeprobe.service.model_import import check_source
+
+    settings = Settings(import_allowed_hosts="")
+    for url in (
+        "http://[abc/x.safetensors",
+        "http://169.254.169.254/latest/meta-data/x.safetensors",
+        "http://metadata.google.internal/x.safetensors",
+        "http://[fd00:ec2::254]/x.safetensors",
+    ):
+        with pytest.raises(InvalidInput) as caught:
+            check_source(url, settings)
+        assert caught.value.field == "url", url
+    listed = Settings(import_allowed_hosts="169.254.169.254")
+    assert check_source("http://169.254.169.254/x.safetensors", listed).host == "169.254.169.254"
+    response = importer.client.post("/v1/jobs/import", json={"url": "http://[abc/x.safetensors"})
+    assert response.status_code == 400 and response.json()["field"] == "url"

@@ -13,7 +13,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
-from urllib.parse import urlsplit
 
 from mergeprobe.checkpoints.library import shown_text
 from mergeprobe.service.durable import fsync_file
@@ -61,7 +60,7 @@ def run_import(ctx: JobContext) -> dict:
                 field="sha256",
             )
         ctx.progress(size, size, "validating and storing")
-        entry = library.commit(tmp, name, sha256=sha256, field="url")
+        entry = library.commit(tmp, name, sha256=sha256, field="url", name_field="name")
     finally:
         tmp.unlink(missing_ok=True)
     ctx.add_counter("import_bytes", size)
@@ -143,7 +142,7 @@ class _PolicedRedirects(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
         try:
-            if urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            if newurl.partition(":")[0].lower() not in ("http", "https"):
                 raise InvalidInput(
                     "unsupported-url-scheme", "Unsupported URL scheme", "only http(s) redirects are followed"
                 )
