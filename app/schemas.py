@@ -107,6 +107,33 @@ class VariantModel(BaseModel):
     resolution: int | None = Field(description="Native image side in pixels.", examples=[768])
 
 
+class LoraInfoModel(BaseModel):
+    """What the library shows of a LoRA file."""
+
+    arch: Literal["sd1", "sd2", "sdxl"] = Field(description="The architecture it was trained for.")
+    arch_source: str = Field(
+        description="Why: training metadata (`ss_base_model_version`, `modelspec.architecture`) or shapes.",
+        examples=["metadata ss_base_model_version='sd_v1'"],
+    )
+    formats: list[str] = Field(
+        description="`<naming>-<algorithm>` of its modules: kohya-lora, kohya-locon, lycoris-loha, "
+        "lycoris-lokr, peft-lora, diffusers-lora …",
+        examples=[["kohya-lora"]],
+    )
+    algorithms: list[str] = Field(examples=[["lora"]])
+    module_count: int = Field(examples=[192])
+    ranks: list[int] = Field(description="Distinct ranks of its modules.", examples=[[32]])
+    alphas: list[float] = Field(description="Distinct alphas stored in it.", examples=[[16.0]])
+    dora: bool = Field(description="DoRA magnitude vectors present.")
+    touches_unet: bool
+    text_encoders: list[str] = Field(description="te (sd1/sd2), te1 and te2 (sdxl) it modifies.")
+    unbakeable_modules: int = Field(description="Modules of algorithms that cannot be applied (full, ia3).")
+    training_metadata: dict[str, str] = Field(
+        description="Its `ss_*` training metadata (kohya sd-scripts), the useful keys.",
+        examples=[{"ss_network_dim": "32", "ss_network_alpha": "16"}],
+    )
+
+
 class ModelInfoModel(BaseModel):
     id: str = Field(description="The file name without its extension.", examples=["tiny-sd1-a"])
     name: str = Field(description="The file name in the library.", examples=["tiny-sd1-a.safetensors"])
@@ -128,6 +155,11 @@ class ModelInfoModel(BaseModel):
         description="The safetensors `__metadata__`.", examples=[{"format": "pt"}]
     )
     variant: VariantModel
+    kind: Literal["checkpoint", "lora"] = Field(
+        description="A checkpoint (merge, probe, inspect it) or a LoRA (LoRA, LoCon, LoHa, LoKr, DoRA, PEFT); "
+        "a LoRA given where a job takes a checkpoint is a 400 `wrong-model-kind`."
+    )
+    lora: LoraInfoModel | None = Field(default=None, description="For a LoRA: what it holds.")
     download_url: str = Field(
         description="The model's file: GET it (Range, ETag = sha256).",
         examples=["/v1/models/tiny-sd1-a/file"],

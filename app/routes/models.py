@@ -60,7 +60,9 @@ add_download_routes(
         "storage while it is hashed and capped at MERGEPROBE_MAX_UPLOAD_BYTES; then its header is validated "
         "(.ckpt pickles are read by a restricted unpickler: nothing in them runs) and it is added under `name`. "
         "A name whose id (the name without its extension) is another model's id or name, or looks like a "
-        "hash, is refused: lookups by name, id, sha256 and short hash never find the wrong model."
+        "hash, is refused: lookups by name, id, sha256 and short hash never find the wrong model. LoRA files "
+        "(kohya LoRA/LoCon, LyCORIS LoHa/LoKr, DoRA, PEFT) are stored as `kind: lora`, described, and refused "
+        "when their architecture cannot be told or none of their modules can be applied."
     ),
     responses={**_ERRORS, 409: {"model": ProblemModel}, 413: {"model": ProblemModel}},
     openapi_extra={

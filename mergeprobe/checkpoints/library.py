@@ -28,7 +28,7 @@ import secrets
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from mergeprobe.checkpoints.checkpoint_headers import (
 )
 from mergeprobe.checkpoints.model_cache import remove_if_unlocked
 from mergeprobe.checkpoints.variants import CheckpointVariant, detect_variant
+from mergeprobe.lora.lora_formats import LoraFormatError, describe_lora, lora_summary
 from mergeprobe.service.durable import durable_link, fsync_file
 from mergeprobe.service.errors import Conflict, InvalidInput, MergeprobeError, NotFound, TooLarge
 from mergeprobe.service.settings import Settings
@@ -80,6 +81,8 @@ class ModelInfo:
     dtypes: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     variant: dict[str, Any] = field(default_factory=dict)  # CheckpointVariant.to_dict()
+    kind: str = "checkpoint"  # or "lora"
+    lora: dict[str, Any] | None = None  # lora_summary() of a LoRA
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,10 +98,15 @@ class ModelEntry:
     header: CheckpointHeader
     variant: CheckpointVariant
     path: Path | None = None  # the local file (local backend); None where the bytes are elsewhere
+    lora: dict[str, Any] | None = None  # lora_summary() when the file is a LoRA
 
     @property
     def id(self) -> str:
         return id_of(self.name)
+
+    @property
+    def kind(self) -> str:
+        return "lora" if self.lora is not None else "checkpoint"
 
     @property
     def size_bytes(self) -> int:
@@ -109,7 +117,7 @@ class ModelEntry:
         return ModelInfo(
             id=self.id,
             name=self.name,
-            arch=self.variant.arch,
+            arch=self.lora["arch"] if self.lora is not None else self.variant.arch,
             format=header.format,
             size_bytes=header.file_size,
             sha256=self.sha256,
@@ -119,6 +127,8 @@ class ModelEntry:
             dtypes=dict(sorted(Counter(t.dtype for t in header.tensors.values()).items())),
             metadata=dict(header.metadata),
             variant=self.variant.to_dict(),
+            kind=self.kind,
+            lora=self.lora,
         )
 
 
@@ -339,12 +349,41 @@ class ModelLibrary:
         """The entry of a local file (hashed once per file version)."""
         header = self.header(path, field=field)
         sha256, legacy = self.hashes(path)
-        return ModelEntry(name or path.name, sha256, legacy, header, self.variant(path, field=field), path)
+        lora = self._lora_of(path, header, field)
+        return ModelEntry(
+            name or path.name, sha256, legacy, header, self.variant(path, field=field), path, lora
+        )
 
-    def pin(self, ref: str, *, field: str = "model") -> tuple[PinnedModel, ModelEntry]:
+    def _lora_of(self, path: Path, header: CheckpointHeader, field: str) -> dict[str, Any] | None:
+        """A local file's LoRA summary (None for a checkpoint), once per file version."""
+        stat = path.stat()
+        cache_key = ("lora", str(path), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if cache_key in self._variants:
+                return self._variants[cache_key]  # type: ignore[return-value]
+        lora = describe_upload(header, path.name, field=field, path=path)
+        with self._lock:
+            self._variants[cache_key] = lora  # type: ignore[assignment]
+        return lora
+
+    def pin(
+        self, ref: str, *, field: str = "model", kind: str = "checkpoint"
+    ) -> tuple[PinnedModel, ModelEntry]:
         """Resolve a reference for a job: the pin (its name and the sha256 of its bytes now) and
-        the entry."""
+        the entry, which must be of `kind` (a LoRA is not a model to merge or probe)."""
         entry = self.lookup(ref, field=field)
+        if entry.kind != kind:
+            what = (
+                f"a LoRA ({', '.join(entry.lora['formats'])}, {entry.lora['arch']})"
+                if entry.lora
+                else "a checkpoint"
+            )
+            raise InvalidInput(
+                "wrong-model-kind",
+                "Wrong kind of model",
+                f"{entry.name} is {what}, and {field} takes a {kind}",
+                field=field,
+            )
         return PinnedModel(name=entry.name, sha256=entry.sha256), entry
 
     def resolve(self, ref: str, *, field: str = "model") -> Path:
@@ -500,24 +539,20 @@ class ModelLibrary:
         try:
             header = header or parse_header(tmp, name, field=field)
             variant = detect_variant(header, tmp)
-            check_storable(name, header, variant, field=field)
+            lora = describe_upload(header, name, field=field, path=tmp)
+            check_storable(name, header, variant, field=field, lora=lora)
             sha256 = sha256 or sha256_of(tmp)
             legacy = legacy_hash_of(tmp)
-            entry = self._add(tmp, name, sha256, legacy, header, variant, name_field or field)
+            entry = self._add(
+                tmp, name, ModelEntry(name, sha256, legacy, header, variant, lora=lora), name_field or field
+            )
         finally:
             tmp.unlink(missing_ok=True)
         return entry
 
-    def _add(
-        self,
-        tmp: Path,
-        name: str,
-        sha256: str,
-        legacy: str,
-        header: CheckpointHeader,
-        variant: CheckpointVariant,
-        field: str,
-    ) -> ModelEntry:
+    def _add(self, tmp: Path, name: str, entry: ModelEntry, field: str) -> ModelEntry:
+        """Add a validated temp file as `entry` (its path is filled in here)."""
+        sha256, legacy, header, variant = entry.sha256, entry.legacy_hash, entry.header, entry.variant
         final = self.root / name
         # The link alone is atomic only for the exact name: `m.ckpt` and `m.safetensors` committed
         # at once would both get in. One lock file orders every add in this directory.
@@ -536,7 +571,8 @@ class ModelLibrary:
         self._headers.put((str(final), stat.st_size, stat.st_mtime_ns), header, header_size_estimate(header))
         with self._lock:
             self._variants[(str(final), stat.st_size, stat.st_mtime_ns)] = variant
-        return ModelEntry(name, sha256, legacy, header, variant, final)
+            self._variants[("lora", str(final), stat.st_size, stat.st_mtime_ns)] = entry.lora  # type: ignore[assignment]
+        return replace(entry, path=final)
 
     @contextlib.contextmanager
     def _names_lock(self) -> Iterator[None]:
@@ -662,10 +698,27 @@ def model_changed_error(pinned: PinnedModel, what: str, field: str) -> Conflict:
     )
 
 
+def describe_upload(
+    header: CheckpointHeader, name: str, *, field: str, path: Path | None = None, fileobj: Any = None
+) -> dict[str, Any] | None:
+    """The LoRA summary of a file (None for a checkpoint), or a 400 for a malformed LoRA."""
+    try:
+        lora = describe_lora(header, path, fileobj=fileobj)
+    except LoraFormatError as exc:
+        raise InvalidInput("invalid-lora", "Invalid LoRA", f"{name}: {exc}", field=field) from exc
+    return lora_summary(lora) if lora is not None else None
+
+
 def check_storable(
-    name: str, header: CheckpointHeader, variant: CheckpointVariant, *, field: str = "body"
+    name: str,
+    header: CheckpointHeader,
+    variant: CheckpointVariant,
+    *,
+    field: str = "body",
+    lora: dict[str, Any] | None = None,
 ) -> None:
-    """Refuse a checkpoint no job could use: no tensors, dtypes no engine reads, no known layout."""
+    """Refuse a file no job could use: no tensors, dtypes no engine reads, a checkpoint of no known
+    layout, a LoRA for no architecture we can tell or with nothing that can be applied."""
 
     def refuse(slug: str, title: str, why: str) -> InvalidInput:
         return InvalidInput(slug, title, f"{name}: {why}; it was not stored", field=field)
@@ -681,6 +734,22 @@ def check_storable(
             f"it holds tensors of dtype {', '.join(odd)} (e.g. {shown_text(example)!r}), which no merge or probe "
             f"reads; supported: {', '.join(sorted(ENGINE_DTYPES))}",
         )
+    if lora is not None:
+        if lora["arch"] not in ("sd1", "sd2", "sdxl"):
+            raise refuse(
+                "unknown-lora-architecture",
+                "Unknown LoRA architecture",
+                f"it is a LoRA ({', '.join(lora['formats'])}) for an architecture that cannot be told: "
+                f"{lora['arch_source']}",
+            )
+        if lora["unbakeable_modules"] == lora["module_count"]:
+            raise refuse(
+                "unsupported-lora",
+                "Unsupported LoRA",
+                f"it is a LoRA of {', '.join(lora['algorithms'])} modules only, which mergeprobe cannot apply "
+                "(LoRA, LoCon, LoHa and LoKr can be)",
+            )
+        return
     if variant.refiner:
         raise refuse(
             "unsupported-architecture",

@@ -40,6 +40,7 @@ from mergeprobe.checkpoints.library import (
     PinnedModel,
     check_reference,
     check_storable,
+    describe_upload,
     find_reference,
     header_size_estimate,
     id_of,
@@ -175,6 +176,7 @@ class S3ModelLibrary(ModelLibrary):
             record["legacy_hash"],
             self._header_of(record["sha256"], record["name"], field),
             CheckpointVariant(**record["variant"]),
+            lora=record["info"].get("lora"),
         )
 
     def lookup(self, ref: str, *, field: str = "model") -> ModelEntry:
@@ -303,21 +305,12 @@ class S3ModelLibrary(ModelLibrary):
         return super().hashes(path)
 
     # -- adding models ------------------------------------------------------
-    def _add(
-        self,
-        tmp: Path,
-        name: str,
-        sha256: str,
-        legacy: str,
-        header: CheckpointHeader,
-        variant: CheckpointVariant,
-        field: str,
-    ) -> ModelEntry:
+    def _add(self, tmp: Path, name: str, entry: ModelEntry, field: str) -> ModelEntry:
         """A finished local file (a merge, an import): upload it under its sha256, register the
         name, keep it in this host's cache."""
         self.check_name_free(name, field=field)
+        sha256, header = entry.sha256, entry.header
         key = self.object_key(sha256)
-        entry = ModelEntry(name, sha256, legacy, header, variant)
 
         def upload() -> None:
             self.s3.client.upload_file(str(tmp), self.s3.bucket, key, Config=_transfer_config())
@@ -372,11 +365,12 @@ class S3ModelLibrary(ModelLibrary):
         reader = S3RangeFile(self.s3, staging, size)
         header = parse_header(Path(name), name, field="body", fileobj=reader)
         variant = detect_variant(header, name, fileobj=reader)
-        check_storable(name, header, variant, field="body")
+        lora = describe_upload(header, name, field="body", fileobj=reader)
+        check_storable(name, header, variant, field="body", lora=lora)
         reader.seek(0x100000)
         legacy = hashlib.sha256(reader.read(0x10000)).hexdigest()[:8]
         key = self.object_key(sha256)
-        entry = ModelEntry(name, sha256, legacy, header, variant)
+        entry = ModelEntry(name, sha256, legacy, header, variant, lora=lora)
 
         def copy() -> None:
             self.s3.client.copy(

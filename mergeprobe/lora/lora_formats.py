@@ -612,3 +612,21 @@ def _guess_arch(metadata: dict[str, str], modules: dict[str, LoraModule]) -> tup
             f"cross-attention widths {sorted(cross)} fit no architecture of ours"
         )
     return "unknown", "no metadata and no text encoder or cross-attention module to measure"
+
+
+def lora_summary(lora: LoraFile) -> dict[str, object]:
+    """What the library shows of a LoRA (JSON): enough to choose it and bake it, not every module."""
+    return {
+        "arch": lora.arch,
+        "arch_source": lora.arch_source,
+        "formats": list(lora.formats),
+        "algorithms": list(lora.algorithms),
+        "module_count": lora.module_count,
+        "ranks": list(lora.ranks),
+        "alphas": list(lora.alphas),
+        "dora": lora.dora,
+        "touches_unet": lora.touches_unet,
+        "text_encoders": list(lora.text_encoders),
+        "unbakeable_modules": len(lora.unbakeable_modules),
+        "training_metadata": dict(lora.training_metadata),
+    }
