@@ -76,3 +76,94 @@ def test_a_lora_is_not_a_checkpoint_to_jobs(client, tmp_path, kind, body, field)
     problem = response.json()
     assert problem["type"].endswith("wrong-model-kind") and problem["field"] == field
     assert "style.safetensors is a LoRA (kohya-locon, kohya-lora, sd1)" in problem["detail"]
+
+
+# ---------------------------------------------------------------------------- the bake dry run
+
+TINY_TO_K = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # IN01 in sd1
+TINY_TE_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+NOWHERE = "lora_unet_down_blocks_9_attentions_0_proj_in"
+
+
+def _tiny_sd1_lora(tmp_path, name="tiny-style.safetensors", extra=None, arch="sd_v1"):
+    tensors = {
+        **_lora(TINY_TO_K, 4, 32, 32, alpha=2.0),
+        **_lora(TINY_TE_Q, 4, 32, 32, alpha=4.0),
+        **(extra or {}),
+    }
+    return _file(tmp_path, name, tensors, {"ss_base_model_version": arch})
+
+
+@pytest.fixture
+def bake_library(service, client, tiny_models, tmp_path):
+    from tests.conftest import install_model
+
+    install_model(service, tiny_models["sd1"])
+    install_model(service, tiny_models["sdxl"])
+    assert _upload(client, _tiny_sd1_lora(tmp_path, extra=_lora(NOWHERE, 4, 32, 32))).status_code == 201
+    return client
+
+
+def test_the_bake_dry_run_reports_what_each_lora_matched(bake_library):
+    client = bake_library
+    lbw = "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"  # BASE on, IN01 (first of the 17) off
+    response = client.post(
+        "/v1/plans/bake",
+        json={
+            "model": "tiny-sd1-a",
+            "loras": [{"model": "tiny-style", "strength": 0.8}, {"model": "tiny-style", "blocks": lbw}],
+        },
+    )
+    assert response.status_code == 200, response.text
+    plan = response.json()
+    assert plan["arch"] == "sd1" and plan["keys_modified"] == 2
+    first, second = plan["loras"]
+    assert first["matched"] == 2 and first["modules"] == 3
+    assert first["matched_by_block"] == {"BASE": 1, "IN01": 1}
+    assert first["matched_by_component"] == {"te": 1, "unet": 1}
+    assert first["unmatched"] == [NOWHERE] and first["unmatched_count"] == 1
+    assert first["strengths"]["IN01"] == pytest.approx(0.8) and first["strengths"]["BASE"] == pytest.approx(
+        0.8
+    )
+    assert second["strengths"]["IN01"] == 0 and second["strengths"]["BASE"] == 1
+    assert second["strengths"]["OUT11"] == 1 and second["strengths"]["IN00"] == 0  # unnamed by the 17: 0
+    assert any("tiny-style.safetensors" in w and NOWHERE in w for w in plan["warnings"])
+
+
+def test_loras_that_cannot_apply_are_400s_at_the_dry_run(bake_library, tmp_path):
+    client = bake_library
+    # An sd1 LoRA on an sdxl model: refused by name (its text encoder modules would match CLIP-L).
+    response = client.post(
+        "/v1/plans/bake", json={"model": "tiny-sdxl-a", "loras": [{"model": "tiny-style"}]}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["type"].endswith("lora-architecture-mismatch")
+    assert (
+        response.json()["field"] == "loras[0].model" and "tiny-style.safetensors" in response.json()["detail"]
+    )
+    # Modules named for nothing this checkpoint has: 400 naming the LoRA and its first names.
+    nothing = _file(
+        tmp_path, "nothing.safetensors", _lora(NOWHERE, 4, 32, 32), {"ss_base_model_version": "sd_v1"}
+    )
+    assert _upload(client, nothing).status_code == 201
+    response = client.post(
+        "/v1/plans/bake",
+        json={"model": "tiny-sd1-a", "loras": [{"model": "tiny-style"}, {"model": "nothing"}]},
+    )
+    problem = response.json()
+    assert response.status_code == 400 and problem["type"].endswith("lora-matches-nothing")
+    assert problem["field"] == "loras[1].model" and NOWHERE in problem["detail"]
+    # A LoRA of another size: its update does not fit the tensor.
+    wide = _file(
+        tmp_path, "wide.safetensors", _lora(TINY_TO_K, 4, 320, 768), {"ss_base_model_version": "sd_v1"}
+    )
+    assert _upload(client, wide).status_code == 201
+    response = client.post("/v1/plans/bake", json={"model": "tiny-sd1-a", "loras": [{"model": "wide"}]})
+    assert response.status_code == 400 and response.json()["type"].endswith("lora-shape-mismatch")
+    # A checkpoint where a LoRA goes, a bad LBW vector: named fields.
+    response = client.post("/v1/plans/bake", json={"model": "tiny-sd1-a", "loras": [{"model": "tiny-sd1-a"}]})
+    assert response.status_code == 400 and response.json()["field"] == "loras[0].model"
+    response = client.post(
+        "/v1/plans/bake", json={"model": "tiny-sd1-a", "loras": [{"model": "tiny-style", "blocks": "1,0,x"}]}
+    )
+    assert response.status_code == 400 and response.json()["field"] == "loras[0].blocks"

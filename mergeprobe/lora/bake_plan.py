@@ -1,0 +1,214 @@
+"""The plan of baking LoRAs into a checkpoint: which tensor each LoRA module modifies and with what
+strength, and what matched nothing. Decided from headers alone (no torch), by the API at
+submission and for the dry run `POST /v1/plans/bake`.
+
+Per LoRA: the modules it holds (`lora_formats.describe_lora`) are matched to the checkpoint's keys
+(`lora_keys.LoraKeyTable`), and its per-block strengths resolved (`lora_block_weights`): a module
+acting on a key of block B is applied at `strength × w_B`. A LoRA that matches no key at all (made
+for another architecture, or named in a way we do not read) is a 400 naming it and the first
+names that matched nothing, and so is a LoRA for another architecture than the model's or a
+module whose update does not fit its tensor; one that matches partly is a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
+
+from mergeprobe.checkpoints.archs import UNKNOWN, get_arch
+from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel
+from mergeprobe.lora.lora_block_weights import resolve_lora_block_weights
+from mergeprobe.lora.lora_formats import BAKEABLE_ALGORITHMS, describe_lora
+from mergeprobe.lora.lora_keys import LoraKeyTable, LoraTarget
+from mergeprobe.service.errors import InvalidInput
+from mergeprobe.service.request_model import RequestModel
+
+MAX_LORAS = 32
+UNMATCHED_SHOWN = 50  # names of unmatched modules listed per LoRA in a report
+
+
+class LoraApplication(RequestModel):
+    model: str = Field(description="The LoRA: id, file name, short hash or sha256 in the library.")
+    strength: float = Field(default=1.0, ge=-100, le=100, description="Multiplies every ΔW of the LoRA.")
+    blocks: Any = Field(
+        default=None,
+        description="Per-block strength multipliers: a number, a LoRA Block Weight vector (17 or 26 values "
+        "on sd1/sd2, 12 or 20 on sdxl, as a list or a comma-separated string), an LBW preset (ALL, INS, IND, "
+        "INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5, NONE), or any form merge ratios take (25/26 or 19/20 "
+        "list, spec string `IN00-IN03:0.3, _:0.7`, merge preset). Default: 1 everywhere.",
+        examples=["1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1", "OUTALL"],
+    )
+
+
+class BakeRequest(RequestModel):
+    model: str = Field(description="The checkpoint the LoRAs are applied to.", examples=["tiny-sd1-a"])
+    loras: list[LoraApplication] = Field(min_length=1, max_length=MAX_LORAS)
+
+
+@dataclass(frozen=True)
+class ModuleApplication:
+    """One LoRA module applied to one checkpoint tensor (or a row range of it)."""
+
+    lora: int  # index in the request's loras
+    module: str
+    target: LoraTarget
+    strength: float  # the LoRA's strength × its weight on the target's block
+
+
+@dataclass
+class LoraReport:
+    lora: PinnedModel
+    arch: str
+    formats: tuple[str, ...]
+    modules: int
+    matched: int
+    matched_by_block: dict[str, int]  # block (BASE for text encoders) → modules
+    matched_by_component: dict[str, int]  # unet / te / te1 / te2 → modules
+    unmatched: list[str]  # module names that modify nothing in this checkpoint
+    unbakeable: list[str]  # modules of algorithms that cannot be applied (full, ia3)
+    strengths: dict[str, float]  # block → strength applied (strength × block weight)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lora": self.lora.model_dump(),
+            "arch": self.arch,
+            "formats": list(self.formats),
+            "modules": self.modules,
+            "matched": self.matched,
+            "matched_by_block": self.matched_by_block,
+            "matched_by_component": self.matched_by_component,
+            "unmatched": self.unmatched[:UNMATCHED_SHOWN],
+            "unmatched_count": len(self.unmatched),
+            "unbakeable": self.unbakeable[:UNMATCHED_SHOWN],
+            "strengths": self.strengths,
+        }
+
+
+@dataclass
+class BakePlan:
+    model: PinnedModel
+    arch: str
+    reports: list[LoraReport]
+    applications: list[ModuleApplication]
+    warnings: list[str] = field(default_factory=list)
+
+    def keys(self) -> dict[str, list[ModuleApplication]]:
+        """Checkpoint key → the modules applied to it, in request order."""
+        by_key: dict[str, list[ModuleApplication]] = {}
+        for application in self.applications:
+            by_key.setdefault(application.target.key, []).append(application)
+        return by_key
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model.model_dump(),
+            "arch": self.arch,
+            "loras": [r.to_json() for r in self.reports],
+            "keys_modified": len(self.keys()),
+            "warnings": self.warnings,
+        }
+
+
+def plan_bake(request: BakeRequest, library: ModelLibrary) -> BakePlan:
+    pinned, entry = library.pin(request.model, field="model")
+    arch_name = entry.variant.arch
+    if arch_name == UNKNOWN:
+        raise InvalidInput(
+            "unknown-architecture",
+            "Unknown architecture",
+            f"{entry.name}: its keys match none of sd1, sd2, sdxl",
+            field="model",
+        )
+    arch = get_arch(arch_name)
+    table = LoraKeyTable.for_checkpoint(arch_name, {k: t.shape for k, t in entry.header.tensors.items()})
+    reports, applications, warnings = [], [], []
+    for index, application in enumerate(request.loras):
+        where = f"loras[{index}]"
+        lora_pin, lora_entry = library.pin(application.model, field=f"{where}.model", kind="lora")
+        weights = resolve_lora_block_weights(
+            1.0 if application.blocks is None else application.blocks,
+            arch,
+            field=f"{where}.blocks",
+            warnings=warnings,
+        )
+        lora = describe_lora(lora_entry.header)  # alphas are read by the worker, from the tensors
+        assert lora is not None  # the library stored it as a LoRA
+        if lora.arch != arch_name:
+            # Checked by name, not left to the matching: an sd1 LoRA's text-encoder modules do match
+            # SDXL's CLIP-L (same names and shapes), so it would half-apply and look like it worked.
+            raise InvalidInput(
+                "lora-architecture-mismatch",
+                "LoRA for another architecture",
+                f"{lora_entry.name} is a LoRA for {lora.arch} ({lora.arch_source}); {entry.name} is {arch_name}",
+                field=f"{where}.model",
+            )
+        matched: list[ModuleApplication] = []
+        unmatched, unbakeable = [], []
+        for module in lora.modules.values():
+            if module.algorithm not in BAKEABLE_ALGORITHMS:
+                unbakeable.append(module.name)
+                continue
+            target = table.match(module.name)
+            if target is None:
+                unmatched.append(module.name)
+                continue
+            _check_fits(
+                module.name, module.delta_shape, target, entry.header.tensors[target.key].shape, where
+            )
+            matched.append(
+                ModuleApplication(index, module.name, target, application.strength * weights[target.block])
+            )
+        if not matched:
+            raise InvalidInput(
+                "lora-matches-nothing",
+                "LoRA matches nothing",
+                f"{lora_entry.name} ({', '.join(lora.formats)}, made for {lora.arch}) modifies no tensor of "
+                f"{entry.name} ({arch_name}): none of its {len(lora.modules)} modules matched, e.g. "
+                f"{', '.join(unmatched[:5]) or ', '.join(unbakeable[:5])}",
+                field=f"{where}.model",
+            )
+        if unmatched:
+            warnings.append(
+                f"{where} {lora_entry.name}: {len(unmatched)} of its {len(lora.modules)} modules match no tensor of "
+                f"{entry.name} and are not applied, e.g. {', '.join(unmatched[:3])}"
+            )
+        applications.extend(matched)
+        reports.append(
+            LoraReport(
+                lora=lora_pin,
+                arch=lora.arch,
+                formats=lora.formats,
+                modules=len(lora.modules),
+                matched=len(matched),
+                matched_by_block=dict(sorted(Counter(a.target.block for a in matched).items())),
+                matched_by_component=dict(sorted(Counter(a.target.component for a in matched).items())),
+                unmatched=unmatched,
+                unbakeable=unbakeable,
+                strengths={block: application.strength * w for block, w in weights.items()},
+            )
+        )
+    return BakePlan(pinned, arch_name, reports, applications, warnings)
+
+
+def _check_fits(
+    module: str, delta: tuple[int, ...] | None, target: LoraTarget, shape: tuple[int, ...], where: str
+) -> None:
+    """A 400 at submission when a module's ΔW cannot be added to its tensor (a LoRA trained on a
+    model of another size), rather than a failed job. Same outputs and same element count is a fit:
+    linear ↔ 1×1 conv, and LoHa/LoKr factors that hold a conv kernel flattened."""
+    if delta is None:
+        return
+    expected = shape if target.rows is None else (target.rows[1] - target.rows[0], *shape[1:])
+    if delta[0] == expected[0] and math.prod(delta) == math.prod(expected):
+        return
+    raise InvalidInput(
+        "lora-shape-mismatch",
+        "LoRA does not fit",
+        f"module {module} makes a {list(delta)} update for {target.key}"
+        f"{f' rows {target.rows[0]}-{target.rows[1]}' if target.rows else ''}, which is {list(expected)}",
+        field=f"{where}.model",
+    )
