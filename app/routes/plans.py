@@ -8,7 +8,8 @@ from pydantic import BaseModel, Field
 from app.schemas import ProblemModel
 from app.state import AppState, get_state
 from mergeprobe.checkpoints.archs import ARCHITECTURES
-from mergeprobe.lora.bake_plan import UNMATCHED_SHOWN, BakeRequest, plan_bake
+from mergeprobe.checkpoints.library import PinnedModel
+from mergeprobe.lora.bake_plan import BakeRequest, LoraMatch, plan_bake
 from mergeprobe.merging.merge_plan import MergeRequest, plan_merge
 from mergeprobe.merging.presets import presets_for
 
@@ -64,37 +65,10 @@ def plan(body: MergeRequest, state: AppState = Depends(get_state)) -> dict[str, 
     return plan_merge(body, state.library).to_json()
 
 
-class PinnedModelModel(BaseModel):
-    name: str = Field(examples=["tiny-sd1-a.safetensors"])
-    sha256: str
-
-
-class LoraMatchModel(BaseModel):
-    lora: PinnedModelModel
-    arch: str = Field(description="The architecture the LoRA looks made for.", examples=["sd1"])
-    formats: list[str] = Field(examples=[["kohya-lora"]])
-    modules: int = Field(description="Modules in the file.", examples=[192])
-    matched: int = Field(description="Modules that modify a tensor of the checkpoint.", examples=[192])
-    matched_by_block: dict[str, int] = Field(
-        description="Matched modules per block (BASE: the text encoders).",
-        examples=[{"BASE": 72, "IN01": 10}],
-    )
-    matched_by_component: dict[str, int] = Field(examples=[{"te": 72, "unet": 120}])
-    unmatched: list[str] = Field(
-        description=f"Modules that modify nothing in this checkpoint (the first {UNMATCHED_SHOWN})."
-    )
-    unmatched_count: int
-    unbakeable: list[str] = Field(description="Modules of algorithms that cannot be applied (full, ia3).")
-    strengths: dict[str, float] = Field(
-        description="Per block: the strength applied (the LoRA's strength × its block weight).",
-        examples=[{"BASE": 0.8, "IN01": 0.0}],
-    )
-
-
 class BakePlanModel(BaseModel):
-    model: PinnedModelModel
+    model: PinnedModel
     arch: str = Field(examples=["sd1"])
-    loras: list[LoraMatchModel]
+    loras: list[LoraMatch]
     keys_modified: int = Field(description="Checkpoint tensors at least one LoRA module modifies.")
     warnings: list[str] = Field(description="LoRAs that match partly, or look made for another architecture.")
 

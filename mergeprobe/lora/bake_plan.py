@@ -15,15 +15,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from mergeprobe.checkpoints.archs import UNKNOWN, get_arch
-from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel
+from mergeprobe.checkpoints.library import ModelEntry, ModelLibrary, PinnedModel
 from mergeprobe.lora.lora_block_weights import resolve_lora_block_weights
 from mergeprobe.lora.lora_formats import BAKEABLE_ALGORITHMS, describe_lora
 from mergeprobe.lora.lora_keys import LoraKeyTable, LoraTarget
+from mergeprobe.merging.merge_plan import MergeOutput, MergeRequest
 from mergeprobe.service.errors import InvalidInput
 from mergeprobe.service.request_model import RequestModel
 
@@ -45,8 +46,43 @@ class LoraApplication(RequestModel):
 
 
 class BakeRequest(RequestModel):
+    """Bake LoRAs into a checkpoint: W + Σ strength · w_block · ΔW per modified tensor, in fp32."""
+
     model: str = Field(description="The checkpoint the LoRAs are applied to.", examples=["tiny-sd1-a"])
     loras: list[LoraApplication] = Field(min_length=1, max_length=MAX_LORAS)
+    output: MergeOutput = Field(default_factory=MergeOutput)
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where tensors are computed.")
+
+    def as_merge(self, model_name: str) -> MergeRequest:
+        """The merge that writes the output: the model with itself at α = 0 (every key A's, cast,
+        pruned, its metadata written as a merge's) to which the plan's LoRA modules are added."""
+        return MergeRequest(
+            model_a=model_name, model_b=model_name, alpha=0, output=self.output, device=self.device
+        )
+
+
+class LoraMatch(BaseModel):
+    """What one LoRA of a bake matched in the checkpoint."""
+
+    lora: PinnedModel
+    arch: str = Field(description="The architecture the LoRA was made for.", examples=["sd1"])
+    formats: list[str] = Field(examples=[["kohya-lora"]])
+    modules: int = Field(description="Modules in the file.", examples=[192])
+    matched: int = Field(description="Modules that modify a tensor of the checkpoint.", examples=[192])
+    matched_by_block: dict[str, int] = Field(
+        description="Matched modules per block (BASE: the text encoders).",
+        examples=[{"BASE": 72, "IN01": 10}],
+    )
+    matched_by_component: dict[str, int] = Field(examples=[{"te": 72, "unet": 120}])
+    unmatched: list[str] = Field(
+        description=f"Modules that modify nothing in this checkpoint (the first {UNMATCHED_SHOWN})."
+    )
+    unmatched_count: int
+    unbakeable: list[str] = Field(description="Modules of algorithms that cannot be applied (full, ia3).")
+    strengths: dict[str, float] = Field(
+        description="Per block: the strength applied (the LoRA's strength × its block weight).",
+        examples=[{"BASE": 0.8, "IN01": 0.0}],
+    )
 
 
 @dataclass(frozen=True)
@@ -57,6 +93,14 @@ class ModuleApplication:
     module: str
     target: LoraTarget
     strength: float  # the LoRA's strength × its weight on the target's block
+    algorithm: str  # lora, locon, loha, lokr
+    tensors: dict[str, str]  # role (lora_formats' names: down, up, mid, alpha, hada_w1_a …) → key in the file
+    alpha: float | None  # when the file's metadata says it (PEFT); else read from `tensors["alpha"]`
+
+    @property
+    def slot(self) -> str:
+        """The LoRA file's slot in a merge plan's paths and headers."""
+        return f"lora{self.lora}"
 
 
 @dataclass
@@ -95,6 +139,8 @@ class BakePlan:
     reports: list[LoraReport]
     applications: list[ModuleApplication]
     warnings: list[str] = field(default_factory=list)
+    entry: ModelEntry | None = None  # the checkpoint's
+    lora_entries: list[ModelEntry] = field(default_factory=list)  # in request order
 
     def keys(self) -> dict[str, list[ModuleApplication]]:
         """Checkpoint key → the modules applied to it, in request order."""
@@ -113,8 +159,27 @@ class BakePlan:
         }
 
 
-def plan_bake(request: BakeRequest, library: ModelLibrary) -> BakePlan:
-    pinned, entry = library.pin(request.model, field="model")
+class BakeInputs(BaseModel):
+    """What a bake job runs on, pinned when it was accepted."""
+
+    arch: str
+    model: PinnedModel
+    loras: list[PinnedModel]
+    output: str = Field(description="File name of the result.")
+
+
+def _opened(library: ModelLibrary, pinned: PinnedModel, field: str) -> tuple[PinnedModel, ModelEntry]:
+    """A worker's entry of a pinned file (its local copy), as `library.pin` gives the API's."""
+    return pinned, library.entry(library.open_pinned(pinned, field=field), field=field, name=pinned.name)
+
+
+def plan_bake(request: BakeRequest, library: ModelLibrary, *, pinned: BakeInputs | None = None) -> BakePlan:
+    """The plan of a bake request; `pinned` (a job's inputs) replaces resolving the names, and then
+    the plan's entries have local files."""
+    if pinned is None:
+        pinned_model, entry = library.pin(request.model, field="model")
+    else:
+        pinned_model, entry = _opened(library, pinned.model, "model")
     arch_name = entry.variant.arch
     if arch_name == UNKNOWN:
         raise InvalidInput(
@@ -125,16 +190,20 @@ def plan_bake(request: BakeRequest, library: ModelLibrary) -> BakePlan:
         )
     arch = get_arch(arch_name)
     table = LoraKeyTable.for_checkpoint(arch_name, {k: t.shape for k, t in entry.header.tensors.items()})
-    reports, applications, warnings = [], [], []
+    reports, applications, warnings, lora_entries = [], [], [], []
     for index, application in enumerate(request.loras):
         where = f"loras[{index}]"
-        lora_pin, lora_entry = library.pin(application.model, field=f"{where}.model", kind="lora")
+        if pinned is None:
+            lora_pin, lora_entry = library.pin(application.model, field=f"{where}.model", kind="lora")
+        else:
+            lora_pin, lora_entry = _opened(library, pinned.loras[index], f"{where}.model")
         weights = resolve_lora_block_weights(
             1.0 if application.blocks is None else application.blocks,
             arch,
             field=f"{where}.blocks",
             warnings=warnings,
         )
+        lora_entries.append(lora_entry)
         lora = describe_lora(lora_entry.header)  # alphas are read by the worker, from the tensors
         assert lora is not None  # the library stored it as a LoRA
         if lora.arch != arch_name:
@@ -160,7 +229,15 @@ def plan_bake(request: BakeRequest, library: ModelLibrary) -> BakePlan:
                 module.name, module.delta_shape, target, entry.header.tensors[target.key].shape, where
             )
             matched.append(
-                ModuleApplication(index, module.name, target, application.strength * weights[target.block])
+                ModuleApplication(
+                    index,
+                    module.name,
+                    target,
+                    application.strength * weights[target.block],
+                    module.algorithm,
+                    dict(module.keys),
+                    module.alpha if module.alpha_source == "metadata" else None,
+                )
             )
         if not matched:
             raise InvalidInput(
@@ -191,7 +268,7 @@ def plan_bake(request: BakeRequest, library: ModelLibrary) -> BakePlan:
                 strengths={block: application.strength * w for block, w in weights.items()},
             )
         )
-    return BakePlan(pinned, arch_name, reports, applications, warnings)
+    return BakePlan(pinned_model, arch_name, reports, applications, warnings, entry, lora_entries)
 
 
 def _check_fits(

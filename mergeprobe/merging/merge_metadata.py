@@ -125,15 +125,20 @@ def _modelspec_variant(arch: str, variant: CheckpointVariant | None) -> dict[str
     return spec
 
 
+def _name(plan: MergePlan, slot: str) -> str:
+    """An input's library name (its local file may be a cache copy named by its sha256)."""
+    return plan.pins[slot].name if slot in plan.pins else plan.paths[slot].name
+
+
 def merge_metadata(
     plan: MergePlan, request: dict[str, Any], hashes: dict[str, tuple[str, str]], extra: dict[str, str]
 ) -> dict[str, str]:
     """hashes: slot → (sha256, legacy hash) of each input file."""
-    models = {slot: {"name": plan.paths[slot].name, "sha256": hashes[slot][0]} for slot in plan.paths}
+    models = {slot: {"name": _name(plan, slot), "sha256": hashes[slot][0]} for slot in plan.paths}
     recipe = {"type": "mergeprobe", "request": request, "models": models, "arch": plan.arch.name}
     lineage = {
         hashes[slot][0]: {
-            "name": plan.paths[slot].name,
+            "name": _name(plan, slot),
             "legacy_hash": hashes[slot][1],
             "sd_merge_models": _parent_lineage(plan.headers[slot].metadata),
         }
@@ -149,7 +154,7 @@ def merge_metadata(
         "modelspec.implementation": _MODELSPEC_IMPL[plan.arch.name],
         "modelspec.title": title,
         "modelspec.date": datetime.now(UTC).date().isoformat(),
-        "modelspec.merged_from": ", ".join(plan.paths[s].name for s in ("a", "b", "c") if s in plan.paths),
+        "modelspec.merged_from": ", ".join(_name(plan, s) for s in ("a", "b", "c") if s in plan.paths),
         "modelspec.hash_sha256": HASH_PLACEHOLDER,
     }
     return {**extra, **ours}

@@ -293,6 +293,9 @@ class MergePlan:
     vae_keys: dict[str, str] = field(default_factory=dict)  # output key → its key in output.bake_vae
     # Model A's variant: the result predicts, and is written (modelspec), as model A is.
     variant: CheckpointVariant | None = None
+    # key → the LoRA modules added to it after the merge (mergeprobe.lora.bake_plan
+    # ModuleApplication, in order); their files are the slots "lora0", "lora1", … of paths/headers.
+    loras: dict[str, list[Any]] = field(default_factory=dict)
 
     def copied_from(self, kp: KeyPlan) -> tuple[str, str] | None:
         """(slot, key in that input) a key's bytes are copied from, or None when it is merged."""

@@ -8,6 +8,7 @@ entry in KINDS here that names them all.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergeprobe.checkpoints.archs import UNKNOWN
 from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel
+from mergeprobe.lora.bake_plan import BakeInputs, BakeRequest, LoraMatch, plan_bake
 from mergeprobe.merging.merge_methods import MERGE_METHODS
 from mergeprobe.merging.merge_plan import ElementalRequest, MergeInputs, MergeRequest, plan_merge
 from mergeprobe.probing.dump_request import DumpInputs, DumpRequest, DumpResult, prepare_dump
@@ -104,6 +106,38 @@ class MergeResult(BaseModel):
     size_bytes: int
     data_sha256: str = Field(description="sha256 of the tensor data (also modelspec.hash_sha256).")
     torch: str = Field(description="torch version that computed it.")
+
+
+class BakeResult(MergeResult):
+    loras: list[LoraMatch] = Field(description="Per LoRA, what it matched and the strengths applied.")
+
+
+def prepare_bake(request: BakeRequest, library: ModelLibrary) -> BakeInputs:
+    bake = plan_bake(request, library)
+    name = (
+        request.output.name
+        or f"{bake.model.name.rsplit('.', 1)[0][:60]}_lora_{secrets.token_hex(3)}.safetensors"
+    )
+    merge = plan_merge(request.as_merge(request.model), library, output_name=name)
+    library.check_name_free(merge.output_name, field="output.name")
+    return BakeInputs(
+        arch=bake.arch,
+        model=bake.model,
+        loras=[report.lora for report in bake.reports],
+        output=merge.output_name,
+    )
+
+
+BAKE_DESCRIPTION = """Bake LoRAs into a checkpoint: a new .safetensors in the library, streamed tensor by
+tensor like a merge (memory independent of the checkpoint's size).
+
+Each modified tensor is W + Σ strength · w_block · ΔW, computed in fp32 and cast to `output.dtype`:
+ΔW = up · down · alpha / rank (LoRA; LoCon convolutions, with `lora_mid`), LoHa's Hadamard product
+(with Tucker), LoKr's Kronecker product, DoRA's magnitude rescale of what the tensor is by then.
+`blocks` takes the LoRA Block Weight extension's vectors and presets or any form merge ratios take.
+The result reports, per LoRA, the modules matched per block and text encoder, those that matched
+nothing (named), and the strength applied per block; POST /v1/plans/bake is the dry run. A LoRA for
+another architecture, matching nothing, or not fitting its tensors is a 400 at submission."""
 
 
 class ImportResult(BaseModel):
@@ -294,6 +328,17 @@ KINDS: dict[str, JobKind] = {
             prepare=prepare_sweep,
             engine="worker.engines.sweep:run_sweep",
             timeout=6 * _HOUR,
+        ),
+        JobKind(
+            name="bake",
+            summary="Bake LoRAs into a checkpoint",
+            description=BAKE_DESCRIPTION,
+            request_model=BakeRequest,
+            inputs_model=BakeInputs,
+            result_model=BakeResult,
+            prepare=prepare_bake,
+            engine="worker.engines.bake:run_bake",
+            timeout=3 * _HOUR,
         ),
         JobKind(
             name="import",

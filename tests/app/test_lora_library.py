@@ -167,3 +167,77 @@ def test_loras_that_cannot_apply_are_400s_at_the_dry_run(bake_library, tmp_path)
         "/v1/plans/bake", json={"model": "tiny-sd1-a", "loras": [{"model": "tiny-style", "blocks": "1,0,x"}]}
     )
     assert response.status_code == 400 and response.json()["field"] == "loras[0].blocks"
+
+
+# ------------------------------------------------------------------------------------- the bake job
+
+# kohya module → (the tiny sd1 checkpoint key it modifies, its block): written out here, not taken
+# from the code under test.
+BAKED = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+        "IN01",
+    ),
+    "lora_unet_down_blocks_0_resnets_0_conv1": (
+        "model.diffusion_model.input_blocks.1.0.in_layers.2.weight",
+        "IN01",
+    ),
+    "lora_unet_up_blocks_3_attentions_2_proj_out": (
+        "model.diffusion_model.output_blocks.11.1.proj_out.weight",
+        "OUT11",
+    ),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+        "BASE",
+    ),
+}
+
+
+def test_a_bake_adds_each_module_at_its_strength_and_block_weight(service, client, tiny_models, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.conftest import install_model, wait_for_job
+
+    install_model(service, tiny_models["sd1"])
+    base = load_file(tiny_models["sd1"])
+    generator = torch.Generator().manual_seed(7)
+    factors, rank = {}, 4
+    for module, (key, _) in BAKED.items():
+        out, inp, *kernel = base[key].shape
+        kernel = [k for k in kernel]
+        # LoCon: a k×k down conv and a 1×1 up; a linear module for a 1×1 conv target (proj_out).
+        down_shape = (rank, inp, *kernel) if kernel and kernel[0] > 1 else (rank, inp)
+        factors[f"{module}.lora_down.weight"] = torch.randn(down_shape, generator=generator) * 0.1
+        factors[f"{module}.lora_up.weight"] = (
+            torch.randn((out, rank, 1, 1) if len(down_shape) == 4 else (out, rank), generator=generator) * 0.1
+        )
+        factors[f"{module}.alpha"] = torch.tensor(2.0)
+    lora = _file(tmp_path, "baked-style.safetensors", factors, {"ss_base_model_version": "sd_v1"})
+    assert _upload(client, lora).status_code == 201
+    lbw = "1,0.5,0,0,0,0,0,0,0,0,0,0,0,0,0,0,2"  # BASE 1, IN01 0.5, OUT11 2
+    body = {
+        "model": "tiny-sd1-a",
+        "loras": [
+            {"model": "baked-style", "strength": 0.8, "blocks": lbw},
+            {"model": "baked-style", "strength": 0.3},
+        ],
+        "output": {"name": "baked.safetensors", "dtype": "fp32"},
+    }
+    service.start_worker()
+    job = wait_for_job(client, client.post("/v1/jobs/bake", json=body).json()["id"], timeout=120)
+    assert job["status"] == "succeeded", job
+    first, second = job["result"]["loras"]
+    assert first["matched"] == 4 and first["matched_by_block"] == {"BASE": 1, "IN01": 2, "OUT11": 1}
+
+    baked = load_file(service.models_dir / "baked.safetensors")
+    assert baked.keys() == base.keys()
+    block_weight = {"BASE": 1.0, "IN01": 0.5, "OUT11": 2.0}
+    for module, (key, block) in BAKED.items():
+        down, up = factors[f"{module}.lora_down.weight"], factors[f"{module}.lora_up.weight"]
+        delta = (up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)).reshape(base[key].shape) * (2.0 / rank)
+        expected = base[key].float() + (0.8 * block_weight[block] + 0.3) * delta
+        torch.testing.assert_close(baked[key], expected, rtol=0, atol=2e-6)
+    untouched = [k for k in base if k not in {key for key, _ in BAKED.values()}]
+    for key in untouched:
+        assert torch.equal(baked[key], base[key].to(baked[key].dtype)), key

@@ -20,11 +20,17 @@ PLAN_COLUMNS = ("key", "block", "element", "alpha", "beta", "action", "reason")
 
 def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
     plan = plan_merge(request, ctx.library, output_name=ctx.inputs.output, pinned=ctx.inputs.models)
+    return plan, write_plan(ctx, plan, request, request.model_dump(mode="json"))
+
+
+def write_plan(ctx: JobContext, plan: MergePlan, request: MergeRequest, recipe: dict) -> dict:
+    """Stream a plan into a new library model; the merge result (`recipe`: the request as the
+    output's metadata records it)."""
     for warning in plan.warnings:
         ctx.warn(warning)
     ctx.progress(0, len(plan.keys), "preparing the output")  # inputs were hashed when pinned
     hashes = {slot: ctx.library.hashes(path) for slot, path in plan.paths.items()}
-    metadata = merge_metadata(plan, request.model_dump(mode="json"), hashes, request.output.metadata)
+    metadata = merge_metadata(plan, recipe, hashes, request.output.metadata)
     library = ctx.library
     library.check_name_free(plan.output_name)
     tmp = library.temp_path(plan.output_name, job_id=ctx.job_id)
@@ -66,7 +72,7 @@ def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
         "data_sha256": data_sha256,
         "torch": torch.__version__,
     }
-    return plan, result
+    return result
 
 
 def run_merge(ctx: JobContext) -> dict:

@@ -17,6 +17,7 @@ import torch
 from mergeprobe.merging.merge_methods import MergeMethod
 from mergeprobe.merging.merge_plan import KeyPlan, MergePlan
 from worker.checkpoints.checkpoint_io import MappedCheckpoint
+from worker.lora.lora_delta import lora_delta
 
 CHUNK_ELEMENTS = 1 << 21  # 2 M elements: 8 MB per fp32 operand
 MERGE_SLOTS = ("a", "b", "c")
@@ -24,6 +25,13 @@ MERGE_SLOTS = ("a", "b", "c")
 # Loads one input's range as a fresh fp32 tensor the method may overwrite: (slot, key, start, stop)
 # → tensor, or None where that input lacks the key (an optional third model).
 RangeLoader = Callable[[str, str, int, int], "torch.Tensor | None"]
+# lora_formats' role names → lora_delta's tensor names (the others are the same).
+_DELTA_ROLES = {
+    "down": "lora_down.weight",
+    "up": "lora_up.weight",
+    "mid": "lora_mid.weight",
+    "magnitude": "dora_scale",  # PEFT's DoRA magnitude: lora_delta tells the axis by its shape
+}
 
 
 def chunk_ranges(method: MergeMethod, key: str, numel: int, conv_in: str) -> list[tuple[int, int]]:
@@ -53,7 +61,41 @@ class PlanExecutor:
         self.seed = seed
 
     def ranges(self, kp: KeyPlan) -> list[tuple[int, int]]:
+        if kp.key in self.plan.loras:  # a LoRA module's ΔW is of the whole tensor
+            return [(0, numel_of(kp.shape))]
         return chunk_ranges(self.plan.method, kp.key, numel_of(kp.shape), self.plan.arch.conv_in)
+
+    def with_loras(self, kp: KeyPlan) -> torch.Tensor:
+        """A key LoRA modules modify: its merged (or copied) value in fp32, shaped as planned, plus
+        strength × ΔW of each module in order (a DoRA module rescales what is there by then)."""
+        copied = self.plan.copied_from(kp)
+        if copied is not None:
+            slot, key = copied
+            value = self.sources[slot].get(key).to(device=self.device, dtype=torch.float32, copy=True)
+        else:
+            value = self.merged(kp)
+        value = value.reshape(kp.shape)
+        for module in self.plan.loras[kp.key]:
+            source = self.sources[module.slot]
+            factors = {
+                _DELTA_ROLES.get(role, role): source.get(key).to(self.device)
+                for role, key in module.tensors.items()
+                if role != "alpha"
+            }
+            alpha = module.alpha
+            if alpha is None and "alpha" in module.tensors:
+                alpha = float(source.get(module.tensors["alpha"]).float().item())
+            rows = module.target.rows
+            part = value if rows is None else value[rows[0] : rows[1]]
+            delta = lora_delta(
+                module.algorithm,
+                factors,
+                tuple(part.shape),
+                alpha=alpha,
+                base=part if "dora_scale" in factors else None,
+            )
+            part += module.strength * delta  # in place: `part` is `value` or a view of its rows
+        return value
 
     def lerp_in_place(self, kp: KeyPlan) -> bool:
         """A method that is torch.lerp, of A and B stored in the output dtype, on the CPU: the result

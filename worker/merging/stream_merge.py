@@ -158,6 +158,8 @@ class _Combiner:
 
     def __call__(self, task: _Task) -> _Result:
         kp = task.plan
+        if kp.key in self.executor.plan.loras:
+            return self._result(self.executor.with_loras(kp), TORCH_DTYPES[kp.dtype])
         copied = self.executor.plan.copied_from(kp)
         if copied is not None:
             return self._copy(*copied, task)
