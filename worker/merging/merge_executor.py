@@ -49,6 +49,11 @@ def chunk_rng(seed: int, key: str, start: int) -> torch.Generator:
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
+def _plain_low_rank(algorithm: str, factors: dict[str, torch.Tensor]) -> bool:
+    """A LoRA / LoCon module without a mid (Tucker) factor or DoRA: ΔW is one matrix product."""
+    return algorithm in ("lora", "locon") and set(factors) == {"lora_down.weight", "lora_up.weight"}
+
+
 class PlanExecutor:
     """Computes the keys of one plan from its mapped inputs (`sources`, by slot) on `device`."""
 
@@ -87,6 +92,16 @@ class PlanExecutor:
                 alpha = float(source.get(module.tensors["alpha"]).float().item())
             rows = module.target.rows
             part = value if rows is None else value[rows[0] : rows[1]]
+            if _plain_low_rank(module.algorithm, factors):
+                # up @ down added in place (addmm_): no ΔW of the tensor's size is ever allocated.
+                # The same value as lora_delta's, which the tests compare against the formula.
+                down, up = factors["lora_down.weight"].float(), factors["lora_up.weight"].float()
+                rank = down.shape[0]
+                scale = module.strength * ((alpha / rank) if alpha else 1.0)
+                part.view(part.shape[0], -1).addmm_(
+                    up.reshape(up.shape[0], rank), down.reshape(rank, -1), alpha=scale
+                )
+                continue
             delta = lora_delta(
                 module.algorithm,
                 factors,
