@@ -14,35 +14,23 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from mergeprobe.checkpoints.archs import UNKNOWN, get_arch
+from mergeprobe.checkpoints.checkpoint_headers import CheckpointHeader
 from mergeprobe.checkpoints.library import ModelEntry, ModelLibrary, PinnedModel
 from mergeprobe.lora.lora_block_weights import resolve_lora_block_weights
 from mergeprobe.lora.lora_formats import BAKEABLE_ALGORITHMS, describe_lora
 from mergeprobe.lora.lora_keys import LoraKeyTable, LoraTarget
-from mergeprobe.merging.merge_plan import MergeOutput, MergeRequest
+from mergeprobe.lora.lora_request import MAX_LORAS, LoraApplication
+from mergeprobe.merging.merge_plan import MergeOutput, MergePlan, MergeRequest
 from mergeprobe.service.errors import InvalidInput
 from mergeprobe.service.request_model import RequestModel
 
-MAX_LORAS = 32
 UNMATCHED_SHOWN = 50  # names of unmatched modules listed per LoRA in a report
-
-
-class LoraApplication(RequestModel):
-    model: str = Field(description="The LoRA: id, file name, short hash or sha256 in the library.")
-    strength: float = Field(default=1.0, ge=-100, le=100, description="Multiplies every ΔW of the LoRA.")
-    blocks: Any = Field(
-        default=None,
-        description="Per-block strength multipliers: a number, a LoRA Block Weight vector (17 or 26 values "
-        "on sd1/sd2, 12 or 20 on sdxl, as a list or a comma-separated string), an LBW preset (ALL, INS, IND, "
-        "INALL, MIDD, OUTD, OUTS, OUTALL, ALL0.5, NONE), or any form merge ratios take (25/26 or 19/20 "
-        "list, spec string `IN00-IN03:0.3, _:0.7`, merge preset). Default: 1 everywhere.",
-        examples=["1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1", "OUTALL"],
-    )
 
 
 class BakeRequest(RequestModel):
@@ -133,29 +121,24 @@ class LoraReport:
 
 
 @dataclass
-class BakePlan:
+class LoraBake:
+    """The plan of a bake: the checkpoint and what its LoRAs match in it."""
+
     model: PinnedModel
     arch: str
-    reports: list[LoraReport]
-    applications: list[ModuleApplication]
-    warnings: list[str] = field(default_factory=list)
-    entry: ModelEntry | None = None  # the checkpoint's
-    lora_entries: list[ModelEntry] = field(default_factory=list)  # in request order
+    matching: LoraMatching
 
-    def keys(self) -> dict[str, list[ModuleApplication]]:
-        """Checkpoint key → the modules applied to it, in request order."""
-        by_key: dict[str, list[ModuleApplication]] = {}
-        for application in self.applications:
-            by_key.setdefault(application.target.key, []).append(application)
-        return by_key
+    @property
+    def reports(self) -> list[LoraReport]:
+        return self.matching.reports
 
     def to_json(self) -> dict[str, Any]:
         return {
             "model": self.model.model_dump(),
             "arch": self.arch,
-            "loras": [r.to_json() for r in self.reports],
-            "keys_modified": len(self.keys()),
-            "warnings": self.warnings,
+            "loras": [r.to_json() for r in self.matching.reports],
+            "keys_modified": len(self.matching.keys()),
+            "warnings": self.matching.warnings,
         }
 
 
@@ -173,37 +156,49 @@ def _opened(library: ModelLibrary, pinned: PinnedModel, field: str) -> tuple[Pin
     return pinned, library.entry(library.open_pinned(pinned, field=field), field=field, name=pinned.name)
 
 
-def plan_bake(request: BakeRequest, library: ModelLibrary, *, pinned: BakeInputs | None = None) -> BakePlan:
-    """The plan of a bake request; `pinned` (a job's inputs) replaces resolving the names, and then
-    the plan's entries have local files."""
-    if pinned is None:
-        pinned_model, entry = library.pin(request.model, field="model")
-    else:
-        pinned_model, entry = _opened(library, pinned.model, "model")
-    arch_name = entry.variant.arch
-    if arch_name == UNKNOWN:
-        raise InvalidInput(
-            "unknown-architecture",
-            "Unknown architecture",
-            f"{entry.name}: its keys match none of sd1, sd2, sdxl",
-            field="model",
-        )
+@dataclass
+class LoraMatching:
+    """The LoRAs of a request matched against one checkpoint."""
+
+    reports: list[LoraReport]
+    applications: list[ModuleApplication]
+    warnings: list[str]
+    pins: list[PinnedModel]
+    entries: list[ModelEntry]
+
+    def keys(self) -> dict[str, list[ModuleApplication]]:
+        by_key: dict[str, list[ModuleApplication]] = {}
+        for application in self.applications:
+            by_key.setdefault(application.target.key, []).append(application)
+        return by_key
+
+
+def match_loras(
+    arch_name: str,
+    header: CheckpointHeader,
+    model_name: str,
+    loras: list[LoraApplication],
+    library: ModelLibrary,
+    *,
+    pinned: list[PinnedModel] | None = None,
+) -> LoraMatching:
+    """Each LoRA's modules matched to the tensors of a checkpoint (`header`, of `arch_name`), with
+    their strengths per block; `pinned` (a job's inputs) replaces resolving the LoRAs' names."""
     arch = get_arch(arch_name)
-    table = LoraKeyTable.for_checkpoint(arch_name, {k: t.shape for k, t in entry.header.tensors.items()})
-    reports, applications, warnings, lora_entries = [], [], [], []
-    for index, application in enumerate(request.loras):
+    table = LoraKeyTable.for_checkpoint(arch_name, {k: t.shape for k, t in header.tensors.items()})
+    matching = LoraMatching([], [], [], [], [])
+    for index, application in enumerate(loras):
         where = f"loras[{index}]"
         if pinned is None:
             lora_pin, lora_entry = library.pin(application.model, field=f"{where}.model", kind="lora")
         else:
-            lora_pin, lora_entry = _opened(library, pinned.loras[index], f"{where}.model")
+            lora_pin, lora_entry = _opened(library, pinned[index], f"{where}.model")
         weights = resolve_lora_block_weights(
             1.0 if application.blocks is None else application.blocks,
             arch,
             field=f"{where}.blocks",
-            warnings=warnings,
+            warnings=matching.warnings,
         )
-        lora_entries.append(lora_entry)
         lora = describe_lora(lora_entry.header)  # alphas are read by the worker, from the tensors
         assert lora is not None  # the library stored it as a LoRA
         if lora.arch != arch_name:
@@ -212,7 +207,7 @@ def plan_bake(request: BakeRequest, library: ModelLibrary, *, pinned: BakeInputs
             raise InvalidInput(
                 "lora-architecture-mismatch",
                 "LoRA for another architecture",
-                f"{lora_entry.name} is a LoRA for {lora.arch} ({lora.arch_source}); {entry.name} is {arch_name}",
+                f"{lora_entry.name} is a LoRA for {lora.arch} ({lora.arch_source}); {model_name} is {arch_name}",
                 field=f"{where}.model",
             )
         matched: list[ModuleApplication] = []
@@ -225,9 +220,7 @@ def plan_bake(request: BakeRequest, library: ModelLibrary, *, pinned: BakeInputs
             if target is None:
                 unmatched.append(module.name)
                 continue
-            _check_fits(
-                module.name, module.delta_shape, target, entry.header.tensors[target.key].shape, where
-            )
+            _check_fits(module.name, module.delta_shape, target, header.tensors[target.key].shape, where)
             matched.append(
                 ModuleApplication(
                     index,
@@ -244,17 +237,19 @@ def plan_bake(request: BakeRequest, library: ModelLibrary, *, pinned: BakeInputs
                 "lora-matches-nothing",
                 "LoRA matches nothing",
                 f"{lora_entry.name} ({', '.join(lora.formats)}, made for {lora.arch}) modifies no tensor of "
-                f"{entry.name} ({arch_name}): none of its {len(lora.modules)} modules matched, e.g. "
+                f"{model_name} ({arch_name}): none of its {len(lora.modules)} modules matched, e.g. "
                 f"{', '.join(unmatched[:5]) or ', '.join(unbakeable[:5])}",
                 field=f"{where}.model",
             )
         if unmatched:
-            warnings.append(
-                f"{where} {lora_entry.name}: {len(unmatched)} of its {len(lora.modules)} modules match no tensor of "
-                f"{entry.name} and are not applied, e.g. {', '.join(unmatched[:3])}"
+            matching.warnings.append(
+                f"{where} {lora_entry.name}: {len(unmatched)} of its {len(lora.modules)} modules match no tensor "
+                f"of {model_name} and are not applied, e.g. {', '.join(unmatched[:3])}"
             )
-        applications.extend(matched)
-        reports.append(
+        matching.applications.extend(matched)
+        matching.pins.append(lora_pin)
+        matching.entries.append(lora_entry)
+        matching.reports.append(
             LoraReport(
                 lora=lora_pin,
                 arch=lora.arch,
@@ -268,7 +263,45 @@ def plan_bake(request: BakeRequest, library: ModelLibrary, *, pinned: BakeInputs
                 strengths={block: application.strength * w for block, w in weights.items()},
             )
         )
-    return BakePlan(pinned_model, arch_name, reports, applications, warnings, entry, lora_entries)
+    return matching
+
+
+def attach_loras(plan: MergePlan, matching: LoraMatching) -> None:
+    """Make a worker's merge plan add the matched LoRA modules: their files join as slots
+    `lora0`, `lora1`, … (pins, local files, headers) and the plan's keys list their modules."""
+    for index, (pin, entry) in enumerate(zip(matching.pins, matching.entries, strict=True)):
+        slot = f"lora{index}"
+        plan.pins[slot], plan.headers[slot] = pin, entry.header
+        if entry.path is not None:
+            plan.paths[slot] = entry.path
+    planned = {kp.key for kp in plan.keys}
+    plan.loras = {key: modules for key, modules in matching.keys().items() if key in planned}
+    plan.warnings.extend(matching.warnings)
+    for key in sorted(set(matching.keys()) - planned):  # output.prune dropped it
+        plan.warnings.append(
+            f"{key} is not in the output, so the LoRA modules that modify it are not applied"
+        )
+
+
+def plan_bake(request: BakeRequest, library: ModelLibrary, *, pinned: BakeInputs | None = None) -> LoraBake:
+    """The plan of a bake request; `pinned` (a job's inputs) replaces resolving the names, and then
+    the entries have local files."""
+    if pinned is None:
+        model_pin, entry = library.pin(request.model, field="model")
+    else:
+        model_pin, entry = _opened(library, pinned.model, "model")
+    arch_name = entry.variant.arch
+    if arch_name == UNKNOWN:
+        raise InvalidInput(
+            "unknown-architecture",
+            "Unknown architecture",
+            f"{entry.name}: its keys match none of sd1, sd2, sdxl",
+            field="model",
+        )
+    matching = match_loras(
+        arch_name, entry.header, entry.name, request.loras, library, pinned=pinned.loras if pinned else None
+    )
+    return LoraBake(model_pin, arch_name, matching)
 
 
 def _check_fits(

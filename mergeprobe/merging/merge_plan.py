@@ -36,6 +36,7 @@ from mergeprobe.checkpoints.variants import (
     ZTSNR_MARKER,
     CheckpointVariant,
 )
+from mergeprobe.lora.lora_request import MAX_LORAS, LoraApplication
 from mergeprobe.merging.blockspec import resolve_block_weights
 from mergeprobe.merging.elemental import (
     ElementalRule,
@@ -224,6 +225,12 @@ class MergeRequest(MergeRecipe):
     model_b: str = Field(description="Model id or name: α is its share.", examples=["tiny-sd1-b"])
     output: MergeOutput = Field(default_factory=MergeOutput)
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where tensors are combined.")
+    loras: list[LoraApplication] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description="LoRAs added to the merge result in the same pass, matched against model A's keys (as a "
+        "bake does: strength × block weight × ΔW per modified tensor); reported per LoRA in the result.",
+    )
 
 
 class ElementalRequest(MergeRequest):
@@ -254,6 +261,7 @@ class MergeInputs(BaseModel):
     arch: str
     models: dict[str, PinnedModel] = Field(description="Slot (a, b, c, vae) → the pinned model.")
     output: str = Field(description="File name of the result.")
+    loras: list[PinnedModel] = Field(default_factory=list, description="The request's LoRAs, pinned.")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergeprobe.checkpoints.archs import UNKNOWN
 from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel
-from mergeprobe.lora.bake_plan import BakeInputs, BakeRequest, LoraMatch, plan_bake
+from mergeprobe.lora.bake_plan import BakeInputs, BakeRequest, LoraMatch, match_loras, plan_bake
 from mergeprobe.merging.merge_methods import MERGE_METHODS
 from mergeprobe.merging.merge_plan import ElementalRequest, MergeInputs, MergeRequest, plan_merge
 from mergeprobe.probing.dump_request import DumpInputs, DumpRequest, DumpResult, prepare_dump
@@ -106,10 +106,10 @@ class MergeResult(BaseModel):
     size_bytes: int
     data_sha256: str = Field(description="sha256 of the tensor data (also modelspec.hash_sha256).")
     torch: str = Field(description="torch version that computed it.")
-
-
-class BakeResult(MergeResult):
-    loras: list[LoraMatch] = Field(description="Per LoRA, what it matched and the strengths applied.")
+    loras: list[LoraMatch] = Field(
+        default_factory=list,
+        description="Per LoRA of the request: what it matched and the strengths applied.",
+    )
 
 
 def prepare_bake(request: BakeRequest, library: ModelLibrary) -> BakeInputs:
@@ -154,7 +154,12 @@ class ImportResult(BaseModel):
 def prepare_merge(request: MergeRequest, library: ModelLibrary) -> MergeInputs:
     plan = plan_merge(request, library)
     library.check_name_free(plan.output_name)
-    return plan.inputs()
+    inputs = plan.inputs()
+    if request.loras:
+        inputs.loras = match_loras(
+            plan.arch.name, plan.headers["a"], plan.pins["a"].name, request.loras, library
+        ).pins
+    return inputs
 
 
 def _merge_description() -> str:
@@ -335,7 +340,7 @@ KINDS: dict[str, JobKind] = {
             description=BAKE_DESCRIPTION,
             request_model=BakeRequest,
             inputs_model=BakeInputs,
-            result_model=BakeResult,
+            result_model=MergeResult,
             prepare=prepare_bake,
             engine="worker.engines.bake:run_bake",
             timeout=3 * _HOUR,

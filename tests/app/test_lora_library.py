@@ -193,6 +193,29 @@ BAKED = {
 }
 
 
+def _random_lora(tmp_path, base, rank=4, name="baked-style.safetensors"):
+    """A kohya LoRA of random factors on the BAKED modules of a tiny sd1 checkpoint (`base`: its
+    tensors): LoCon k×k down + 1×1 up on a conv, a linear LoRA on a 1×1 conv (proj_out)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(7)
+    factors = {}
+    for module, (key, _) in BAKED.items():
+        out, inp, *kernel = base[key].shape
+        down_shape = (rank, inp, *kernel) if kernel and kernel[0] > 1 else (rank, inp)
+        up_shape = (out, rank, 1, 1) if len(down_shape) == 4 else (out, rank)
+        factors[f"{module}.lora_down.weight"] = torch.randn(down_shape, generator=generator) * 0.1
+        factors[f"{module}.lora_up.weight"] = torch.randn(up_shape, generator=generator) * 0.1
+        factors[f"{module}.alpha"] = torch.tensor(2.0)
+    return factors, _file(tmp_path, name, factors, {"ss_base_model_version": "sd_v1"})
+
+
+def _delta(factors, module, shape, rank=4):
+    """ΔW = up · down · alpha / rank, written out."""
+    down, up = factors[f"{module}.lora_down.weight"], factors[f"{module}.lora_up.weight"]
+    return (up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)).reshape(shape) * (2.0 / rank)
+
+
 def test_a_bake_adds_each_module_at_its_strength_and_block_weight(service, client, tiny_models, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -201,19 +224,7 @@ def test_a_bake_adds_each_module_at_its_strength_and_block_weight(service, clien
 
     install_model(service, tiny_models["sd1"])
     base = load_file(tiny_models["sd1"])
-    generator = torch.Generator().manual_seed(7)
-    factors, rank = {}, 4
-    for module, (key, _) in BAKED.items():
-        out, inp, *kernel = base[key].shape
-        kernel = [k for k in kernel]
-        # LoCon: a k×k down conv and a 1×1 up; a linear module for a 1×1 conv target (proj_out).
-        down_shape = (rank, inp, *kernel) if kernel and kernel[0] > 1 else (rank, inp)
-        factors[f"{module}.lora_down.weight"] = torch.randn(down_shape, generator=generator) * 0.1
-        factors[f"{module}.lora_up.weight"] = (
-            torch.randn((out, rank, 1, 1) if len(down_shape) == 4 else (out, rank), generator=generator) * 0.1
-        )
-        factors[f"{module}.alpha"] = torch.tensor(2.0)
-    lora = _file(tmp_path, "baked-style.safetensors", factors, {"ss_base_model_version": "sd_v1"})
+    factors, lora = _random_lora(tmp_path, base)
     assert _upload(client, lora).status_code == 201
     lbw = "1,0.5,0,0,0,0,0,0,0,0,0,0,0,0,0,0,2"  # BASE 1, IN01 0.5, OUT11 2
     body = {
@@ -234,10 +245,29 @@ def test_a_bake_adds_each_module_at_its_strength_and_block_weight(service, clien
     assert baked.keys() == base.keys()
     block_weight = {"BASE": 1.0, "IN01": 0.5, "OUT11": 2.0}
     for module, (key, block) in BAKED.items():
-        down, up = factors[f"{module}.lora_down.weight"], factors[f"{module}.lora_up.weight"]
-        delta = (up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)).reshape(base[key].shape) * (2.0 / rank)
-        expected = base[key].float() + (0.8 * block_weight[block] + 0.3) * delta
+        expected = base[key].float() + (0.8 * block_weight[block] + 0.3) * _delta(
+            factors, module, base[key].shape
+        )
         torch.testing.assert_close(baked[key], expected, rtol=0, atol=2e-6)
     untouched = [k for k in base if k not in {key for key, _ in BAKED.values()}]
     for key in untouched:
         assert torch.equal(baked[key], base[key].to(baked[key].dtype)), key
+
+    # A merge with the same LoRA: added to the merge result, in the same pass.
+    b = load_file(tiny_models["sd1-b"])
+    install_model(service, tiny_models["sd1-b"])
+    merge = {
+        "model_a": "tiny-sd1-a",
+        "model_b": "tiny-sd1-b",
+        "alpha": 0.25,
+        "loras": [{"model": "baked-style", "strength": 0.5}],
+        "output": {"name": "merged-styled.safetensors", "dtype": "fp32"},
+    }
+    job = wait_for_job(client, client.post("/v1/jobs/merge", json=merge).json()["id"], timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["loras"][0]["matched"] == 4
+    merged = load_file(service.models_dir / "merged-styled.safetensors")
+    for module, (key, _) in BAKED.items():
+        blend = torch.lerp(base[key].float(), b[key].float(), 0.25)
+        expected = blend + 0.5 * _delta(factors, module, base[key].shape)
+        torch.testing.assert_close(merged[key], expected, rtol=0, atol=2e-6)

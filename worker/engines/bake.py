@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mergeprobe.lora.bake_plan import plan_bake
+from mergeprobe.lora.bake_plan import attach_loras, plan_bake
 from mergeprobe.merging.merge_plan import plan_merge
 from worker.context import JobContext
 from worker.engines.merge import write_plan
@@ -18,13 +18,9 @@ def run_bake(ctx: JobContext) -> dict:
         output_name=inputs.output,
         pinned={"a": inputs.model, "b": inputs.model},
     )
-    # One input: B was A at α = 0, so every key is planned as A's. The LoRA files join as slots.
+    # One input: B was A at α = 0, so every key is planned as A's.
     for slots in (plan.pins, plan.paths, plan.headers):
         slots.pop("b", None)
-    for index, entry in enumerate(bake.lora_entries):
-        slot = f"lora{index}"
-        plan.pins[slot], plan.paths[slot], plan.headers[slot] = inputs.loras[index], entry.path, entry.header
-    plan.loras = bake.keys()
-    plan.warnings.extend(bake.warnings)
+    attach_loras(plan, bake.matching)
     result = write_plan(ctx, plan, merge_request, request.model_dump(mode="json"))
     return {**result, "loras": [report.to_json() for report in bake.reports]}

@@ -9,6 +9,7 @@ from collections import Counter
 
 import torch
 
+from mergeprobe.lora.bake_plan import attach_loras, match_loras
 from mergeprobe.merging.merge_metadata import merge_metadata
 from mergeprobe.merging.merge_plan import MergePlan, MergeRequest, plan_merge
 from mergeprobe.service.kinds import model_file_url, model_url
@@ -20,7 +21,20 @@ PLAN_COLUMNS = ("key", "block", "element", "alpha", "beta", "action", "reason")
 
 def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
     plan = plan_merge(request, ctx.library, output_name=ctx.inputs.output, pinned=ctx.inputs.models)
-    return plan, write_plan(ctx, plan, request, request.model_dump(mode="json"))
+    reports = []
+    if request.loras:  # added to the merge result in the same pass
+        matching = match_loras(
+            plan.arch.name,
+            plan.headers["a"],
+            plan.pins["a"].name,
+            request.loras,
+            ctx.library,
+            pinned=ctx.inputs.loras,
+        )
+        attach_loras(plan, matching)
+        reports = [report.to_json() for report in matching.reports]
+    result = write_plan(ctx, plan, request, request.model_dump(mode="json"))
+    return plan, {**result, "loras": reports}
 
 
 def write_plan(ctx: JobContext, plan: MergePlan, request: MergeRequest, recipe: dict) -> dict:
