@@ -9,7 +9,7 @@ from app.schemas import ProblemModel
 from app.state import AppState, get_state
 from mergeprobe.checkpoints.archs import ARCHITECTURES
 from mergeprobe.checkpoints.library import PinnedModel
-from mergeprobe.lora.bake_plan import BakeRequest, LoraMatch, plan_bake
+from mergeprobe.lora.bake_plan import BakeRequest, LoraMatch, match_loras, plan_bake
 from mergeprobe.merging.merge_plan import MergeRequest, plan_merge
 from mergeprobe.merging.presets import presets_for
 
@@ -45,6 +45,9 @@ class MergePlanModel(BaseModel):
     output: str = Field(description="The output's file name.", examples=["blend.safetensors"])
     keys: list[KeyPlanModel]
     warnings: list[str] = Field(description="Elemental entries that match no key, keys missing in model_c…")
+    loras: list[LoraMatch] = Field(
+        default_factory=list, description="Per LoRA of the request: what it matches."
+    )
 
 
 class PresetList(BaseModel):
@@ -62,7 +65,15 @@ class PresetList(BaseModel):
     responses={400: {"model": ProblemModel}, 404: {"model": ProblemModel}, 422: {"model": ProblemModel}},
 )
 def plan(body: MergeRequest, state: AppState = Depends(get_state)) -> dict[str, Any]:
-    return plan_merge(body, state.library).to_json()
+    merge = plan_merge(body, state.library)
+    answer = merge.to_json()
+    if body.loras:
+        matching = match_loras(
+            merge.arch.name, merge.headers["a"], merge.pins["a"].name, body.loras, state.library
+        )
+        answer["loras"] = [report.to_json() for report in matching.reports]
+        answer["warnings"] += matching.warnings
+    return answer
 
 
 class BakePlanModel(BaseModel):

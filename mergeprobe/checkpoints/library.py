@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -706,7 +707,22 @@ def describe_upload(
         lora = describe_lora(header, path, fileobj=fileobj)
     except LoraFormatError as exc:
         raise InvalidInput("invalid-lora", "Invalid LoRA", f"{name}: {exc}", field=field) from exc
-    return lora_summary(lora) if lora is not None else None
+    if lora is None:
+        return None
+    for module in lora.modules.values():
+        why = None
+        if module.rank == 0:
+            why = "has rank 0"
+        elif module.alpha is not None and not math.isfinite(module.alpha):
+            why = f"has alpha {module.alpha}"
+        if why:
+            raise InvalidInput(
+                "invalid-lora",
+                "Invalid LoRA",
+                f"{name}: module {module.name} {why}; it was not stored",
+                field=field,
+            )
+    return lora_summary(lora)
 
 
 def check_storable(

@@ -31,6 +31,7 @@ from mergeprobe.service.errors import InvalidInput
 from mergeprobe.service.request_model import RequestModel
 
 UNMATCHED_SHOWN = 50  # names of unmatched modules listed per LoRA in a report
+MAX_STRENGTH = 1000.0  # |strength × block weight|: a recipe beyond it is a mistake
 
 
 class BakeRequest(RequestModel):
@@ -210,8 +211,17 @@ def match_loras(
                 f"{lora_entry.name} is a LoRA for {lora.arch} ({lora.arch_source}); {model_name} is {arch_name}",
                 field=f"{where}.model",
             )
+        for block, weight in weights.items():
+            if not abs(application.strength * weight) <= MAX_STRENGTH:
+                raise InvalidInput(
+                    "invalid-strength",
+                    "Invalid strength",
+                    f"{block}'s strength would be {application.strength} × {weight}; at most {MAX_STRENGTH} in size",
+                    field=f"{where}.blocks",
+                )
         matched: list[ModuleApplication] = []
-        unmatched, unbakeable = [], []
+        unmatched, unbakeable, duplicates = [], [], []
+        claimed: dict[tuple[str, tuple[int, int] | None], str] = {}
         for module in lora.modules.values():
             if module.algorithm not in BAKEABLE_ALGORITHMS:
                 unbakeable.append(module.name)
@@ -219,6 +229,12 @@ def match_loras(
             target = table.match(module.name)
             if target is None:
                 unmatched.append(module.name)
+                continue
+            # The same layer under two names (kohya's LDM and diffusers paths, lora_te and lora_te1,
+            # kohya and PEFT names): applied once, as the loaders that key by layer do.
+            first = claimed.setdefault((target.key, target.rows), module.name)
+            if first != module.name:
+                duplicates.append(f"{module.name} (= {first})")
                 continue
             _check_fits(module.name, module.delta_shape, target, header.tensors[target.key].shape, where)
             matched.append(
@@ -240,6 +256,11 @@ def match_loras(
                 f"{model_name} ({arch_name}): none of its {len(lora.modules)} modules matched, e.g. "
                 f"{', '.join(unmatched[:5]) or ', '.join(unbakeable[:5])}",
                 field=f"{where}.model",
+            )
+        if duplicates:
+            matching.warnings.append(
+                f"{where} {lora_entry.name}: {len(duplicates)} modules name a layer another module of it already "
+                f"modifies and are applied once, e.g. {', '.join(duplicates[:3])}"
             )
         if unmatched:
             matching.warnings.append(

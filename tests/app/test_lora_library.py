@@ -271,3 +271,86 @@ def test_a_bake_adds_each_module_at_its_strength_and_block_weight(service, clien
         blend = torch.lerp(base[key].float(), b[key].float(), 0.25)
         expected = blend + 0.5 * _delta(factors, module, base[key].shape)
         torch.testing.assert_close(merged[key], expected, rtol=0, atol=2e-6)
+
+
+def test_a_layer_named_twice_is_applied_once_and_the_merge_dry_run_reports_loras(bake_library, tmp_path):
+    """Found in review: kohya's LDM-path and diffusers-path names of one layer in one file."""
+    client = bake_library
+    ldm_name = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"  # = TINY_TO_K
+    twice = _file(
+        tmp_path,
+        "twice.safetensors",
+        {**_lora(TINY_TO_K, 4, 32, 32, alpha=2.0), **_lora(ldm_name, 4, 32, 32, alpha=2.0)},
+        {"ss_base_model_version": "sd_v1"},
+    )
+    assert _upload(client, twice).status_code == 201
+    plan = client.post("/v1/plans/bake", json={"model": "tiny-sd1-a", "loras": [{"model": "twice"}]}).json()
+    assert plan["loras"][0]["matched"] == 1 and plan["keys_modified"] == 1
+    assert any("applied once" in w and ldm_name in w for w in plan["warnings"]), plan["warnings"]
+    # The merge dry run matches a merge's LoRAs as the job will, and refuses the same things.
+    merge = {"model_a": "tiny-sd1-a", "model_b": "tiny-sd1-a", "loras": [{"model": "tiny-style"}]}
+    answer = client.post("/v1/plans/merge", json=merge)
+    assert answer.status_code == 200 and answer.json()["loras"][0]["matched"] == 2
+    answer = client.post(
+        "/v1/plans/merge", json={**merge, "loras": [{"model": "tiny-style", "blocks": 1e300}]}
+    )
+    assert answer.status_code == 400 and answer.json()["field"] == "loras[0].blocks"
+
+
+def test_a_lora_of_rank_0_is_refused_at_upload(client, tmp_path):
+    empty = _file(
+        tmp_path, "empty.safetensors", _lora(TINY_TO_K, 0, 32, 32), {"ss_base_model_version": "sd_v1"}
+    )
+    response = _upload(client, empty)
+    assert response.status_code == 400 and "rank 0" in response.json()["detail"]
+
+
+def test_loras_leave_a_random_merge_as_it_is_and_add_their_delta(tmp_path, tiny_models, monkeypatch):
+    """Found in review: the LoRA's key was merged in one range, so dare drew other random masks."""
+    import os
+
+    import torch
+    from safetensors.torch import load_file
+
+    from mergeprobe.checkpoints.library import ModelLibrary
+    from mergeprobe.merging.merge_plan import MergeRequest
+    from mergeprobe.service.kinds import KINDS
+    from mergeprobe.service.settings import Settings
+    from worker.context import JobContext
+    from worker.engines.merge import run_merge
+    from worker.merging import merge_executor
+
+    monkeypatch.setattr(merge_executor, "CHUNK_ELEMENTS", 256)  # several ranges per key of the tiny model
+    models = tmp_path / "models"
+    models.mkdir()
+    for key in ("sd1", "sd1-b"):
+        os.link(tiny_models[key], models / tiny_models[key].name)
+    base = load_file(tiny_models["sd1"])
+    factors, lora = _random_lora(tmp_path, base)
+    os.replace(lora, models / lora.name)
+    settings = Settings(data_dir=tmp_path / "data", models_dir=models)
+    library = ModelLibrary(settings)
+
+    def merged(name: str, loras: list) -> dict:
+        request = MergeRequest(
+            model_a="tiny-sd1-a",
+            model_b="tiny-sd1-b",
+            mode="dare",
+            alpha=0.5,
+            beta=0.5,
+            seed=7,
+            loras=loras,
+            output={"name": name, "dtype": "fp32"},
+        )
+        run_merge(JobContext.local(KINDS["merge"], request, settings=settings, library=library))
+        return load_file(models / name)
+
+    plain = merged("plain.safetensors", [])
+    styled = merged("styled.safetensors", [{"model": "baked-style", "strength": 0.5}])
+    for module, (key, _) in BAKED.items():
+        assert base[key].numel() > 256, key  # merged in several ranges
+        torch.testing.assert_close(
+            styled[key], plain[key] + 0.5 * _delta(factors, module, base[key].shape), rtol=0, atol=2e-6
+        )
+    untouched = set(plain) - {key for key, _ in BAKED.values()}
+    assert all(torch.equal(plain[k], styled[k]) for k in untouched)

@@ -66,8 +66,8 @@ class PlanExecutor:
         self.seed = seed
 
     def ranges(self, kp: KeyPlan) -> list[tuple[int, int]]:
-        if kp.key in self.plan.loras:  # a LoRA module's ΔW is of the whole tensor
-            return [(0, numel_of(kp.shape))]
+        """The ranges a key is merged in, LoRAs or not (random methods draw per range: a LoRA must
+        not change the merge it is added to)."""
         return chunk_ranges(self.plan.method, kp.key, numel_of(kp.shape), self.plan.arch.conv_in)
 
     def with_loras(self, kp: KeyPlan) -> torch.Tensor:

@@ -67,7 +67,9 @@ def pick_device(requested: str) -> torch.device:
 
 def _tasks(executor: PlanExecutor) -> Iterator[_Task]:
     for index, key_plan in enumerate(executor.plan.keys):
-        if key_plan.action != "merge":
+        # A key LoRA modules modify is one task: its ΔW is of the whole tensor (the merge inside
+        # it still goes range by range, `PlanExecutor.merged`).
+        if key_plan.action != "merge" or key_plan.key in executor.plan.loras:
             yield _Task(key_plan, 0, numel_of(key_plan.shape), index)
             continue
         for start, stop in executor.ranges(key_plan):
