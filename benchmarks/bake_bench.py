@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from merge_bench import CHUNK, _rss_anon_mb, prefault, warm  # noqa: E402 - after the path set-up
+from library_bench import run_copy  # noqa: E402 - after the path set-up
+from merge_bench import _rss_anon_mb, prefault, warm  # noqa: E402
 
 TARGET_SUFFIXES = (
     "to_q",
@@ -139,20 +140,8 @@ def run_bake(directory: Path, arch: str, output: str) -> dict:
 
 
 def run_floor(directory: Path, arch: str) -> dict:
-    source = directory / "models" / f"bench-{arch}.safetensors"
-    out = directory / "floor.safetensors"
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    t0 = time.perf_counter()
-    with open(source, "rb", buffering=0) as fi, open(out, "wb", buffering=0) as fo:
-        while n := fi.readinto(view):
-            chunk = view[:n]
-            while chunk:
-                chunk = chunk[fo.write(chunk) :]
-        os.fsync(fo.fileno())
-    seconds = time.perf_counter() - t0
-    out.unlink()
-    return {"seconds": seconds}
+    """The I/O floor: library_bench's copy (read, write 16 MB at a time, fsync) of the checkpoint."""
+    return {"seconds": run_copy(directory / "models" / f"bench-{arch}.safetensors", directory)}
 
 
 def main(argv: list[str] | None = None) -> int:
