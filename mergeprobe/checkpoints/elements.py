@@ -17,7 +17,13 @@ from typing import Any
 
 from mergeprobe.checkpoints.archs import get_arch
 
-__all__ = ["check_unet_complete", "element_names", "element_table_document", "missing_unet_tensors"]
+__all__ = [
+    "check_unet_complete",
+    "element_names",
+    "element_table_document",
+    "missing_unet_tensors",
+    "published_weight_shapes",
+]
 
 
 @functools.cache
@@ -28,13 +34,24 @@ def _document(arch_name: str) -> dict[str, Any]:
 
 
 def element_table_document(arch_name: str) -> dict[str, Any]:
-    """The whole table file: ``arch``, ``base`` (a note and the BASE key prefixes) and ``blocks``."""
-    return json.loads(json.dumps(_document(arch_name)))
+    """The table file without its weight shapes: ``arch``, ``base`` (a note and the BASE key
+    prefixes) and ``blocks``."""
+    document = json.loads(json.dumps(_document(arch_name)))
+    document.pop("weights_note", None)
+    document.pop("weights", None)
+    return document
 
 
 def element_names(arch_name: str) -> dict[str, list[str]]:
     """U-Net block (IN00 … OUTnn, in U-Net order) → sorted element names of a real checkpoint."""
     return {block: list(names) for block, names in _document(arch_name)["blocks"].items()}
+
+
+def published_weight_shapes(arch_name: str) -> dict[str, tuple[int, ...]]:
+    """key → shape of every U-Net and text encoder weight (2-D and up) of a published checkpoint."""
+    return {
+        key: tuple(int(d) for d in shape.split("x")) for key, shape in _document(arch_name)["weights"].items()
+    }
 
 
 # The published models' U-Net starts with this many channels; smaller U-Nets (the tiny test

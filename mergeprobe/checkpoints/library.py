@@ -174,6 +174,16 @@ def validate_model_name(name: str, *, field: str = "name") -> str:
     return name
 
 
+def validate_output_name(name: str, *, field: str = "output.name") -> str:
+    """A job's output model name: a valid model name that ends .safetensors (what jobs write)."""
+    validate_model_name(name, field=field)
+    if not name.endswith(".safetensors"):
+        raise InvalidInput(
+            "invalid-model-name", "Invalid request", "the output is written as .safetensors", field=field
+        )
+    return name
+
+
 def name_conflict(name: str, existing: Iterable[str]) -> str | None:
     """Why `name` cannot be added beside the `existing` names (None when it can): it is taken, or
     its id is another model's id or name, or its name is another model's id."""

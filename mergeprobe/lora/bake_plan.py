@@ -304,6 +304,20 @@ def attach_loras(plan: MergePlan, matching: LoraMatching) -> None:
         )
 
 
+def add_request_loras(
+    plan: MergePlan, loras: list[LoraApplication], library: ModelLibrary, pinned: list[PinnedModel]
+) -> list[dict[str, Any]]:
+    """A worker's merge plan with a job's LoRAs (`pinned`) matched against its model A and
+    attached (`attach_loras`); the LoRAs' match reports."""
+    if not loras:
+        return []
+    matching = match_loras(
+        plan.arch.name, plan.headers["a"], plan.pins["a"].name, loras, library, pinned=pinned
+    )
+    attach_loras(plan, matching)
+    return [report.to_json() for report in matching.reports]
+
+
 def plan_bake(request: BakeRequest, library: ModelLibrary, *, pinned: BakeInputs | None = None) -> LoraBake:
     """The plan of a bake request; `pinned` (a job's inputs) replaces resolving the names, and then
     the entries have local files."""

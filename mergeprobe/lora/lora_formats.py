@@ -19,13 +19,16 @@ conventions follow the writers and readers of these files:
   ``lokr_w2_b`` (Tucker: ``lokr_t2`` r × r × kh × kw, ``lokr_w2_a`` r × out2); ΔW = kron(w1, w2).
   Rank: the ``_b`` factor's first dimension, w2's when w2 is factored (ComfyUI), else w1's; "full"
   when neither is factored (then the scale is 1 whatever alpha says: both LyCORIS and ComfyUI).
-* ``dora_scale`` beside any of them (LyCORIS weight decomposition, shape 1 × in[× 1 × 1]);
-  PEFT's ``lora_magnitude_vector`` (shape out) is the same idea, normalised along the other axis.
+* ``dora_scale`` beside any of them (LyCORIS weight decomposition): 1 × in[× 1 × 1], one norm per
+  input channel, or out × 1[× 1 × 1] (LyCORIS ``wd_on_out``), one per output channel. PEFT's
+  ``lora_magnitude_vector`` is one per output channel: shape out, or 1 × out × 1 × 1 on a conv.
 * LyCORIS ``full.py`` (``diff``, ``diff_b``) and ``ia3.py`` (``weight`` + ``on_input``).
 * diffusers / PEFT: ``<m>.lora_A.weight`` (down), ``<m>.lora_B.weight`` (up); older diffusers
   ``<m>.lora.down.weight`` / ``<m>.lora.up.weight``, ``<m>_lora.down.weight`` (attention
   processors), ``<m>.lora_linear_layer.down.weight``. No alpha tensor: PEFT's ``lora_alpha`` comes
-  from the ``lora_adapter_metadata`` JSON in the safetensors metadata, else alpha = rank.
+  from the ``lora_adapter_metadata`` JSON in the safetensors metadata, else alpha = rank; with
+  ``use_rslora`` there the scale is alpha / sqrt(rank), carried as alpha · sqrt(rank) (see
+  :func:`_peft_rslora`).
 """
 
 from __future__ import annotations
@@ -103,7 +106,8 @@ class LoraModule:
     component: str  # "unet" | "te" | "te1" | "te2" | "unknown"
     keys: dict[str, str]  # role -> tensor key; roles: down up mid alpha dora_scale magnitude hada_w1_a ...
     rank: int | str | None  # int; "full" for LoKr with no factored side; None for full / ia3
-    alpha: float | None  # read from the file (path given) or the PEFT metadata; else None
+    # read from the file (path given) or the PEFT metadata (with use_rslora: × sqrt(rank)); else None
+    alpha: float | None
     alpha_source: str  # "tensor" | "metadata" | "default" (none stored: alpha = rank) | "none" (full/ia3)
     is_conv: bool | None  # None: 2-D factors that may hold a flattened conv kernel (LoHa/LoKr w/o Tucker)
     dora: bool
@@ -371,6 +375,19 @@ def _peft_alpha(name: str, peft: dict[str, object]) -> float | None:
     return None
 
 
+def _peft_rslora(name: str, peft: dict[str, object]) -> bool:
+    """Whether the module's PEFT LoraConfig says ``use_rslora`` (rank-stabilised LoRA: PEFT's
+    ``scaling = lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``), its component's key first."""
+    if not peft:
+        return False
+    component_prefix = next((p for p, _ in _COMPONENT_PREFIXES if name.startswith(p) and "." in p), "")
+    for prefix in dict.fromkeys((component_prefix, "")):
+        value = peft.get(prefix + "use_rslora")
+        if isinstance(value, bool):
+            return value
+    return False
+
+
 def _shape(tensors: dict[str, TensorInfo], roles: dict[str, str], role: str) -> tuple[int, ...] | None:
     key = roles.get(role)
     return None if key is None else tuple(tensors[key].shape)
@@ -429,6 +446,16 @@ def _describe_module(
         alpha, alpha_source = peft_alpha, "metadata"
     else:
         alpha, alpha_source = None, "default"
+    if alpha_source in ("metadata", "default") and isinstance(rank, int) and _peft_rslora(name, peft):
+        # PEFT use_rslora: scale = alpha / sqrt(rank). Everything downstream (LoraModule.scale, the
+        # bake's lora_delta / addmm_) computes alpha / rank, so the module carries the effective
+        # alpha · sqrt(rank) (alpha = rank where the config gives no lora_alpha), as LyCORIS
+        # stores an rs-LoRA's alpha; LoraFile.alphas lists that effective alpha.
+        alpha = (rank if alpha is None else alpha) * math.sqrt(rank)
+        alpha_source = "metadata"
+
+    if family in ("lora", "loha", "lokr") and delta is not None:
+        _check_dora(roles, shape, delta, is_conv, fail)
 
     return LoraModule(
         name=name,
@@ -446,6 +473,39 @@ def _describe_module(
     )
 
 
+def _check_dora(roles, shape, delta, is_conv, fail) -> None:
+    """A DoRA magnitude must fit the module's ΔW (out, in[, kh, kw]) as lora_delta reads it:
+    ``dora_scale`` (out, 1[, 1, 1]) or (out,) per output channel, (1, in[, 1, 1]) per input
+    channel; PEFT's ``lora_magnitude_vector`` one value per output channel, (out,) or
+    (1, out, 1, 1). A LoHa / LoKr ΔW of 2-D factors may hold a conv kernel flattened
+    (``is_conv`` None: in · kh · kw columns), so there any divisor of its columns may be `in`."""
+    if "dora_scale" in roles and "magnitude" in roles:
+        raise fail("both a dora_scale and a lora_magnitude_vector")
+    out, columns = delta[0], math.prod(delta[1:])
+    inp = delta[1] if len(delta) > 1 else 1
+    if "magnitude" in roles:
+        m = shape("magnitude")
+        if math.prod(m) == out and [d for d in m if d != 1] in ([], [out]):
+            return
+        raise fail(
+            f"lora_magnitude_vector {list(m)} is not one value per output channel of its {list(delta)} update: "
+            f"expected [{out}] (or [1, {out}, 1, 1] on a conv)"
+        )
+    if "dora_scale" not in roles:
+        return
+    ds = shape("dora_scale")
+    trailing_ones = all(d == 1 for d in ds[2:])
+    if len(ds) >= 1 and ds[0] == out and all(d == 1 for d in ds[1:]):
+        return  # per output channel (LyCORIS wd_on_out)
+    if len(ds) >= 2 and ds[0] == 1 and trailing_ones and ds[1] > 0:
+        if ds[1] == inp or (is_conv is None and len(delta) == 2 and columns % ds[1] == 0):
+            return  # per input channel
+    raise fail(
+        f"dora_scale {list(ds)} fits neither the output axis ([{out}, 1, …]) nor the input axis "
+        f"([1, {inp}, …]) of its {list(delta)} update"
+    )
+
+
 def _lora_factors(shape, fail):
     down, up, mid = shape("down"), shape("up"), shape("mid")
     if down is None:
@@ -454,6 +514,9 @@ def _lora_factors(shape, fail):
         raise fail("lora down weight without its up weight")
     if len(down) not in (2, 4) or len(up) not in (2, 4):
         raise fail(f"down {list(down)} and up {list(up)} must be 2-D (linear) or 4-D (conv)")
+    if up[2:] not in ((), (1, 1)):
+        # the kernel is down's (or mid's): an up is out × rank[ × 1 × 1] (kohya, LyCORIS, ComfyUI)
+        raise fail(f"lora_up {list(up)} must be 1×1: the kernel is lora_down's (or lora_mid's)")
     rank = down[0]
     if mid is not None:
         # LoCon CP: down rank × in × 1 × 1, mid rank × rank × kh × kw, up out × rank × 1 × 1.
@@ -532,6 +595,8 @@ def _lokr_factors(shape, fail):
     w2, rank2, tucker = _lokr_side(shape, fail, 2)
     if len(w1) != 2:
         raise fail(f"w1 must be 2-D: {list(w1)}")
+    if len(w2) not in (2, 4):
+        raise fail(f"w2 must be 2-D (linear) or 4-D (conv): {list(w2)}")
     rank = rank2 if rank2 is not None else rank1 if rank1 is not None else "full"
     delta = (w1[0] * w2[0], w1[1] * w2[1], *w2[2:])
     is_conv = True if len(w2) > 2 else (False if rank2 is None else None)

@@ -280,8 +280,10 @@ class LoraKeyTable:
         entries: Mapping[str, Mapping[str, LoraTarget]],
         by_key: Mapping[str, LoraTarget],
         ambiguous: Mapping[str, Iterable[str]] | None = None,
+        per_level: int = 3,
     ):
         self.arch = arch
+        self.per_level = per_level  # LDM input blocks per U-Net level (unet_blocks_per_level)
         # component → normalised name → target
         self.entries: dict[str, dict[str, LoraTarget]] = {c: dict(t) for c, t in entries.items()}
         self.by_key: dict[str, LoraTarget] = dict(by_key)  # LDM weight key → target (rows None)
@@ -386,7 +388,7 @@ class LoraKeyTable:
         for component, names in ambiguous.items():
             for name in names:
                 del entries[component][name]
-        return cls(architecture.name, entries, by_key, ambiguous)
+        return cls(architecture.name, entries, by_key, ambiguous, per_level)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -419,3 +421,21 @@ class LoraKeyTable:
 
     def __len__(self) -> int:
         return sum(len(t) for t in self.entries.values())
+
+    def kohya_name(self, target: LoraTarget) -> str:
+        """The module name kohya sd-scripts gives the layer ``target`` is, the name LoRAs we write
+        use: ``lora_unet_`` + the diffusers path (sd1/sd2) or the LDM path (sdxl, as sd-scripts'
+        SDXL U-Net names it), ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` + the transformers
+        CLIPTextModel path (OpenCLIP's q/k/v are row ranges of ``in_proj_weight``)."""
+        if target.component == "unet":
+            rest = target.key[len(get_arch(self.arch).unet_prefix) :]
+            path = rest if self.arch == "sdxl" else unet_ldm_to_diffusers(rest, self.per_level) or rest
+            return "lora_unet_" + path.removesuffix(".weight").replace(".", "_")
+        names = [
+            name
+            for name, found in self.entries.get(target.component, {}).items()
+            if found == target and name.startswith(("encoder_layers_", "embeddings_", "final_layer_norm"))
+        ]
+        if not names:
+            raise KeyError(f"{target.key}{target.rows or ''}: no transformers name for it")
+        return f"lora_{target.component}_text_model_{names[0]}"

@@ -28,7 +28,7 @@ from mergeprobe.checkpoints.archs import (
 )
 from mergeprobe.checkpoints.checkpoint_headers import CheckpointHeader, TensorInfo
 from mergeprobe.checkpoints.elements import check_unet_complete
-from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel, validate_model_name
+from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel, validate_output_name
 from mergeprobe.checkpoints.variants import (
     EDM_MARKERS,
     EMA_BUFFERS,
@@ -481,14 +481,7 @@ def plan_merge(
     arch = _arch_of(headers)
     _check_unets(arch, headers)
     name = output_name or request.output.name or default_output_name(request, pins)
-    validate_model_name(name, field="output.name")
-    if not name.endswith(".safetensors"):
-        raise InvalidInput(
-            "invalid-model-name",
-            "Invalid request",
-            "the output is written as .safetensors",
-            field="output.name",
-        )
+    validate_output_name(name)
 
     warnings: list[str] = []
     alphas = _weights(request.alpha, request.base_alpha, arch, "alpha", 0.0, warnings)
@@ -704,32 +697,51 @@ class PlanChange:
     rules: tuple[ElementalRule, ...] = ()
     rule_beta: float | None = None
     method: MergeMethod | None = None
+    # (LoRA index, block, strength applied there): new strengths (the LoRA's strength × its block
+    # weight) of the modules of a plan's attached LoRAs (`MergePlan.loras`) on those blocks.
+    lora_strengths: tuple[tuple[int, str, float], ...] = ()
 
 
 def change_plan(plan: MergePlan, change: PlanChange, blocks: Collection[str]) -> MergePlan:
     """The keys of `blocks` that `change` touches, with their new α, β and action, as a plan of
     their own on the same inputs: what a sweep variant computes instead of the baseline. Keys
-    without ratios (copied from one input, kept) are never touched."""
+    without ratios (copied from one input, kept) never get new ratios. A key LoRA modules modify
+    is in it when its ratios are touched or a module's strength changes; its `loras` entry lists
+    its modules with the variant's strengths."""
     method = change.method or plan.method
-    keys = []
+    strengths = {(lora, block): strength for lora, block, strength in change.lora_strengths}
+    keys, loras = [], {}
     for kp in plan.keys:
-        if kp.alpha is None or kp.block not in blocks:
+        if kp.block not in blocks:
             continue
-        alpha, beta, touched = kp.alpha, kp.beta, False
-        for override in change.overrides:
-            if kp.block in override.blocks:
-                touched = True
-                alpha = override.alpha if override.alpha is not None else alpha
-                beta = override.beta if override.beta is not None else beta
-        for rule in change.rules:
-            if rule_matches(rule, kp.block, kp.element):
-                touched = True
-                alpha = rule.ratio
-                beta = change.rule_beta if change.rule_beta is not None else beta
-        if touched:
-            action = _action(method, plan.headers, kp.key, alpha, beta)
-            keys.append(replace(kp, alpha=alpha, beta=beta, action=action))
-    return replace(plan, method=method, keys=keys, warnings=[])
+        changed = kp
+        if kp.alpha is not None:
+            alpha, beta, touched = kp.alpha, kp.beta, False
+            for override in change.overrides:
+                if kp.block in override.blocks:
+                    touched = True
+                    alpha = override.alpha if override.alpha is not None else alpha
+                    beta = override.beta if override.beta is not None else beta
+            for rule in change.rules:
+                if rule_matches(rule, kp.block, kp.element):
+                    touched = True
+                    alpha = rule.ratio
+                    beta = change.rule_beta if change.rule_beta is not None else beta
+            if touched:
+                action = _action(method, plan.headers, kp.key, alpha, beta)
+                changed = replace(kp, alpha=alpha, beta=beta, action=action)
+        modules = plan.loras.get(kp.key)
+        restrengthened = modules
+        if modules and strengths:
+            restrengthened = [
+                replace(m, strength=strengths.get((m.lora, m.target.block), m.strength)) for m in modules
+            ]
+        if changed is kp and restrengthened == modules:
+            continue
+        keys.append(changed)
+        if modules:
+            loras[kp.key] = restrengthened
+    return replace(plan, method=method, keys=keys, warnings=[], loras=loras)
 
 
 def _conv_in_channels_differ(arch: Architecture, key: str, ta: TensorInfo, tb: TensorInfo) -> bool:

@@ -6,7 +6,8 @@ cross-attention maps (`attention`) at chosen sampler steps. Prompts may give
 blocks different text with `(~: spec: text; … :~)` groups
 (`mergeprobe.probing.layer_prompts`); `layer_prompt_diff` also runs without the groups
 and records the difference. A dump with neither `features` nor `attention`
-just generates the image.
+just generates the image. `loras` are added to the model's weights in memory for the job
+(matched at submission as a bake matches them) and taken out again, bit for bit.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from mergeprobe.checkpoints.archs import UNKNOWN, Architecture, detect_arch, get_arch
 from mergeprobe.checkpoints.checkpoint_headers import CheckpointHeader
 from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel
+from mergeprobe.lora.bake_plan import LoraMatch, match_loras
+from mergeprobe.lora.lora_request import MAX_LORAS, LoraApplication
 from mergeprobe.merging.blockspec import format_blocks, parse_block_set, parse_steps, spec_problem
 from mergeprobe.probing.capture_estimate import block_geometry, estimate_dump
 from mergeprobe.probing.colorize import Colorize
@@ -147,6 +150,13 @@ class DumpRequest(RequestModel):
             "map; needs at least one group in `prompt` or `negative_prompt`."
         ),
     )
+    loras: list[LoraApplication] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description="LoRAs added to the model's weights in memory for this job (U-Net and text encoders, as a "
+        "bake adds them: strength × block weight × ΔW per modified tensor, in fp32), never written; the "
+        "cached pipeline gets its own weights back bit for bit afterwards. Reported per LoRA in the result.",
+    )
 
     @field_validator("width", "height")
     @classmethod
@@ -189,6 +199,10 @@ class DumpResult(BaseModel):
     )
     pipeline_cached: bool = Field(default=False, description="The worker had the pipeline loaded already.")
     pipeline: PipelineVariant | None = Field(default=None, description="The scheduler variant it ran with.")
+    loras: list[LoraMatch] = Field(
+        default_factory=list,
+        description="Per LoRA of the request: what it matched in the model and the strengths applied per block.",
+    )
 
 
 def _unknown_arch(name: str) -> InvalidInput:
@@ -223,6 +237,7 @@ class DumpInputs(BaseModel):
     plain_negative_prompt: str
     has_groups: bool
     warnings: list[str]
+    loras: list[PinnedModel] = Field(default_factory=list, description="The request's LoRAs, pinned.")
 
 
 def _capture_inputs(
@@ -268,6 +283,10 @@ def prepare_dump(request: DumpRequest, library: ModelLibrary) -> DumpInputs:
     pipeline = check_probeable(entry.name, header, entry.variant, request.prediction_type, library.settings)
 
     warnings: list[str] = []
+    # A LoRA for another architecture, or matching no key of the model, is a 400 naming it.
+    matching = match_loras(arch.name, header, entry.name, request.loras, library) if request.loras else None
+    if matching is not None:
+        warnings.extend(matching.warnings)
     prompt = parse_layer_prompt(request.prompt, arch, field="prompt")
     negative = parse_layer_prompt(request.negative_prompt, arch, field="negative_prompt")
     for field, parsed in (("prompt", prompt), ("negative_prompt", negative)):
@@ -313,6 +332,7 @@ def prepare_dump(request: DumpRequest, library: ModelLibrary) -> DumpInputs:
         plain_negative_prompt=negative.plain(),
         has_groups=has_groups,
         warnings=warnings,
+        loras=matching.pins if matching is not None else [],
     )
     check_capture_size(request, inputs, header, arch, library.settings)
     return inputs

@@ -8,6 +8,12 @@ Variants act on U-Net blocks (IN00 … OUTnn); BASE (text encoders and VAE) is s
 baseline merge only. A variant's formula is `mode` (default: the baseline's mode when the
 baseline is a merge, else `scaled_sum`); without model_b, B is taken to be A, so the
 layer-influence study — α = 0, β = 0.75 on one block — weakens that block to 75 %.
+
+`loras` are added to the baseline in memory (after its merge, as a merge job adds them), and
+variants may change a LoRA's strength on U-Net blocks: per block (`LoraBlockVariants`, the
+study of one LoRA: switched off on one block at a time) or along an XY axis (`lora_strength`,
+`lora_block`). A variant's LoRA change is resolved at submission into the strength applied per
+(LoRA, block), `Variant.lora_strengths`, which the plan change carries (`PlanChange`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mergeprobe.checkpoints.archs import BASE, Architecture
 from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel
+from mergeprobe.lora.bake_plan import MAX_STRENGTH, LoraMatch, LoraMatching, match_loras
+from mergeprobe.lora.lora_block_weights import resolve_lora_block_weights
+from mergeprobe.lora.lora_request import MAX_LORAS, LoraApplication
 from mergeprobe.merging.blockspec import parse_block_set, parse_number
 from mergeprobe.merging.elemental import ElementalRule, parse_elemental
 from mergeprobe.merging.merge_methods import MERGE_METHODS
@@ -67,6 +76,29 @@ class PerBlockVariants(RequestModel):
     )
 
 
+class LoraBlockVariants(RequestModel):
+    """One variant per named block with one LoRA's weight set on that block (the layer-influence
+    study of a LoRA: with `weight` 0, the LoRA switched off on one block at a time)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"lora": 0, "blocks": "IN00-OUT11", "weight": 0}]},
+    )
+
+    lora: int = Field(ge=0, description="The LoRA varied: its index in `loras`.")
+    blocks: str = Field(
+        default="IN00-OUT11",
+        description="U-Net block set, as for per-block variants: one variant per block. BASE (the text "
+        "encoders) is refused: the LoRA's text-encoder strength is the baseline's.",
+    )
+    weight: float = Field(
+        default=0.0,
+        ge=-100,
+        le=100,
+        description="The LoRA's block weight on the varied block: its strength there becomes "
+        "`loras[lora].strength × weight` (0: switched off there).",
+    )
+
+
 class PerElementVariants(RequestModel):
     """One variant per elemental entry (SuperMerger's effective elemental checker)."""
 
@@ -83,13 +115,26 @@ class PerElementVariants(RequestModel):
     mode: MergeMode | None = None
 
 
+LORA_KINDS = ("lora_strength", "lora_block")
+AxisKind = Literal["alpha", "beta", "block", "seed", "prompt", "elemental", "lora_strength", "lora_block"]
+
+
 class Axis(RequestModel):
-    kind: Literal["alpha", "beta", "block", "seed", "prompt", "elemental"] = Field(
+    kind: AxisKind = Field(
         description="What varies: α or β on every U-Net block, α of one block (`block`), the seed, the prompt, "
-        "or an elemental entry string (α overrides)."
+        "an elemental entry string (α overrides), a LoRA's strength on every U-Net block (`lora_strength`; "
+        "its text-encoder strength stays the baseline's), or a LoRA's block weight on `block` (`lora_block`: "
+        "its strength there is the LoRA's strength × the value)."
     )
     block: str | None = Field(
-        default=None, description="For kind `block`: the block whose α varies.", examples=["OUT05"]
+        default=None,
+        description="For kinds `block` and `lora_block`: the U-Net block (or block set) varied.",
+        examples=["OUT05"],
+    )
+    lora: int | None = Field(
+        default=None,
+        ge=0,
+        description="For kinds `lora_strength` and `lora_block`: the LoRA, its index in `loras` (default 0).",
     )
     values: list[float | int | str] = Field(min_length=1, max_length=32)
 
@@ -134,7 +179,16 @@ class SweepRequest(MergeRecipe):
         "`alpha`, `beta`, `base_alpha`, `base_beta`, `elemental`, `elemental_beta`, `seed`) are a merge "
         "job's.",
     )
-    variants: PerBlockVariants | PerElementVariants | XYVariants
+    variants: PerBlockVariants | PerElementVariants | LoraBlockVariants | XYVariants
+    loras: list[LoraApplication] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS,
+        description="LoRAs added to the baseline in memory after its merge, as a merge job's `loras` (matched "
+        "against model A's keys; strength × block weight × ΔW per modified tensor, text encoders included); "
+        "never written, and the cached pipeline gets its own weights back bit for bit. Reported per LoRA in "
+        'the result. Variants may change a LoRA\'s strength on U-Net blocks: `{"lora": 0, "blocks": '
+        '"IN00-OUT11", "weight": 0}`, XY kinds `lora_strength` and `lora_block`.',
+    )
     prompt: str = Field(max_length=MAX_PROMPT_CHARS, examples=["a cute girl"])
     negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3, 4], min_length=1, max_length=16)
@@ -195,6 +249,30 @@ class SweepResult(BaseModel):
         default=False, description="The worker had model_a's pipeline loaded already."
     )
     pipeline: PipelineVariant | None = Field(default=None, description="The scheduler variant it ran with.")
+    loras: list[LoraMatch] = Field(
+        default_factory=list,
+        description="Per LoRA of the request: what it matched in model A and the strengths applied per block "
+        "in the baseline.",
+    )
+
+
+@dataclass(frozen=True)
+class LoraOverride:
+    """A LoRA's strength and/or block weight on some U-Net blocks (None keeps the baseline's)."""
+
+    lora: int
+    blocks: frozenset[str]
+    strength: float | None = None
+    weight: float | None = None
+    field: str = ""  # the request field it came from, for errors
+
+
+@dataclass(frozen=True)
+class LoraBase:
+    """A LoRA of the request as the baseline applies it: its strength and block weights."""
+
+    strength: float
+    weights: dict[str, float]
 
 
 @dataclass
@@ -211,6 +289,9 @@ class Variant:
     seeds: list[int] | None = None
     prompt: str | None = None
     position: tuple[int, int] | None = None  # (x, y) in an XY grid
+    # LoRA index → block → the strength applied there (strength × block weight), where it differs
+    # from the baseline's by request
+    lora_strengths: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def change(self) -> PlanChange:
         """What this variant changes in the baseline's plan."""
@@ -219,6 +300,11 @@ class Variant:
             rules=tuple(self.rules),
             rule_beta=self.rule_beta,
             method=MERGE_METHODS[self.mode] if self.mode else None,
+            lora_strengths=tuple(
+                (lora, block, strength)
+                for lora, per_block in sorted(self.lora_strengths.items())
+                for block, strength in per_block.items()
+            ),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -234,6 +320,7 @@ class Variant:
             "seeds": self.seeds,
             "prompt": self.prompt,
             "position": list(self.position) if self.position else None,
+            "lora_strengths": {str(lora): per_block for lora, per_block in self.lora_strengths.items()},
         }
 
     @classmethod
@@ -250,6 +337,9 @@ class Variant:
             seeds=data["seeds"],
             prompt=data["prompt"],
             position=tuple(data["position"]) if data["position"] else None,
+            lora_strengths={
+                int(lora): dict(per_block) for lora, per_block in data.get("lora_strengths", {}).items()
+            },
         )
 
 
@@ -266,8 +356,103 @@ def _no_base_only(rules: list[ElementalRule], field_name: str) -> None:
             )
 
 
-def _axis_parts(axis: Axis, arch: Architecture, field_name: str) -> list[dict[str, Any]]:
-    """Each value of an axis as a partial variant: label plus overrides, rules, seeds or prompt."""
+def _lora_bases(request: SweepRequest, arch: Architecture) -> list[LoraBase]:
+    """Each LoRA of the request as the baseline applies it (its strength and block weights)."""
+    return [
+        LoraBase(
+            application.strength,
+            resolve_lora_block_weights(
+                1.0 if application.blocks is None else application.blocks, arch, field=f"loras[{i}].blocks"
+            ),
+        )
+        for i, application in enumerate(request.loras)
+    ]
+
+
+def _lora_index(index: int | None, request: SweepRequest, field_name: str) -> int:
+    """The LoRA a variant varies (default the first), which must be one of the request's."""
+    index = 0 if index is None else index
+    if not request.loras:
+        raise InvalidInput(
+            "invalid-variant",
+            "Invalid request",
+            "LoRA variants vary a LoRA of `loras`, and the request has none",
+            field=field_name,
+        )
+    if index >= len(request.loras):
+        raise InvalidInput(
+            "invalid-variant",
+            "Invalid request",
+            f"there is no LoRA {index}: `loras` has {len(request.loras)} "
+            f"(indices 0–{len(request.loras) - 1})",
+            field=field_name,
+        )
+    return index
+
+
+def _lora_blocks(spec: str | None, arch: Architecture, field_name: str) -> frozenset[str]:
+    """The U-Net blocks a LoRA variant names. BASE is refused: variants change U-Net tensors only,
+    so a LoRA's text-encoder strength is the baseline's."""
+    if not spec:
+        raise InvalidInput(
+            "invalid-variant", "Invalid request", "name the U-Net blocks varied", field=field_name
+        )
+    blocks = parse_block_set(spec, arch, field=field_name, allow_base=True)
+    if BASE in blocks:
+        raise InvalidInput(
+            "invalid-variant",
+            "Invalid request",
+            "BASE (the text encoders) cannot vary per variant: sweep variants change U-Net blocks only, so a "
+            "LoRA's text-encoder strength is the baseline's (set it with the LoRA's `blocks`, e.g. "
+            "`BASE:0.5, _:1`)",
+            field=field_name,
+            position=max(spec.upper().find("BASE"), 0),
+        )
+    return frozenset(blocks)
+
+
+def _lora_strengths(
+    overrides: list[LoraOverride], bases: list[LoraBase], arch: Architecture
+) -> dict[int, dict[str, float]]:
+    """LoRA → block → the strength applied there with `overrides` (later ones winning): the given or
+    the baseline's strength × the given or the baseline's block weight."""
+    chosen: dict[tuple[int, str], tuple[float | None, float | None, str]] = {}
+    for override in overrides:
+        for block in override.blocks:
+            strength, weight, _ = chosen.get((override.lora, block), (None, None, ""))
+            chosen[(override.lora, block)] = (
+                override.strength if override.strength is not None else strength,
+                override.weight if override.weight is not None else weight,
+                override.field,
+            )
+    result: dict[int, dict[str, float]] = {}
+    for lora in sorted({lora for lora, _ in chosen}):
+        base = bases[lora]
+        for block in arch.unet_blocks:
+            if (lora, block) not in chosen:
+                continue
+            strength, weight, where = chosen[(lora, block)]
+            # The same product, in the same order, as bake_plan.match_loras: a variant that repeats
+            # the baseline's strength changes nothing, bit for bit.
+            applied = (base.strength if strength is None else strength) * (
+                base.weights[block] if weight is None else weight
+            )
+            if not abs(applied) <= MAX_STRENGTH:
+                raise InvalidInput(
+                    "invalid-strength",
+                    "Invalid strength",
+                    f"loras[{lora}]'s strength on {block} would be {applied:g}; at most {MAX_STRENGTH:g} in size",
+                    field=where,
+                )
+            result.setdefault(lora, {})[block] = applied
+    return result
+
+
+def _axis_parts(
+    axis: Axis, arch: Architecture, field_name: str, request: SweepRequest
+) -> list[dict[str, Any]]:
+    """Each value of an axis as a partial variant: label plus overrides, rules, LoRA overrides,
+    seeds or prompt."""
     parts = []
     if axis.kind == "block":
         if not axis.block:
@@ -278,9 +463,27 @@ def _axis_parts(axis: Axis, arch: Architecture, field_name: str) -> list[dict[st
                 field=f"{field_name}.block",
             )
         blocks = frozenset(parse_block_set(axis.block, arch, field=f"{field_name}.block"))
+    if axis.kind in LORA_KINDS:
+        lora = _lora_index(axis.lora, request, f"{field_name}.lora")
+        if axis.kind == "lora_block":
+            blocks = _lora_blocks(axis.block, arch, f"{field_name}.block")
+        elif axis.block:
+            raise InvalidInput(
+                "invalid-variant",
+                "Invalid request",
+                "`block` is for kinds block and lora_block: lora_strength varies every U-Net block",
+                field=f"{field_name}.block",
+            )
+    elif axis.lora is not None:
+        raise InvalidInput(
+            "invalid-variant",
+            "Invalid request",
+            "`lora` is for kinds lora_strength and lora_block",
+            field=f"{field_name}.lora",
+        )
     for i, value in enumerate(axis.values):
         where = f"{field_name}.values[{i}]"
-        if axis.kind in ("alpha", "beta", "block"):
+        if axis.kind in ("alpha", "beta", "block", *LORA_KINDS):
             if isinstance(value, str):
                 value = parse_number(value, field=where)
             number = float(value)
@@ -291,6 +494,12 @@ def _axis_parts(axis: Axis, arch: Architecture, field_name: str) -> list[dict[st
                         "overrides": [RatioOverride(blocks, alpha=number)],
                     }
                 )
+            elif axis.kind == "lora_strength":
+                override = LoraOverride(lora, frozenset(arch.unet_blocks), strength=number, field=where)
+                parts.append({"label": f"lora{lora}={number:g}", "loras": [override]})
+            elif axis.kind == "lora_block":
+                override = LoraOverride(lora, blocks, weight=number, field=where)
+                parts.append({"label": f"{axis.block} lora{lora}={number:g}", "loras": [override]})
             else:
                 override = RatioOverride(frozenset(arch.unet_blocks), **{axis.kind: number})
                 parts.append({"label": f"{axis.kind}={number:g}", "overrides": [override]})
@@ -320,6 +529,17 @@ def _axis_parts(axis: Axis, arch: Architecture, field_name: str) -> list[dict[st
     return parts
 
 
+def _same_axes(x: Axis, y: Axis) -> bool:
+    """Whether x and y vary the same thing (a grid whose every cell takes y's value of it)."""
+    if x.kind != y.kind:
+        return False
+    if x.kind in ("seed", "prompt", "alpha", "beta"):
+        return True
+    if x.kind == "lora_strength":
+        return (x.lora or 0) == (y.lora or 0)
+    return x.kind == "lora_block" and (x.lora or 0) == (y.lora or 0) and x.block == y.block
+
+
 def expand_variants(request: SweepRequest, arch: Architecture) -> list[Variant]:
     spec = request.variants
     if isinstance(spec, PerBlockVariants):
@@ -335,15 +555,33 @@ def expand_variants(request: SweepRequest, arch: Architecture) -> list[Variant]:
             _no_base_only(rules, f"variants.elements[{i}]")
             variants.append(Variant(f"e{i:02d}", entry, rules=rules, rule_beta=spec.beta, mode=spec.mode))
         return variants
-    if spec.x.kind == spec.y.kind and spec.x.kind in ("seed", "prompt", "alpha", "beta"):
+    bases = _lora_bases(request, arch)
+    if isinstance(spec, LoraBlockVariants):
+        # The study's variants, named by block as per-block merge variants are (the U grid, the ranking).
+        lora = _lora_index(spec.lora, request, "variants.lora")
+        blocks = _lora_blocks(spec.blocks, arch, "variants.blocks")
+        return [
+            Variant(
+                b,
+                b,
+                lora_strengths=_lora_strengths(
+                    [LoraOverride(lora, frozenset((b,)), weight=spec.weight, field="variants.weight")],
+                    bases,
+                    arch,
+                ),
+            )
+            for b in arch.unet_blocks
+            if b in blocks
+        ]
+    if _same_axes(spec.x, spec.y):
         raise InvalidInput(
             "invalid-variant",
             "Invalid request",
             f"x and y both vary {spec.x.kind}",
             field="variants.y.kind",
         )
-    xs = _axis_parts(spec.x, arch, "variants.x")
-    ys = _axis_parts(spec.y, arch, "variants.y")
+    xs = _axis_parts(spec.x, arch, "variants.x", request)
+    ys = _axis_parts(spec.y, arch, "variants.y", request)
     variants = []
     for yi, y in enumerate(ys):
         for xi, x in enumerate(xs):
@@ -357,9 +595,44 @@ def expand_variants(request: SweepRequest, arch: Architecture) -> list[Variant]:
                     seeds=y.get("seeds", x.get("seeds")),
                     prompt=y.get("prompt", x.get("prompt")),
                     position=(xi, yi),
+                    lora_strengths=_lora_strengths(x.get("loras", []) + y.get("loras", []), bases, arch),
                 )
             )
     return variants
+
+
+def _lora_variant_warnings(request: SweepRequest, arch: Architecture, matching: LoraMatching) -> list[str]:
+    """What LoRA variants will not do that their request may suggest."""
+    warnings = []
+    spec = request.variants
+    if isinstance(spec, XYVariants):
+        for name, axis in (("x", spec.x), ("y", spec.y)):
+            if axis.kind not in LORA_KINDS:
+                continue
+            report = matching.reports[axis.lora or 0]
+            te = sum(n for component, n in report.matched_by_component.items() if component != "unet")
+            if axis.kind == "lora_strength" and te:
+                warnings.append(
+                    f"variants.{name}: lora_strength sets loras[{axis.lora or 0}] ({report.lora.name})'s strength "
+                    f"on the U-Net blocks; its {te} text-encoder modules keep the baseline's strength"
+                )
+            if axis.kind == "lora_block":
+                blocks = _lora_blocks(axis.block, arch, f"variants.{name}.block")
+                if not any(report.matched_by_block.get(b) for b in blocks):
+                    warnings.append(
+                        f"variants.{name}: loras[{axis.lora or 0}] ({report.lora.name}) modifies no tensor of "
+                        f"{axis.block}; its values change nothing"
+                    )
+    elif isinstance(spec, LoraBlockVariants):
+        report = matching.reports[spec.lora]
+        blocks = _lora_blocks(spec.blocks, arch, "variants.blocks")
+        idle = [b for b in arch.unet_blocks if b in blocks and not report.matched_by_block.get(b)]
+        if idle:
+            warnings.append(
+                f"variants: loras[{spec.lora}] ({report.lora.name}) modifies no tensor of {', '.join(idle)}; "
+                "those variants are the baseline"
+            )
+    return warnings
 
 
 class SweepInputs(BaseModel):
@@ -369,6 +642,8 @@ class SweepInputs(BaseModel):
     pipeline: PipelineVariant = Field(description="How model A's pipeline is built.")
     models: dict[str, PinnedModel] = Field(description="Slot (a, b, c) → the baseline merge's pinned model.")
     variants: list[dict[str, Any]] = Field(description="Each variant as `Variant.to_json` writes it.")
+    loras: list[PinnedModel] = Field(default_factory=list, description="The request's LoRAs, pinned.")
+    warnings: list[str] = Field(default_factory=list, description="Found at submission, reported by the job.")
 
 
 def prepare_sweep(request: SweepRequest, library: ModelLibrary) -> SweepInputs:
@@ -384,6 +659,13 @@ def prepare_sweep(request: SweepRequest, library: ModelLibrary) -> SweepInputs:
         request.prediction_type,
         library.settings,
         field="model_a",
+    )
+    # LoRAs are matched against model A's keys, as a merge job's are; a LoRA for another
+    # architecture or matching nothing is a 400 naming it (loras[i].model).
+    matching = (
+        match_loras(plan.arch.name, plan.headers["a"], plan.pins["a"].name, request.loras, library)
+        if request.loras
+        else None
     )
     variants = expand_variants(request, plan.arch)
     for variant in variants:
@@ -421,5 +703,10 @@ def prepare_sweep(request: SweepRequest, library: ModelLibrary) -> SweepInputs:
             field="variants",
         )
     return SweepInputs(
-        arch=plan.arch.name, pipeline=pipeline, models=plan.pins, variants=[v.to_json() for v in variants]
+        arch=plan.arch.name,
+        pipeline=pipeline,
+        models=plan.pins,
+        variants=[v.to_json() for v in variants],
+        loras=matching.pins if matching else [],
+        warnings=_lora_variant_warnings(request, plan.arch, matching) if matching else [],
     )

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from mergeprobe.checkpoints.archs import UNKNOWN
 from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel
 from mergeprobe.lora.bake_plan import BakeInputs, BakeRequest, LoraMatch, match_loras, plan_bake
+from mergeprobe.lora.lora_extract_plan import ExtractInputs, ExtractRequest, prepare_extract
+from mergeprobe.lora.lora_merge_plan import LoraMergeInputs, LoraMergeRequest, prepare_lora_merge
+from mergeprobe.lora.lora_output import LoraWriteSummary
 from mergeprobe.merging.merge_methods import MERGE_METHODS
 from mergeprobe.merging.merge_plan import ElementalRequest, MergeInputs, MergeRequest, plan_merge
 from mergeprobe.probing.dump_request import DumpInputs, DumpRequest, DumpResult, prepare_dump
@@ -93,6 +96,18 @@ class MergedModel(BaseModel):
         description="The model's file (Range, ETag = sha256).", examples=["/v1/models/blend/file"]
     )
 
+    @classmethod
+    def of(cls, info: Any) -> MergedModel:
+        """A library model (its `ModelEntry.info()`) as a job's result names it."""
+        return cls(
+            id=info.id,
+            name=info.name,
+            sha256=info.sha256,
+            short_hash=info.short_hash,
+            url=model_url(info.id),
+            download_url=model_file_url(info.id),
+        )
+
 
 class MergeResult(BaseModel):
     model: MergedModel = Field(description="The result, registered in the model library (so merges chain).")
@@ -138,6 +153,61 @@ Each modified tensor is W + Σ strength · w_block · ΔW, computed in fp32 and 
 The result reports, per LoRA, the modules matched per block and text encoder, those that matched
 nothing (named), and the strength applied per block; POST /v1/plans/bake is the dry run. A LoRA for
 another architecture, matching nothing, or not fitting its tensors is a 400 at submission."""
+
+
+class NotCarried(BaseModel):
+    count: int = Field(
+        description="Tensors that differ between the models and no module of the LoRA carries."
+    )
+    keys: list[str] = Field(description="The first 20 of them.")
+    by_block: dict[str, int] = Field(examples=[{"IN00": 2, "OUT11": 2, "BASE": 1}])
+
+
+class LoraExtractResult(LoraWriteSummary):
+    model: MergedModel = Field(description="The LoRA, registered in the model library.")
+    size_bytes: int
+    arch: str = Field(examples=["sd1"])
+    device: str = Field(examples=["cpu"])
+    unchanged: list[str] = Field(description="Layers left out: no |ΔW| above min_diff.")
+    not_carried: NotCarried
+    seconds: float = Field(description="Time of the SVDs (reading and factoring the layers).")
+    torch: str
+
+
+LORA_EXTRACT_DESCRIPTION = """A kohya-format LoRA from `model_tuned − model_base`, written to the library.
+
+Per layer ΔW = tuned − base in fp32, factored by SVD into up = U·S (out × r) and down = Vᵀ (r × in, a
+conv's down keeping its kernel: LoCon), alpha = r, as sd-scripts' extract_lora_from_models.py stores
+them. r is `rank` (`conv_rank` for 3×3 convs), or with `energy` the smallest rank holding that share of
+‖ΔW‖² (at most the cap). Layers: the U-Net transformers' linears and 1×1 convs; with `conv_rank`, the
+ResBlocks, downsamplers and upsamplers too; with `text_encoders`, the text encoders' attention and MLP
+linears (SDXL: `lora_te1_`, `lora_te2_`). The result reports each module's rank and relative error
+‖ΔW − up·down‖/‖ΔW‖ of the stored factors (also `modules.csv`), and the tensors that differ but no
+module carries (conv_in, norms, the VAE …). Differences from sd-scripts: no factor clamping unless
+`clamp_quantile` (sd-scripts: 0.99), a randomised SVD unless `svd: full`, `min_diff` per layer."""
+
+
+class LoraMergeResult(LoraWriteSummary):
+    model: MergedModel = Field(description="The LoRA, registered in the model library.")
+    size_bytes: int
+    arch: str = Field(examples=["sd1"])
+    mode: str = Field(examples=["concat"])
+    device: str = Field(examples=["cpu"])
+    loras: list[LoraMatch] = Field(description="Per input LoRA: what it matched and the strengths applied.")
+    torch: str
+
+
+LORA_MERGE_DESCRIPTION = """Several LoRAs, each at its `strength` and `blocks` weights (as in bakes), into one
+kohya-format LoRA in the library; one LoRA with mode `svd` resizes it.
+
+Modules of the inputs that modify the same layer (whatever their naming: kohya, PEFT, LyCORIS) become
+one module, named as sd-scripts names it. `concat`: the inputs' factors side by side (rank = the sum of
+theirs; strength × block weight × alpha/rank folded into up): baking the result equals baking the
+inputs, up to the output dtype; plain LoRA/LoCon only. `svd`: the summed update of each layer reduced to
+`rank` (`conv_rank` for 3×3 convs) or `energy` by SVD, computed from the factors without forming ΔW where
+the inputs are plain LoRAs; LoHa, LoKr and Tucker modules are expanded first. DoRA cannot be merged (its
+update depends on the weight). Each module's relative error is reported (also `modules.csv`). Blocks
+are those of `model`'s layers, or of the published checkpoint of the LoRAs' architecture."""
 
 
 class ImportResult(BaseModel):
@@ -210,6 +280,12 @@ DUMP_DESCRIPTION = """Generate with the model and capture what its U-Net blocks 
   `attention/<block>/step<NNN>/<half>/t<i>` (batch, heads, h, w, tokens) for transformer i of the
   block (each row sums to 1 over the 77 tokens); `diff/<block>/step<NNN>/<half>`. Its `__metadata__`
   entry `mergeprobe` is JSON describing shapes, steps, halves and the request.
+- `loras`: LoRAs added to the model's weights in memory for the job (U-Net and text encoders;
+  `strength` and `blocks` as in bake jobs), never written; the cached pipeline gets its own weights
+  back bit for bit afterwards, also when the job fails or is canceled. The result reports per LoRA
+  the modules matched (in total, per block and text encoder), those that matched nothing (named),
+  and the strength applied per block; a LoRA for another architecture or matching no key of the
+  model is a 400 at submission naming it (`loras[i].model`).
 - `manifest.json` lists every artifact with its kind, block, step and half. Halves are `uncond` and
   `cond` (diffusers batches [uncond, cond]); with cfg_scale ≤ 1 there is only `cond`. Steps are
   1-based sampler steps.
@@ -229,8 +305,18 @@ The baseline is `model_a`, or a merge of model_a/b/c (`mode`, `alpha`, `beta`, `
   the α applied (SuperMerger's effective elemental checker);
 - an XY grid: `{"x": {"kind": "alpha", "values": [...]}, "y": {"kind": "seed", "values": [...]}}`, kinds
   alpha, beta (every U-Net block), block (α of `block`), seed, prompt, elemental.
+- per block of a LoRA: `{"lora": 0, "blocks": "IN00-OUT11", "weight": 0}`: one variant per named
+  block with LoRA 0's block weight there set to `weight` (0, the default, switches it off on that
+  block): the layer-influence study of a LoRA, with the same U grid, influence.csv and ranking;
+- XY kinds `lora_strength` (a LoRA's strength on every U-Net block) and `lora_block` (its block
+  weight on `block`), with `lora` the LoRA's index in `loras` (default 0).
 A variant's formula is its `mode`, default the baseline's mode when the baseline is a merge, else
 `scaled_sum`; without model_b, B is A. Variants act on U-Net blocks; BASE follows the baseline.
+`loras` are added to the baseline in memory after its merge, as a merge job's are (matched against
+model A's keys, text encoders included), never written; the result reports each LoRA's match as a
+bake's does, and a LoRA matching nothing or made for another architecture is a 400 naming it. A
+LoRA's text-encoder (BASE) strength is the baseline's in every variant: naming BASE in a LoRA
+variant is a 400.
 For each variant only the U-Net tensors it changes are patched, and their baseline values are put
 back bit for bit after its images; each prompt is encoded once.
 
@@ -344,6 +430,28 @@ KINDS: dict[str, JobKind] = {
             prepare=prepare_bake,
             engine="worker.engines.bake:run_bake",
             timeout=3 * _HOUR,
+        ),
+        JobKind(
+            name="lora_extract",
+            summary="Extract a LoRA from the difference of two checkpoints",
+            description=LORA_EXTRACT_DESCRIPTION,
+            request_model=ExtractRequest,
+            inputs_model=ExtractInputs,
+            result_model=LoraExtractResult,
+            prepare=prepare_extract,
+            engine="worker.engines.lora_extract:run_lora_extract",
+            timeout=3 * _HOUR,
+        ),
+        JobKind(
+            name="lora_merge",
+            summary="Merge LoRAs into one LoRA (concatenated or resized by SVD)",
+            description=LORA_MERGE_DESCRIPTION,
+            request_model=LoraMergeRequest,
+            inputs_model=LoraMergeInputs,
+            result_model=LoraMergeResult,
+            prepare=prepare_lora_merge,
+            engine="worker.engines.lora_merge:run_lora_merge",
+            timeout=_HOUR,
         ),
         JobKind(
             name="import",

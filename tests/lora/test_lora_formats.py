@@ -385,3 +385,159 @@ def test_lokr_factored_w1_and_tucker_w2(tmp_path: Path) -> None:
     m = lora.modules[UNET_CONV]
     # rank: w2's factor (ComfyUI's convention) when both sides are factored
     assert (m.rank, m.tucker, m.is_conv, m.delta_shape, m.scale) == (2, True, True, (320, 320, 3, 3), 0.5)
+
+
+def test_peft_use_rslora_scales_by_the_square_root_of_the_rank(tmp_path: Path) -> None:
+    """PEFT's use_rslora: scaling = lora_alpha / sqrt(r), carried as the effective alpha · sqrt(r)."""
+    unet = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    tensors = {
+        f"{unet}.lora_A.weight": _t(16, 768),
+        f"{unet}.lora_B.weight": _t(640, 16),
+        f"{te}.lora_A.weight": _t(4, 768),
+        f"{te}.lora_B.weight": _t(768, 4),
+        **_lora(TE_Q.replace("layers_0", "layers_1"), 4, 768, 768, alpha=2.0),  # kohya: its tensor's
+    }
+    config = {"unet.r": 16, "unet.lora_alpha": 8, "unet.use_rslora": True, "text_encoder.lora_alpha": 8}
+    lora = _describe(_write(tmp_path, tensors, {"lora_adapter_metadata": json.dumps(config)}))
+    assert lora is not None
+    u, t = lora.modules[unet], lora.modules[te]
+    assert (u.rank, u.alpha, u.alpha_source, u.scale) == (16, 32.0, "metadata", 2.0)  # 8 / sqrt(16)
+    assert (t.rank, t.alpha, t.alpha_source, t.scale) == (4, 8.0, "metadata", 2.0)  # 8 / 4: no rslora
+    kohya = lora.modules[TE_Q.replace("layers_0", "layers_1")]
+    assert (kohya.alpha, kohya.alpha_source, kohya.scale) == (2.0, "tensor", 0.5)
+    assert lora.alphas == (2.0, 8.0, 32.0)
+
+    # Unprefixed keys (a single LoraConfig) apply to every component; no lora_alpha: alpha = rank,
+    # so the scale is rank / sqrt(rank) = sqrt(rank).
+    config = {"r": 16, "use_rslora": True, "text_encoder.lora_alpha": 6, "text_encoder.use_rslora": False}
+    lora = _describe(_write(tmp_path, tensors, {"lora_adapter_metadata": json.dumps(config)}))
+    assert lora is not None
+    u, t = lora.modules[unet], lora.modules[te]
+    assert (u.alpha, u.alpha_source, u.scale) == (64.0, "metadata", 4.0)
+    assert (t.alpha, t.alpha_source, t.scale) == (6.0, "metadata", 1.5)
+
+
+LOCON_3X3 = {
+    f"{UNET_CONV}.lora_down.weight": _t(4, 320, 3, 3),
+    f"{UNET_CONV}.lora_up.weight": _t(640, 4, 1, 1),
+}
+PEFT_TO_K = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+PEFT_CONV = "unet.down_blocks.1.resnets.0.conv1"
+
+
+@pytest.mark.parametrize(
+    ("tensors", "module"),
+    [
+        (_lora(UNET_TO_K, 4, 320, 768) | {f"{UNET_TO_K}.dora_scale": _t(320, 1)}, UNET_TO_K),  # per out
+        (_lora(UNET_TO_K, 4, 320, 768) | {f"{UNET_TO_K}.dora_scale": _t(1, 768)}, UNET_TO_K),  # per in
+        (_lora(UNET_TO_K, 4, 320, 768) | {f"{UNET_TO_K}.dora_scale": _t(320)}, UNET_TO_K),
+        (LOCON_3X3 | {f"{UNET_CONV}.dora_scale": _t(640, 1, 1, 1)}, UNET_CONV),
+        (LOCON_3X3 | {f"{UNET_CONV}.dora_scale": _t(1, 320, 1, 1)}, UNET_CONV),
+        (  # LoHa with the kernel flattened into hada_w*_b: `in` is a divisor of its columns
+            {
+                f"{UNET_CONV}.hada_w1_a": _t(640, 4),
+                f"{UNET_CONV}.hada_w1_b": _t(4, 320 * 9),
+                f"{UNET_CONV}.hada_w2_a": _t(640, 4),
+                f"{UNET_CONV}.hada_w2_b": _t(4, 320 * 9),
+                f"{UNET_CONV}.dora_scale": _t(1, 320, 1, 1),
+            },
+            UNET_CONV,
+        ),
+        (
+            {
+                f"{PEFT_TO_K}.lora_A.weight": _t(4, 768),
+                f"{PEFT_TO_K}.lora_B.weight": _t(640, 4),
+                f"{PEFT_TO_K}.lora_magnitude_vector": _t(640),
+            },
+            PEFT_TO_K,
+        ),
+        (  # PEFT on a conv: (1, out, 1, 1), still per output channel
+            {
+                f"{PEFT_CONV}.lora_A.weight": _t(4, 320, 3, 3),
+                f"{PEFT_CONV}.lora_B.weight": _t(640, 4, 1, 1),
+                f"{PEFT_CONV}.lora_magnitude_vector.weight": _t(1, 640, 1, 1),
+            },
+            PEFT_CONV,
+        ),
+    ],
+)
+def test_dora_magnitudes_on_either_axis_are_taken(
+    tmp_path: Path, tensors: dict[str, torch.Tensor], module: str
+) -> None:
+    lora = _describe(_write(tmp_path, tensors | _lora(UNET_TO_Q, 4, 320, 320)))
+    assert lora is not None and lora.modules[module].dora
+
+
+@pytest.mark.parametrize(
+    ("tensors", "module", "problem"),
+    [
+        (  # (in, 1): neither (out, 1) nor (1, in)
+            _lora(UNET_TO_K, 4, 320, 768) | {f"{UNET_TO_K}.dora_scale": _t(768, 1)},
+            UNET_TO_K,
+            r"dora_scale \[768, 1\] fits neither the output axis \(\[320, 1, …\]\) nor the input axis",
+        ),
+        (
+            _lora(UNET_TO_K, 4, 320, 768) | {f"{UNET_TO_K}.dora_scale": _t(1, 320)},
+            UNET_TO_K,
+            r"dora_scale \[1, 320\] fits neither",
+        ),
+        (LOCON_3X3 | {f"{UNET_CONV}.dora_scale": _t(1, 320, 3, 3)}, UNET_CONV, "dora_scale .* fits neither"),
+        (LOCON_3X3 | {f"{UNET_CONV}.dora_scale": _t(320, 1, 1, 1)}, UNET_CONV, "dora_scale .* fits neither"),
+        (
+            {
+                f"{PEFT_TO_K}.lora_A.weight": _t(4, 768),
+                f"{PEFT_TO_K}.lora_B.weight": _t(640, 4),
+                f"{PEFT_TO_K}.lora_magnitude_vector": _t(768),  # the input width
+            },
+            PEFT_TO_K,
+            "lora_magnitude_vector .* not one value per output channel",
+        ),
+        (
+            {
+                f"{PEFT_TO_K}.lora_A.weight": _t(4, 768),
+                f"{PEFT_TO_K}.lora_B.weight": _t(640, 4),
+                f"{PEFT_TO_K}.lora_magnitude_vector": _t(640),
+                f"{PEFT_TO_K}.dora_scale": _t(640, 1),
+            },
+            PEFT_TO_K,
+            "both a dora_scale and a lora_magnitude_vector",
+        ),
+        (  # a k×k lora_up without lora_mid: lora_delta only takes 1×1 (the rank would pass: 1·2·2 = 4)
+            {
+                f"{UNET_CONV}.lora_down.weight": _t(4, 320, 1, 1),
+                f"{UNET_CONV}.lora_up.weight": _t(640, 1, 2, 2),
+            },
+            UNET_CONV,
+            r"lora_up \[640, 1, 2, 2\] must be 1×1",
+        ),
+        (
+            {
+                f"{UNET_CONV}.lora_down.weight": _t(4, 320, 3, 3),
+                f"{UNET_CONV}.lora_up.weight": _t(640, 4, 3, 3),
+            },
+            UNET_CONV,
+            "must be 1×1",
+        ),
+        (  # with lora_mid too
+            {
+                f"{UNET_CONV}.lora_down.weight": _t(4, 320, 1, 1),
+                f"{UNET_CONV}.lora_mid.weight": _t(4, 4, 3, 3),
+                f"{UNET_CONV}.lora_up.weight": _t(640, 1, 2, 2),
+            },
+            UNET_CONV,
+            "must be 1×1",
+        ),
+        (
+            {f"{UNET_CONV}.lokr_w1": _t(4, 4), f"{UNET_CONV}.lokr_w2": _t(160, 80, 3)},
+            UNET_CONV,
+            r"w2 must be 2-D \(linear\) or 4-D \(conv\)",
+        ),
+    ],
+)
+def test_factors_lora_delta_would_refuse_are_refused_from_the_header(
+    tmp_path: Path, tensors: dict[str, torch.Tensor], module: str, problem: str
+) -> None:
+    with pytest.raises(LoraFormatError, match=problem) as info:
+        _describe(_write(tmp_path, tensors | _lora(UNET_TO_Q, 4, 320, 320)))
+    assert module in str(info.value)

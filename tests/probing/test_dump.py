@@ -269,3 +269,26 @@ def test_cached_pipeline_after_a_failed_job_matches_a_fresh_one(service, tiny_mo
     fresh_image, fresh_result = run(plain)
     assert fresh_result["pipeline_cached"] is False
     assert cached_image == fresh_image
+
+
+def test_a_dump_with_a_lora_through_the_worker(dump_client, tiny_models, tmp_path):
+    """A LoRA in a dump through the API and a worker process: reported, and the image it gives
+    differs from the model's own, which the next dump without it gives again."""
+    from tests.probing.test_lora_probing import write_style_lora
+
+    client = dump_client
+    lora, modules = write_style_lora(tiny_models["sd1"], tmp_path / "dump-style.safetensors")
+    uploaded = client.post("/v1/models", params={"name": lora.name}, content=lora.read_bytes())
+    assert uploaded.status_code == 201, uploaded.text
+    body = {"model": "tiny-sd1-a", "prompt": "a cat", "steps": 1, "width": 64, "height": 64}
+
+    def image(job):
+        return client.get(f"/v1/jobs/{job['id']}/artifacts/image_0.png").content
+
+    plain = run_succeeding(client, "dump", body)
+    styled = run_succeeding(client, "dump", {**body, "loras": [{"model": "dump-style"}]})
+    again = run_succeeding(client, "dump", body)
+    report = styled["result"]["loras"][0]
+    assert report["lora"]["name"] == "dump-style.safetensors" and report["matched"] == len(modules)
+    assert report["matched_by_component"]["te"] == 4 and report["unmatched"] == []
+    assert image(styled) != image(plain) and image(again) == image(plain)

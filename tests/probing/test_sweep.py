@@ -153,3 +153,31 @@ def test_sweep_validation(client, service, tiny_models):
         "/v1/jobs/sweep", json={**base, "variants": {"blocks": "IN00", "mode": "add_difference"}}
     )
     assert needs_c.status_code == 400 and needs_c.json()["field"] == "variants.mode"
+
+
+def test_a_lora_study_through_the_worker(sweep_client, tiny_models, tmp_path):
+    """LoRA variants through the API and a worker process: the LoRA switched off on one block each,
+    its match in the result; the job record round trip keeps the variants' strengths."""
+    from tests.probing.test_lora_probing import write_style_lora
+
+    client = sweep_client
+    lora, modules = write_style_lora(tiny_models["sd1"], tmp_path / "probe-style.safetensors")
+    uploaded = client.post("/v1/models", params={"name": lora.name}, content=lora.read_bytes())
+    assert uploaded.status_code == 201, uploaded.text
+    job = run_succeeding(
+        client,
+        "sweep",
+        {
+            "model_a": "tiny-sd1-a",
+            "loras": [{"model": "probe-style", "strength": 0.7}],
+            "variants": {"lora": 0, "blocks": "IN00, M00, OUT11"},
+            "seeds": [1],
+            **SMALL,
+        },
+    )
+    result = job["result"]
+    assert result["variants"] == ["IN00", "M00", "OUT11"] and len(result["ranking"]) == 3
+    assert result["loras"][0]["matched"] == len(modules) and result["loras"][0]["strengths"]["M00"] == 0.7
+    assert all(r["mean_abs_diff"] > 0 for r in result["rows"])
+    baseline = _image(client, job, "baseline_s1.png").tobytes()
+    assert all(_image(client, job, f"{b}_s1.png").tobytes() != baseline for b in ("IN00", "M00", "OUT11"))

@@ -220,6 +220,21 @@ def element_table_document(arch: str) -> dict[str, Any]:
             "prefixes": base_prefixes(arch),
         },
         "blocks": element_table(arch),
+        "weights_note": "Every U-Net and text encoder weight of two or more dimensions with its shape: the "
+        "layers LoRAs are made for (a LoRA merge without a checkpoint assigns its modules to blocks by them).",
+        "weights": lora_layer_shapes(arch),
+    }
+
+
+def lora_layer_shapes(arch: str) -> dict[str, str]:
+    """key → shape ("320x4x3x3": one line per key in the file) of the U-Net and text encoder
+    weights (2-D and up) of a real ``arch`` checkpoint."""
+    arch_info = get_arch(arch)
+    prefixes = (arch_info.unet_prefix, *arch_info.text_encoder_prefixes)
+    return {
+        key: "x".join(map(str, shape))
+        for key, (shape, _) in full_state_dict_layout(arch).items()
+        if key.startswith(prefixes) and len(shape) >= 2
     }
 
 

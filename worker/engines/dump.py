@@ -1,5 +1,9 @@
 """dump jobs: generate once (or twice, for layer_prompt_diff) with probes on the U-Net, and
-write block features, cross-attention maps, the images and the raw tensors."""
+write block features, cross-attention maps, the images and the raw tensors.
+
+With `loras`, the model's cached pipeline gets them added in place for the job (U-Net and text
+encoders, each modified tensor computed as a bake computes it in fp32) and its own values back,
+bit for bit, when the job ends, whether it succeeds, fails or is canceled."""
 
 from __future__ import annotations
 
@@ -14,10 +18,14 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
+from mergeprobe.lora.bake_plan import add_request_loras
+from mergeprobe.merging.merge_plan import MergeRequest, plan_merge
 from mergeprobe.probing.colorize import Colorize
 from mergeprobe.probing.dump_request import DumpInputs, DumpRequest
+from worker.checkpoints.checkpoint_io import MappedCheckpoint
 from worker.context import JobContext
 from worker.probing.generation import PromptEncoder, get_pipeline, make_scheduler
+from worker.probing.pipeline_weights import PipelineWeights, apply_plan
 from worker.probing.probe import Probe, ProbeState
 from worker.probing.render import attention_grid, feature_grid, heatmap_overlay, png_bytes
 
@@ -149,6 +157,45 @@ class _Recorder:
             self.attention_count += 1
 
 
+LORA_PLAN_NAME = "dump-loras.safetensors"  # the plan's output name; nothing is written
+
+
+class _Loras:
+    """The request's LoRAs added to the pipeline's weights in place, and taken out again: the model
+    with itself at α = 0 (every key the model's) plus the LoRA modules, as a bake plans it."""
+
+    def __init__(self) -> None:
+        self.weights: PipelineWeights | None = None
+        self.sources: dict[str, MappedCheckpoint] = {}
+        self.reports: list[dict[str, Any]] = []
+
+    def apply(self, ctx: JobContext, pipe: Any, arch: str) -> None:
+        request: DumpRequest = ctx.request
+        inputs: DumpInputs = ctx.inputs
+        model = inputs.model
+        plan = plan_merge(
+            MergeRequest(model_a=model.name, model_b=model.name, alpha=0),
+            ctx.library,
+            output_name=LORA_PLAN_NAME,
+            pinned={"a": model, "b": model},
+        )
+        # its warnings were the submission's (inputs.warnings)
+        self.reports = add_request_loras(plan, request.loras, ctx.library, inputs.loras)
+        self.sources = {
+            slot: MappedCheckpoint(path, plan.headers[slot], read_delay=ctx.settings.debug_tensor_delay)
+            for slot, path in plan.paths.items()
+            if slot != "b"  # the model again: read as "a"
+        }
+        self.weights = PipelineWeights(pipe, arch, self.sources)
+        apply_plan(self.weights, plan, 0)  # no random method: every key is a copy plus its modules
+
+    def restore(self) -> None:
+        if self.weights is not None:
+            self.weights.restore_a()
+        for source in self.sources.values():
+            source.close()
+
+
 def _token_labels(pipe, text: str) -> list[str]:
     tokenizer = pipe.tokenizer
     ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
@@ -231,7 +278,11 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
                 output_type="pil",
             ).images
 
+    loras = _Loras()
     try:
+        if request.loras:
+            ctx.progress(0, total, "adding the LoRAs")
+            loras.apply(ctx, pipe, arch)
         if request.layer_prompt_diff:
             plain = dict.fromkeys(inputs.prompts, inputs.plain_prompt)
             plain_neg = dict.fromkeys(inputs.prompts, inputs.plain_negative_prompt)
@@ -241,7 +292,10 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
         images = generate(inputs.prompts, inputs.negative_prompts)
         recorder.flush()
     finally:
-        recorder.close()
+        try:
+            recorder.close()
+        finally:
+            loras.restore()  # the cached pipeline is the model's again, also after a failure or cancel
 
     image_names = []
     for index, image in enumerate(images):
@@ -303,4 +357,5 @@ def run_dump(ctx: JobContext) -> dict[str, Any]:
         "device": str(device),
         "dtype": str(pipe.unet.dtype).removeprefix("torch."),
         "seconds": round(time.monotonic() - started, 3),
+        "loras": loras.reports,
     }

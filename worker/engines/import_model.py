@@ -17,7 +17,7 @@ from typing import BinaryIO
 from mergeprobe.checkpoints.library import shown_text
 from mergeprobe.service.durable import fsync_file
 from mergeprobe.service.errors import Conflict, InvalidInput, TooLarge, UpstreamFailed
-from mergeprobe.service.kinds import MergedModel, model_file_url, model_url
+from mergeprobe.service.kinds import MergedModel
 from mergeprobe.service.model_import import ImportSource, check_source
 from mergeprobe.service.s3 import connect_bucket
 from mergeprobe.service.settings import Settings
@@ -65,16 +65,8 @@ def run_import(ctx: JobContext) -> dict:
         tmp.unlink(missing_ok=True)
     ctx.add_counter("import_bytes", size)
     info = entry.info()
-    model = MergedModel(
-        id=info.id,
-        name=info.name,
-        sha256=info.sha256,
-        short_hash=info.short_hash,
-        url=model_url(info.id),
-        download_url=model_file_url(info.id),
-    )
     return {
-        "model": model.model_dump(),
+        "model": MergedModel.of(info).model_dump(),
         "size_bytes": info.size_bytes,
         "sha256": sha256,
         "source": source.url,

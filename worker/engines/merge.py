@@ -9,10 +9,10 @@ from collections import Counter
 
 import torch
 
-from mergeprobe.lora.bake_plan import attach_loras, match_loras
+from mergeprobe.lora.bake_plan import add_request_loras
 from mergeprobe.merging.merge_metadata import merge_metadata
 from mergeprobe.merging.merge_plan import MergePlan, MergeRequest, plan_merge
-from mergeprobe.service.kinds import model_file_url, model_url
+from mergeprobe.service.kinds import MergedModel
 from worker.context import JobContext
 from worker.merging.stream_merge import pick_device, stream_merge
 
@@ -21,18 +21,8 @@ PLAN_COLUMNS = ("key", "block", "element", "alpha", "beta", "action", "reason")
 
 def _execute(ctx: JobContext, request: MergeRequest) -> tuple[MergePlan, dict]:
     plan = plan_merge(request, ctx.library, output_name=ctx.inputs.output, pinned=ctx.inputs.models)
-    reports = []
-    if request.loras:  # added to the merge result in the same pass
-        matching = match_loras(
-            plan.arch.name,
-            plan.headers["a"],
-            plan.pins["a"].name,
-            request.loras,
-            ctx.library,
-            pinned=ctx.inputs.loras,
-        )
-        attach_loras(plan, matching)
-        reports = [report.to_json() for report in matching.reports]
+    # added to the merge result in the same pass
+    reports = add_request_loras(plan, request.loras, ctx.library, ctx.inputs.loras)
     result = write_plan(ctx, plan, request, request.model_dump(mode="json"))
     return plan, {**result, "loras": reports}
 
@@ -69,14 +59,7 @@ def write_plan(ctx: JobContext, plan: MergePlan, request: MergeRequest, recipe: 
     ctx.add_counter("merge_bytes_read", bytes_read(plan))
     ctx.add_counter("merge_bytes_written", info.size_bytes)
     result = {
-        "model": {
-            "id": info.id,
-            "name": info.name,
-            "sha256": info.sha256,
-            "short_hash": info.short_hash,
-            "url": model_url(info.id),
-            "download_url": model_file_url(info.id),
-        },
+        "model": MergedModel.of(info).model_dump(),
         "arch": plan.arch.name,
         "mode": plan.method.name,
         "device": str(device),

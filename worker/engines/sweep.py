@@ -2,11 +2,15 @@
 
 The pipeline is the worker's cached one for model_a. A baseline merge is applied to its
 parameters in place, every tensor computed from the memory-mapped input files exactly as
-stream_merge computes it (same ranges and random draws, OpenCLIP's fused q/k/v as stored), and
-model_a's own values go back at the end, so the cached pipeline is unchanged. Variants never
-write into the pipeline: each one's changed U-Net tensors are computed aside and substituted
-for its own rows of a batched U-Net call (``worker.probing.variant_batch``), so the baseline's weights
-stay bit for bit what they were.
+stream_merge computes it (same ranges and random draws, OpenCLIP's fused q/k/v as stored), the
+request's LoRAs added in the same pass (`MergePlan.loras`, text encoders included), and model_a's
+own values go back at the end (``worker.probing.pipeline_weights``), so the cached pipeline is
+unchanged. Variants never write into the pipeline: each one's changed U-Net tensors are computed
+aside and substituted for its own rows of a batched U-Net call (``worker.probing.variant_batch``),
+so the baseline's weights stay bit for bit what they were. A variant that changes a LoRA's
+strength on a block recomputes the keys its modules modify there (the baseline merge of that key
+plus every module at the variant's strength), so a LoRA switched off on a block gives model A's
+(or the merge's) tensors there exactly.
 """
 
 from __future__ import annotations
@@ -16,21 +20,20 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Iterator
-from dataclasses import replace
 from typing import Any
 
 import torch
 
 from mergeprobe.checkpoints.archs import get_arch
+from mergeprobe.lora.bake_plan import add_request_loras
 from mergeprobe.merging.merge_plan import MergePlan, change_plan, plan_merge
 from mergeprobe.probing.sweep_request import BASELINE_NAME, SweepInputs, SweepRequest, Variant, XYVariants
 from mergeprobe.service.settings import Settings
-from worker.checkpoints.checkpoint_io import TORCH_DTYPES, MappedCheckpoint
-from worker.checkpoints.param_map import ldm_groups_of
+from worker.checkpoints.checkpoint_io import MappedCheckpoint
 from worker.context import JobContext
-from worker.merging.merge_executor import PlanExecutor
 from worker.probing.generation import PromptEncoder, get_pipeline, make_scheduler
+from worker.probing.pipeline_weights import PipelineWeights as _Weights
+from worker.probing.pipeline_weights import apply_plan as _apply_baseline
 from worker.probing.render import png_bytes
 from worker.probing.sweep_render import (
     difference_image,
@@ -44,88 +47,6 @@ from worker.probing.sweep_render import (
 from worker.probing.variant_batch import VariantBatch
 
 CSV_COLUMNS = ("variant", "label", "seed", "changed_share", "mean_abs_diff", "ssim")
-_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-# LDM tensors stored as the transpose of their diffusers parameter (OpenCLIP's orientation; see
-# worker/ldm_convert.open_clip_to_ldm). Every other single-parameter key differs at most in shape.
-_TRANSPOSED_IN_LDM = ("text_projection",)
-_EXACT_IN_FLOAT32 = (torch.float16, torch.bfloat16, torch.float32)
-
-
-class _Weights:
-    """The pipeline's parameters by LDM key, set from a plan's keys (`worker.merging.merge_executor`)."""
-
-    def __init__(self, pipe: Any, arch: str, sources: dict[str, MappedCheckpoint]) -> None:
-        self.sources = sources
-        self.device = pipe.unet.device  # where merged tensors are computed
-        self.params: dict[tuple[str, str], torch.nn.Parameter] = {}
-        for component in _COMPONENTS:
-            module = getattr(pipe, component, None)
-            if module is not None:
-                self.params.update({(component, n): p for n, p in module.named_parameters()})
-        self.groups = ldm_groups_of(pipe, arch)
-        self.a_values: dict[tuple[str, str], torch.Tensor] = {}  # model_a's values of params we changed
-
-    def _a_held_exactly(self, key: str) -> torch.Tensor | None:
-        """model_a's tensor as the pipeline holds it, flat, where that is exactly the file's value
-        (a float32 pipeline, or the file's own dtype): no page faults, and already on the device."""
-        group = self.groups[key]
-        if len(group) != 1 or key.endswith(_TRANSPOSED_IN_LDM):
-            return None
-        value = self.a_values.get(group[0], self.params[group[0]].detach())
-        stored = TORCH_DTYPES.get(self.sources["a"].header.tensors[key].dtype)
-        if value.dtype != stored and not (value.dtype == torch.float32 and stored in _EXACT_IN_FLOAT32):
-            return None
-        return value.reshape(-1)
-
-    def to_params(self, key: str, tensor: torch.Tensor) -> dict[tuple[str, str], torch.Tensor]:
-        """An LDM tensor cut into the pipeline parameters it feeds (q/k/v of a fused in_proj)."""
-        group = self.groups[key]
-        if len(group) == 1:
-            if key.endswith(_TRANSPOSED_IN_LDM):
-                tensor = tensor.t()
-            return {group[0]: tensor.reshape(self.params[group[0]].shape)}
-        rows = [self.params[param_id].shape[0] for param_id in group]
-        return {
-            param_id: part.reshape(self.params[param_id].shape)
-            for param_id, part in zip(group, tensor.split(rows), strict=True)
-        }
-
-    def planned(self, plan: MergePlan, seed: int) -> Iterator[dict[tuple[str, str], torch.Tensor]]:
-        """For each key of `plan` the pipeline holds, its value cut into parameters: copied keys as
-        stored in their input, merged keys in fp32 exactly as a written merge computes them."""
-        executor = PlanExecutor(plan, self.sources, self.device, seed)
-        for kp in plan.keys:
-            if kp.key not in self.groups:
-                continue
-            copied = plan.copied_from(kp)
-            if copied is not None:
-                slot, key = copied
-                yield self.to_params(kp.key, self.sources[slot].get(key))
-                continue
-            held = self._a_held_exactly(kp.key)
-            yield self.to_params(kp.key, executor.merged(kp, held={"a": held} if held is not None else None))
-
-    def assign(self, param_id, value: torch.Tensor) -> None:
-        param = self.params[param_id]
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
-
-    def restore_a(self) -> None:
-        with torch.no_grad():
-            for param_id, value in self.a_values.items():
-                self.params[param_id].copy_(value)
-        self.a_values.clear()
-
-
-def _apply_baseline(weights: _Weights, plan: MergePlan, seed: int) -> None:
-    """Merge the baseline into the pipeline (model_a's own keys, copied from A, stay as loaded)."""
-    keys = replace(plan, keys=[k for k in plan.keys if k.action not in ("copy_a", "keep_a")])
-    for values in weights.planned(keys, seed):
-        for param_id, value in values.items():
-            weights.a_values[param_id] = weights.params[param_id].detach().clone()
-            weights.assign(param_id, value)
 
 
 def _variant_patch(weights: _Weights, changed: MergePlan, seed: int) -> dict[str, torch.Tensor]:
@@ -153,6 +74,10 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
     arch = inputs.arch
     settings = ctx.settings
     plan = plan_merge(request.baseline_merge(), ctx.library, output_name=BASELINE_NAME, pinned=inputs.models)
+    # added to the baseline in the same pass, matched against model A's keys
+    reports = add_request_loras(plan, request.loras, ctx.library, inputs.loras)
+    for warning in [*plan.warnings, *inputs.warnings]:
+        ctx.warn(warning)
     merge_seed = request.seed
     ctx.progress(0, 1, "loading pipeline")
     pipe, cached, device = get_pipeline(
@@ -323,6 +248,7 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
         "seconds_generating": round(timings["generating"], 3),
         "pipeline_calls": calls,
         "seconds_switching": round(timings["switching"], 3),
+        "loras": reports,
     }
 
 

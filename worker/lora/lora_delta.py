@@ -56,8 +56,10 @@ follows the shape of ``dora_scale`` (as ComfyUI decides it, ``dora_scale.shape[0
 * ``(1, in[, 1, 1])`` -- older LyCORIS and ComfyUI's historic only case: one norm per input
   channel, over the output and kernel dims (``V.transpose(0, 1).reshape(in, -1).norm(dim=1)``).
 * ``(out,)`` -- PEFT's ``lora_magnitude_vector``: per output row (conv: over in, kh, kw), the same
-  as ``wd_on_out``. PEFT adds no eps; LyCORIS adds ``torch.finfo(float32).eps`` to the norm, which
-  we follow (a relative difference ~1e-7 at most for realistic norms).
+  as ``wd_on_out``. On a conv PEFT stores it ``(1, out, 1, 1)``, which would read as per input
+  channel: callers flatten a PEFT magnitude to ``(out,)`` first (``merge_executor`` does). PEFT
+  adds no eps; LyCORIS adds ``torch.finfo(float32).eps`` to the norm, which we follow (a relative
+  difference ~1e-7 at most for realistic norms).
 
 The DoRA result is at strength 1. Other strengths are not ``strength * (W' - W)`` in LyCORIS
 (``scale = m * (dora_scale / ‖V‖ - 1) + 1``, with V built at strength 1) but they are in ComfyUI;

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import torch
 
+from mergeprobe.lora.bake_plan import ModuleApplication
 from mergeprobe.merging.merge_methods import MergeMethod
 from mergeprobe.merging.merge_plan import KeyPlan, MergePlan
 from worker.checkpoints.checkpoint_io import MappedCheckpoint
@@ -30,7 +31,7 @@ _DELTA_ROLES = {
     "down": "lora_down.weight",
     "up": "lora_up.weight",
     "mid": "lora_mid.weight",
-    "magnitude": "dora_scale",  # PEFT's DoRA magnitude: lora_delta tells the axis by its shape
+    "magnitude": "dora_scale",  # PEFT's DoRA magnitude, always per output channel: see module_factors
 }
 
 
@@ -47,6 +48,27 @@ def chunk_rng(seed: int, key: str, start: int) -> torch.Generator:
     """The generator of one range's random draws (dare): from the merge seed, the key and the range."""
     digest = hashlib.sha256(f"{seed}:{key}:{start}".encode()).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def module_factors(
+    source: MappedCheckpoint, module: ModuleApplication, device: torch.device
+) -> tuple[dict[str, torch.Tensor], float | None]:
+    """A LoRA module's tensors by lora_delta's role names, on `device`, and its alpha (the PEFT
+    metadata's, else the file's `alpha` tensor, else None: alpha = rank)."""
+    factors = {
+        _DELTA_ROLES.get(role, role): source.get(key).to(device)
+        for role, key in module.tensors.items()
+        if role != "alpha"
+    }
+    if "magnitude" in module.tensors:
+        # PEFT's magnitude is one value per output channel whatever its shape: (out,) on a linear
+        # layer, (1, out, 1, 1) on a conv (its _DoraConvNdLayer keeps the norm transposed), which
+        # lora_delta would read as LyCORIS's per-input-channel (1, in, 1, 1). Flat, it is (out,).
+        factors["dora_scale"] = factors["dora_scale"].reshape(-1)
+    alpha = module.alpha
+    if alpha is None and "alpha" in module.tensors:
+        alpha = float(source.get(module.tensors["alpha"]).float().item())
+    return factors, alpha
 
 
 def _plain_low_rank(algorithm: str, factors: dict[str, torch.Tensor]) -> bool:
@@ -70,26 +92,20 @@ class PlanExecutor:
         not change the merge it is added to)."""
         return chunk_ranges(self.plan.method, kp.key, numel_of(kp.shape), self.plan.arch.conv_in)
 
-    def with_loras(self, kp: KeyPlan) -> torch.Tensor:
+    def with_loras(self, kp: KeyPlan, held: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """A key LoRA modules modify: its merged (or copied) value in fp32, shaped as planned, plus
-        strength × ΔW of each module in order (a DoRA module rescales what is there by then)."""
+        strength × ΔW of each module in order (a DoRA module rescales what is there by then).
+        `held` as for `merged`: inputs' flat tensors already in memory (a copied key's too)."""
         copied = self.plan.copied_from(kp)
         if copied is not None:
             slot, key = copied
-            value = self.sources[slot].get(key).to(device=self.device, dtype=torch.float32, copy=True)
+            source = held[slot] if held and slot in held and key == kp.key else self.sources[slot].get(key)
+            value = source.to(device=self.device, dtype=torch.float32, copy=True)
         else:
-            value = self.merged(kp)
+            value = self.merged(kp, held=held)
         value = value.reshape(kp.shape)
         for module in self.plan.loras[kp.key]:
-            source = self.sources[module.slot]
-            factors = {
-                _DELTA_ROLES.get(role, role): source.get(key).to(self.device)
-                for role, key in module.tensors.items()
-                if role != "alpha"
-            }
-            alpha = module.alpha
-            if alpha is None and "alpha" in module.tensors:
-                alpha = float(source.get(module.tensors["alpha"]).float().item())
+            factors, alpha = module_factors(self.sources[module.slot], module, self.device)
             rows = module.target.rows
             part = value if rows is None else value[rows[0] : rows[1]]
             if _plain_low_rank(module.algorithm, factors):
