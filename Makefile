@@ -10,12 +10,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test redis lint openapi clean
 
-# torch is installed first and pinned: that takes the local CPU wheel where one is
-# provided, instead of letting the resolver pull the newest CUDA build (several GB).
-$(STAMP): pyproject.toml
+# torch is installed first and pinned, in the build that fits the machine (tools/install_torch.py):
+# without an NVIDIA driver a CPU build (the one pip's configuration provides, else PyTorch's CPU
+# wheel index), with one the CUDA build; TORCH_BUILD=cpu|cuda overrides the choice. Left to the
+# resolver, `torch` would be the newest CUDA build and about 17 nvidia-* packages (several GB).
+# the pin in pyproject.toml
+TORCH_VERSION ?= $(shell sed -n 's/^ *"torch==\([^"]*\)".*/\1/p' pyproject.toml)
+TORCH_BUILD ?= auto
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+$(STAMP): pyproject.toml tools/install_torch.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python tools/install_torch.py $(TORCH_VERSION) --build $(TORCH_BUILD) --cpu-index $(TORCH_CPU_INDEX)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 

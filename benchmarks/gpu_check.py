@@ -1,7 +1,7 @@
 """GPU check: the merge, dump and sweep headline figures of benchmarks/, at engine level, in one run.
 
     python benchmarks/gpu_check.py [--device cuda|cuda:N|cpu] [--size full|tiny]
-                                   [--only merge,dump,sweep] [--out DIR]
+                                   [--only merge,dump,sweep,extract] [--out DIR]
 
 No Redis, no API, no rq: each engine is called in this process, the dump and sweep engines with a
 stand-in job context (``worker.context.JobContext`` over a store that drops progress and never
@@ -19,6 +19,8 @@ in benchmarks/README.md for running it on the lent H200.
          3 steps) through the sweep engine, pipeline cached, against the naive way per variant
          (write the merged checkpoint, load it with ``from_single_file``, generate), measured on 5
          variants and extrapolated to 25.
+* extract ``extract_bench.py``'s figure: a rank-32 LoRA extracted from the merge's two inputs
+         (B − A, 264 modules), randomised SVD (medians of 3) and full SVD (once), on the device.
 
 Generation runs in MERGEPROBE_GENERATION_DTYPE (``auto``: float16 on CUDA, float32 on a CPU).
 ``--size tiny`` runs the same code on the tiny generated sd1 models (``worker/checkpoints/tiny_models.py``)
@@ -52,7 +54,7 @@ import merge_bench  # noqa: E402  (stdlib only at import time, like the two belo
 import probe_bench  # noqa: E402
 import sweep_bench  # noqa: E402
 
-CHECKS = ("merge", "dump", "sweep")
+CHECKS = ("merge", "dump", "sweep", "extract")
 FIGURES = sys.stdout  # figures only; everything else is sent to stderr
 ARCH = "sd1"
 
@@ -236,6 +238,30 @@ def check_sweep(root: Path, model: str, sizes: Sizes) -> None:
     figure("sweep_speedup", naive_all / sweep, "x")
 
 
+def check_extract(root: Path, size: str, sizes: Sizes) -> None:
+    """extract_bench's figure: a rank-32 LoRA from merge_bench's two inputs (B − A), randomised SVD
+    (medians of merge_repeat) and full SVD (once), the job's engine on the device it picks."""
+    from mergeprobe.lora.lora_extract_plan import ExtractRequest
+    from worker.engines.lora_extract import run_lora_extract
+
+    if size == "full":
+        merge_bench.prepare_inputs(ARCH, root, keep=True)
+    for svd, repeat in (("randomized", sizes.merge_repeat), ("full", 1)):
+        seconds, layers = [], []
+        for rep in range(repeat):
+            output = f"gpu-check-extract-{svd}-{rep}.safetensors"
+            request = ExtractRequest(
+                model_tuned=merge_bench.MODEL_B, model_base=merge_bench.MODEL_A, rank=32, svd=svd, output={"name": output}
+            )
+            took, result = run_job("lora_extract", run_lora_extract, request)
+            (root / "models" / output).unlink(missing_ok=True)
+            seconds.append(took)
+            layers.append(result["seconds"])
+            log(f"extract {svd} {rep + 1}/{repeat}: {took:.2f} s on {result['device']}, {len(result['modules'])} modules")
+        figure(f"extract_{svd}_s", statistics.median(seconds), "s")
+        figure(f"extract_{svd}_layers_s", statistics.median(layers), "s")
+
+
 # -------------------------------------------------------------------------------------- main
 
 
@@ -316,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                     check_dump(model, sizes)
                 if "sweep" in checks:
                     check_sweep(root, model, sizes)
+            if "extract" in checks:
+                check_extract(root, args.size, sizes)
         figure("total_s", time.perf_counter() - started, "s")
     finally:
         if args.out is None:

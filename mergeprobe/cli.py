@@ -1,4 +1,5 @@
-"""The `mergeprobe` command: serve, worker, openapi, demo-models."""
+"""The `mergeprobe` command: serve, worker, openapi, demo-models; and models, jobs: a client of a
+running service (--url or MERGEPROBE_URL, --api-key or MERGEPROBE_API_KEY)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import threading
 import time
 from pathlib import Path
 
+from mergeprobe.client.commands import add_client_parsers
+from mergeprobe.client.commands import run as run_client
+from mergeprobe.client.http import DEFAULT_URL
 from mergeprobe.service.logging import configure_from_settings
 from mergeprobe.service.settings import Settings
 
@@ -219,6 +223,14 @@ def cmd_demo_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_client(args: argparse.Namespace) -> int:
+    """`models …` and `jobs …` (mergeprobe/client/commands.py), against the service named by the
+    options or the environment."""
+    url = getattr(args, "url", None) or os.environ.get("MERGEPROBE_URL") or DEFAULT_URL
+    api_key = getattr(args, "api_key", None) or os.environ.get("MERGEPROBE_API_KEY") or None
+    return run_client(args, url, api_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergeprobe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,12 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-models", help="write tiny sd1/sd2/sdxl checkpoints to try the API with")
     demo.add_argument("dir")
     demo.set_defaults(func=cmd_demo_models)
+    add_client_parsers(sub, cmd_client)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_from_settings(Settings())
+    if not getattr(args, "is_client", False):  # a client logs nothing, and needs no server settings
+        configure_from_settings(Settings())
     return args.func(args)
 
 

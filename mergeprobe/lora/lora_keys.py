@@ -436,6 +436,11 @@ class LoraKeyTable:
             for name, found in self.entries.get(target.component, {}).items()
             if found == target and name.startswith(("encoder_layers_", "embeddings_", "final_layer_norm"))
         ]
-        if not names:
-            raise KeyError(f"{target.key}{target.rows or ''}: no transformers name for it")
-        return f"lora_{target.component}_text_model_{names[0]}"
+        if names:
+            return f"lora_{target.component}_text_model_{names[0]}"
+        # OpenCLIP's whole fused in_proj (q, k and v in one module, as some LoRAs hold it) has no
+        # transformers name: its own OpenCLIP name, which this table (and ComfyUI) read back.
+        own = [name for name, found in self.entries.get(target.component, {}).items() if found == target]
+        if not own:
+            raise KeyError(f"{target.key}{target.rows or ''}: no module name for it")
+        return f"lora_{target.component}_{own[0]}"

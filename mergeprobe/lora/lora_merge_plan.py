@@ -27,7 +27,7 @@ from mergeprobe.checkpoints.library import ModelLibrary, PinnedModel
 from mergeprobe.lora.bake_plan import LoraMatching, ModuleApplication, match_loras
 from mergeprobe.lora.lora_formats import describe_lora
 from mergeprobe.lora.lora_keys import LoraKeyTable
-from mergeprobe.lora.lora_output import LoraLayer, LoraOutput, LowRankFields, lora_output_name
+from mergeprobe.lora.lora_output import MAX_RANK, LoraLayer, LoraOutput, LowRankFields, lora_output_name
 from mergeprobe.lora.lora_request import MAX_LORAS, LoraApplication
 from mergeprobe.service.errors import InvalidInput
 
@@ -144,7 +144,16 @@ def plan_lora_merge(
         by_layer.setdefault((application.target.key, application.target.rows), []).append(application)
     table = LoraKeyTable.for_checkpoint(arch, header.tensors)
     layers = []
+    ranks = _module_ranks(matching)
     for applications in by_layer.values():
+        if request.mode == "concat" and (total := sum(ranks[id(a)] for a in applications)) > MAX_RANK:
+            raise InvalidInput(
+                "lora-rank-too-large",
+                "Concatenated rank too large",
+                f"{applications[0].target.key}: the LoRAs' ranks on it add up to {total}, over {MAX_RANK}; "
+                "use mode svd with a rank",
+                field="loras",
+            )
         target = applications[0].target
         shape = tuple(header.tensors[target.key].shape)
         if target.rows is not None:
@@ -155,7 +164,32 @@ def plan_lora_merge(
     return LoraMergePlan(arch, matching, layers)
 
 
+def _module_ranks(matching: LoraMatching) -> dict[int, int]:
+    """Rank of each plain module (its `down` factor's rows), by id of its application."""
+    ranks = {}
+    for application in matching.applications:
+        if "down" in application.tensors:
+            header = matching.entries[application.lora].header
+            ranks[id(application)] = header.tensors[application.tensors["down"]].shape[0]
+    return ranks
+
+
+def _check_concat_fields(request: LoraMergeRequest) -> None:
+    if request.mode != "concat":
+        return
+    for field in ("rank", "conv_rank", "energy"):
+        if field in request.model_fields_set:
+            raise InvalidInput(
+                "field-not-used",
+                "Field not used by concat",
+                f"{field} reduces ranks, which mode concat never does (its rank is the inputs' sum); "
+                "use mode svd",
+                field=field,
+            )
+
+
 def prepare_lora_merge(request: LoraMergeRequest, library: ModelLibrary) -> LoraMergeInputs:
+    _check_concat_fields(request)  # here, not in the plan: a job's stored request has every field set
     plan = plan_lora_merge(request, library)
     model = library.pin(request.model, field="model")[0] if request.model else None
     stems = "+".join(pin.name.rsplit(".", 1)[0][:24] for pin in plan.matching.pins[:3])

@@ -135,7 +135,7 @@ def lora_file_metadata(
     """`__metadata__` of a LoRA we write. Each module's alpha is its rank (scale 1), as sd-scripts'
     extract_lora_from_models.py and svd_merge_lora.py store them."""
     dim = max(ranks, default=0)
-    metadata = {
+    ours = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(dim),
         "ss_network_alpha": str(dim),
@@ -145,9 +145,10 @@ def lora_file_metadata(
         "mergeprobe_recipe": json.dumps(recipe, sort_keys=True),
     }
     if arch == "sd2":
-        metadata["ss_v2"] = "True"
+        ours["ss_v2"] = "True"
     if conv_ranks:
         conv_dim = max(conv_ranks)
-        metadata["ss_network_args"] = json.dumps({"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)})
-    metadata.update(extra)
-    return metadata
+        ours["ss_network_args"] = json.dumps({"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)})
+    # The request's own pairs cannot replace ours: a wrong architecture would make the library and
+    # every loader misread the file (merges do the same with their metadata).
+    return {**extra, **ours}

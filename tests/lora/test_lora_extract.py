@@ -40,13 +40,22 @@ def extraction(redis_url, tmp_path_factory, tiny_models):
             for name, body in {
                 "low": {"rank": 3, "conv_rank": 2, "svd": "full"},
                 "randomised": {"rank": 3, "text_encoders": False},
-                "full": {"rank": 512, "conv_rank": 512},
+                # the request's metadata cannot replace the architecture we write (found in review)
+                "full": {
+                    "rank": 512,
+                    "conv_rank": 512,
+                    "output": {"metadata": {"ss_base_model_version": "sdxl_base_v1-0", "note": "mine"}},
+                },
             }.items():
                 request = {
                     "model_tuned": "blend",
                     "model_base": "tiny-sd1-a",
                     **body,
-                    "output": {"name": f"extract-{name}.safetensors", "dtype": "fp32"},
+                    "output": {
+                        **body.get("output", {}),
+                        "name": f"extract-{name}.safetensors",
+                        "dtype": "fp32",
+                    },
                 }
                 response = client.post("/v1/jobs/lora_extract", json=request)
                 assert response.status_code == 202, response.text
@@ -138,7 +147,7 @@ def test_full_rank_extraction_is_exact_and_the_metadata_says_what_it_is(extracti
     with safe_open(service.models_dir / "extract-full.safetensors", "pt") as f:
         metadata = f.metadata()
     assert metadata["ss_network_module"] == "networks.lora"
-    assert metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["note"] == "mine"
     assert json.loads(metadata["ss_network_args"])["conv_dim"] == str(
         max(m["rank"] for m in result["modules"] if "resnets" in m["name"])
     )
@@ -182,3 +191,23 @@ def test_bad_extractions_are_400s_naming_the_field(extraction, body, field):
     assert problem.get("field") == field or any(e.get("field") == field for e in problem.get("errors", [])), (
         problem
     )
+
+
+def test_alpha_is_stored_in_float32_and_identical_models_are_a_clear_failure(
+    extraction, tiny_models, tmp_path
+):
+    service, client, results = extraction
+    with safe_open(service.models_dir / "extract-low.safetensors", "pt") as f:
+        alphas = [f.get_tensor(k) for k in f.keys() if k.endswith(".alpha")]
+    assert alphas and all(a.dtype == torch.float32 and a.dim() == 0 for a in alphas)
+    # The same values in another file (an fp32 copy): accepted, then a failed job saying why.
+    from safetensors.torch import save_file
+
+    copy = {k: v.float() if v.is_floating_point() else v for k, v in load_file(tiny_models["sd1"]).items()}
+    save_file(copy, str(service.models_dir / "tiny-sd1-a-fp32.safetensors"))
+    body = {"model_tuned": "tiny-sd1-a-fp32", "model_base": "tiny-sd1-a"}
+    response = client.post("/v1/jobs/lora_extract", json=body)
+    assert response.status_code == 202, response.text
+    job = wait_for_job(client, response.json()["id"], timeout=120)
+    assert job["status"] == "failed" and job["error"]["type"].endswith("nothing-to-extract"), job
+    assert job["error"]["status"] == 422 and job["error"]["field"] == "model_tuned"

@@ -215,3 +215,98 @@ def test_bad_lora_merges_are_400s_naming_the_field(lora_library, body, field):
     assert problem.get("field") == field or any(e.get("field") == field for e in problem.get("errors", [])), (
         problem
     )
+
+
+def test_concat_refuses_what_it_would_ignore_and_ranks_over_the_cap(lora_library, tmp_path):
+    """Found in review: concat took rank/energy silently, and 32 copies of a LoRA made rank 2048."""
+    _, client, _, _ = lora_library
+    for extra in ({"energy": 0.5}, {"rank": 1}, {"conv_rank": 1}):
+        body = {"loras": [{"model": "kohya-style"}], "model": "tiny-sd1-a", "mode": "concat", **extra}
+        response = client.post("/v1/jobs/lora_merge", json=body)
+        assert response.status_code == 400 and response.json()["field"] == next(iter(extra)), response.text
+    many = {"loras": [{"model": "kohya-style"}] * 32, "model": "tiny-sd1-a", "mode": "concat"}  # 32 × 4
+    job = _run(client, "lora_merge", many)  # 32 × 4 = 128 ≤ 1024
+    assert {m["rank"] for m in job["result"]["modules"]} == {128}
+    from tests.app.test_lora_library import _file
+
+    big = {}
+    g = torch.Generator().manual_seed(3)
+    name = "lora_unet_" + TO_K.replace(".", "_")
+    big[f"{name}.lora_down.weight"] = torch.randn(600, 32, generator=g)
+    big[f"{name}.lora_up.weight"] = torch.randn(32, 600, generator=g)
+    path = _file(tmp_path, "wide-rank.safetensors", big, {"ss_base_model_version": "sd_v1"})
+    assert client.post("/v1/models", params={"name": path.name}, content=path.read_bytes()).status_code == 201
+    response = client.post(
+        "/v1/jobs/lora_merge",
+        json={
+            "loras": [{"model": "wide-rank"}, {"model": "wide-rank"}],
+            "model": "tiny-sd1-a",
+            "mode": "concat",
+        },
+    )
+    assert response.status_code == 400 and response.json()["field"] == "loras", response.text
+
+
+def test_factors_that_overflow_the_output_dtype_fail_the_job_clearly(lora_library, tmp_path):
+    _, client, base, _ = lora_library
+    from tests.app.test_lora_library import _file
+
+    out, inp = base[KEY_TO_K].shape
+    name = "lora_unet_" + TO_K.replace(".", "_")
+    huge = {
+        f"{name}.lora_down.weight": torch.ones(2, inp),
+        f"{name}.lora_up.weight": torch.ones(out, 2),
+        f"{name}.alpha": torch.tensor(1e30),
+    }
+    path = _file(tmp_path, "huge-alpha.safetensors", huge, {"ss_base_model_version": "sd_v1"})
+    assert client.post("/v1/models", params={"name": path.name}, content=path.read_bytes()).status_code == 201
+    body = {"loras": [{"model": "huge-alpha"}], "model": "tiny-sd1-a", "output": {"dtype": "fp16"}}
+    job = wait_for_job(client, client.post("/v1/jobs/lora_merge", json=body).json()["id"], timeout=120)
+    assert job["status"] == "failed", job
+    assert job["error"]["type"].endswith("lora-overflow") and job["error"]["field"] == "output.dtype", job[
+        "error"
+    ]
+    # A strength × alpha / rank that fp16 holds only split between the factors: √ on each.
+    moderate = {**huge, f"{name}.alpha": torch.tensor(2.0e5)}  # scale 1e5: up·down ~ 1e5 per element
+    path = _file(tmp_path, "big-alpha.safetensors", moderate, {"ss_base_model_version": "sd_v1"})
+    assert client.post("/v1/models", params={"name": path.name}, content=path.read_bytes()).status_code == 201
+    body = {
+        "loras": [{"model": "big-alpha"}],
+        "model": "tiny-sd1-a",
+        "output": {"dtype": "fp16", "name": "big.safetensors"},
+    }
+    job = wait_for_job(client, client.post("/v1/jobs/lora_merge", json=body).json()["id"], timeout=120)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["max_relative_error"] < 1e-3
+
+
+def test_a_module_on_the_whole_fused_in_proj_keeps_its_open_clip_name(lora_library, tmp_path):
+    """Found in review: an sd2 module on OpenCLIP's whole in_proj had no kohya name (a 500). It is
+    merged under its own name, against the published sd2 layout (no checkpoint needed)."""
+    _, client, _, _ = lora_library
+    from tests.app.test_lora_library import _file
+
+    name = "lora_te_transformer_resblocks_0_attn_in_proj"
+    g = torch.Generator().manual_seed(4)
+    factors = {
+        f"{name}.lora_down.weight": torch.randn(2, 1024, generator=g),
+        f"{name}.lora_up.weight": torch.randn(3072, 2, generator=g),
+        f"{name}.alpha": torch.tensor(2.0),
+    }
+    path = _file(tmp_path, "inproj.safetensors", factors, {"ss_base_model_version": "sd_v2"})
+    assert client.post("/v1/models", params={"name": path.name}, content=path.read_bytes()).status_code == 201
+    body = {
+        "loras": [{"model": "inproj", "strength": 0.5}],
+        "output": {"dtype": "fp32", "name": "inproj-2.safetensors"},
+    }
+    job = _run(client, "lora_merge", body)
+    assert [m["name"] for m in job["result"]["modules"]] == [name]
+    assert (
+        job["result"]["modules"][0]["key"]
+        == "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
+    )
+    lora = load_file(lora_library[0].models_dir / "inproj-2.safetensors")
+    product = lora[f"{name}.lora_up.weight"] @ lora[f"{name}.lora_down.weight"]
+    expected = 0.5 * factors[f"{name}.lora_up.weight"] @ factors[f"{name}.lora_down.weight"]
+    torch.testing.assert_close(product, expected, atol=1e-5, rtol=1e-5)
+    assert lora[f"{name}.alpha"].dtype == torch.float32

@@ -10,7 +10,8 @@ import torch
 
 from mergeprobe.checkpoints.archs import Architecture, get_arch
 from mergeprobe.lora.lora_extract_plan import ExtractRequest, plan_extract
-from mergeprobe.lora.lora_output import lora_file_metadata
+from mergeprobe.lora.lora_output import LoraLayer, lora_file_metadata
+from mergeprobe.service.errors import Unprocessable
 from worker.checkpoints.checkpoint_io import MappedCheckpoint
 from worker.context import JobContext
 from worker.lora.lora_file import LoraWriter, modules_csv
@@ -44,45 +45,74 @@ def run_lora_extract(ctx: JobContext) -> dict[str, Any]:
     request: ExtractRequest = ctx.request
     tuned_entry, base_entry, layers = plan_extract(request, ctx.library, pinned=ctx.inputs)
     arch = tuned_entry.variant.arch
-    architecture = get_arch(arch)
     device = pick_device(request.device)
-    writer = LoraWriter(request.output.dtype)
-    unchanged: list[str] = []
-    started = time.perf_counter()
-    tuned = MappedCheckpoint(tuned_entry.path, tuned_entry.header)
-    base = MappedCheckpoint(base_entry.path, base_entry.header)
-    try:
-        for index, layer in enumerate(layers):
-            ctx.check_cancel()
-            ctx.progress(index, len(layers), "extracting layers")
-            rows = layer.target.rows
-            a = _rows(tuned.get(layer.target.key), rows).to(device=device, dtype=torch.float32)
-            b = _rows(base.get(layer.target.key), rows).to(device=device, dtype=torch.float32)
-            delta = (a - b).reshape(layer.shape[0], -1)
-            del a, b
-            if float(delta.abs().max()) <= request.min_diff:
-                unchanged.append(layer.name)
-                continue
-            generator = (
-                layer_generator(request.seed, layer.name, device) if request.svd == "randomized" else None
-            )
-            factors = low_rank(delta, layer.rank_cap, energy=request.energy, generator=generator)
-            if request.clamp_quantile is not None:
-                clamp_to_quantile(factors, request.clamp_quantile)
-            writer.add(layer, factors.up, factors.down, delta)
-        seconds = time.perf_counter() - started
-        ctx.progress(len(layers), len(layers), "comparing the other tensors")
-        carried = {layer.target.key for layer in layers}
-        not_carried = [
-            key for key in tuned.header.tensors if key not in carried and _differs(tuned, base, key)
-        ]
-    finally:
-        tuned.close()
-        base.close()
+    with LoraWriter(ctx, ctx.inputs.output, request.output.dtype) as writer:
+        started = time.perf_counter()
+        tuned = MappedCheckpoint(tuned_entry.path, tuned_entry.header)
+        base = MappedCheckpoint(base_entry.path, base_entry.header)
+        try:
+            unchanged = _factor_layers(ctx, request, layers, tuned, base, writer, device)
+            seconds = time.perf_counter() - started
+            ctx.progress(len(layers), len(layers), "comparing the other tensors")
+            carried = {layer.target.key for layer in layers}
+            not_carried = [
+                key for key in tuned.header.tensors if key not in carried and _differs(tuned, base, key)
+            ]
+        finally:
+            tuned.close()
+            base.close()
+        return _finish(ctx, request, arch, writer, unchanged, not_carried, seconds, device)
+
+
+def _factor_layers(
+    ctx: JobContext,
+    request: ExtractRequest,
+    layers: list[LoraLayer],
+    tuned: MappedCheckpoint,
+    base: MappedCheckpoint,
+    writer: LoraWriter,
+    device: torch.device,
+) -> list[str]:
+    """Each layer's tuned − base factored into the writer; the names of the layers left out."""
+    unchanged = []
+    for index, layer in enumerate(layers):
+        ctx.check_cancel()
+        ctx.progress(index, len(layers), "extracting layers")
+        rows = layer.target.rows
+        a = _rows(tuned.get(layer.target.key), rows).to(device=device, dtype=torch.float32)
+        b = _rows(base.get(layer.target.key), rows).to(device=device, dtype=torch.float32)
+        delta = (a - b).reshape(layer.shape[0], -1)
+        del a, b
+        if float(delta.abs().max()) <= request.min_diff:
+            unchanged.append(layer.name)
+            continue
+        generator = layer_generator(request.seed, layer.name, device) if request.svd == "randomized" else None
+        factors = low_rank(delta, layer.rank_cap, energy=request.energy, generator=generator)
+        if request.clamp_quantile is not None:
+            clamp_to_quantile(factors, request.clamp_quantile)
+        writer.add(layer, factors.up, factors.down, delta)
+    return unchanged
+
+
+def _finish(
+    ctx: JobContext,
+    request: ExtractRequest,
+    arch: str,
+    writer: LoraWriter,
+    unchanged: list[str],
+    not_carried: list[str],
+    seconds: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Warn, write the file and the report."""
+    architecture = get_arch(arch)
     if not writer.reports:
-        raise ValueError(
-            f"{tuned_entry.name} and {base_entry.name} differ by at most {request.min_diff} in every layer "
-            "a LoRA is made of: there is nothing to extract"
+        raise Unprocessable(
+            "nothing-to-extract",
+            "Nothing to extract",
+            f"{ctx.inputs.tuned.name} and {ctx.inputs.base.name} differ by at most {request.min_diff} in every layer "
+            "a LoRA is made of",
+            field="model_tuned",
         )
     if not_carried:
         ctx.warn(
@@ -104,7 +134,7 @@ def run_lora_extract(ctx: JobContext) -> dict[str, Any]:
         recipe,
         request.output.metadata,
     )
-    stored = writer.commit(ctx, ctx.inputs.output, metadata)
+    stored = writer.commit(metadata)
     ctx.write_artifact("modules.csv", modules_csv(summary["modules"]), "text/csv")
     return {
         **stored,

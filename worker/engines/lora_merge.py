@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -18,11 +19,13 @@ from worker.merging.stream_merge import pick_device
 
 
 def _scaled_factors(factors: dict[str, torch.Tensor], alpha: float | None, strength: float):
-    """(up, down) as 2-D float32 matrices with strength × alpha/rank folded into up."""
+    """(up, down) as 2-D float32 matrices with strength × alpha/rank folded in, its square root on
+    each (sign on up), so that neither grows as the square of the other in a half-precision file."""
     down, up = factors["lora_down.weight"].float(), factors["lora_up.weight"].float()
     rank = down.shape[0]
     scale = strength * ((alpha / rank) if alpha else 1.0)
-    return up.reshape(up.shape[0], rank) * scale, down.reshape(rank, -1)
+    root = math.sqrt(abs(scale))
+    return up.reshape(up.shape[0], rank) * math.copysign(root, scale), down.reshape(rank, -1) * root
 
 
 def run_lora_merge(ctx: JobContext) -> dict[str, Any]:
@@ -31,38 +34,49 @@ def run_lora_merge(ctx: JobContext) -> dict[str, Any]:
     for warning in plan.matching.warnings:
         ctx.warn(warning)
     device = pick_device(request.device)
-    writer = LoraWriter(request.output.dtype)
     sources = [MappedCheckpoint(entry.path, entry.header) for entry in plan.matching.entries]
-    try:
-        for index, (layer, modules) in enumerate(plan.layers):
-            ctx.check_cancel()
-            ctx.progress(index, len(plan.layers), "merging modules")
-            rows = layer.shape[0]
-            if all(plain_module(module) for module in modules):
-                ups, downs = [], []
-                for module in modules:
-                    factors, alpha = module_factors(sources[module.lora], module, device)
-                    up, down = _scaled_factors(factors, alpha, module.strength)
-                    ups.append(up)
-                    downs.append(down)
-                up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
-                delta = up @ down
-                if request.mode == "svd":
-                    reduced = low_rank_of_product(up, down, layer.rank_cap, energy=request.energy)
-                    up, down = reduced.up, reduced.down
-            else:  # LoHa, LoKr, Tucker cores: their updates summed, then reduced (mode svd only)
-                delta = torch.zeros(rows, *layer.shape[1:], device=device)
-                for module in modules:
-                    factors, alpha = module_factors(sources[module.lora], module, device)
-                    delta += module.strength * lora_delta(module.algorithm, factors, layer.shape, alpha=alpha)
-                delta = delta.reshape(rows, -1)
-                generator = layer_generator(0, layer.name, device)
-                reduced = low_rank(delta, layer.rank_cap, energy=request.energy, generator=generator)
-                up, down = reduced.up, reduced.down
-            writer.add(layer, up, down, delta)
-    finally:
-        for source in sources:
-            source.close()
+    with LoraWriter(ctx, ctx.inputs.output, request.output.dtype) as writer:
+        try:
+            for index, (layer, modules) in enumerate(plan.layers):
+                ctx.check_cancel()
+                ctx.progress(index, len(plan.layers), "merging modules")
+                up, down, delta = _merged_layer(request, layer, modules, sources, device)
+                writer.add(layer, up, down, delta)
+        finally:
+            for source in sources:
+                source.close()
+        return _finish(ctx, request, plan, writer, device)
+
+
+def _merged_layer(request, layer, modules, sources, device):
+    """(up, down, ΔW) of one output module from the inputs' modules of its layer."""
+    rows = layer.shape[0]
+    if all(plain_module(module) for module in modules):
+        ups, downs = [], []
+        for module in modules:
+            factors, alpha = module_factors(sources[module.lora], module, device)
+            up, down = _scaled_factors(factors, alpha, module.strength)
+            ups.append(up)
+            downs.append(down)
+        up, down = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+        delta = up @ down
+        if request.mode == "svd":
+            reduced = low_rank_of_product(up, down, layer.rank_cap, energy=request.energy)
+            up, down = reduced.up, reduced.down
+        return up, down, delta
+    # LoHa, LoKr, Tucker cores (mode svd only): their updates summed, then reduced
+    delta = torch.zeros(rows, *layer.shape[1:], device=device)
+    for module in modules:
+        factors, alpha = module_factors(sources[module.lora], module, device)
+        delta += module.strength * lora_delta(module.algorithm, factors, layer.shape, alpha=alpha)
+    delta = delta.reshape(rows, -1)
+    reduced = low_rank(
+        delta, layer.rank_cap, energy=request.energy, generator=layer_generator(0, layer.name, device)
+    )
+    return reduced.up, reduced.down, delta
+
+
+def _finish(ctx, request, plan, writer, device) -> dict[str, Any]:
     summary = writer.summary()
     recipe = {
         "kind": "lora_merge",
@@ -72,7 +86,7 @@ def run_lora_merge(ctx: JobContext) -> dict[str, Any]:
     metadata = lora_file_metadata(
         plan.arch, [m["rank"] for m in summary["modules"]], writer.conv_ranks, recipe, request.output.metadata
     )
-    stored = writer.commit(ctx, ctx.inputs.output, metadata)
+    stored = writer.commit(metadata)
     ctx.write_artifact("modules.csv", modules_csv(summary["modules"]), "text/csv")
     return {
         **stored,

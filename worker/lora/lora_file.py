@@ -1,35 +1,50 @@
 """Writing a kohya-format LoRA into the library: each module's factors shaped as sd-scripts stores
-them, the per-module report, and the commit. Shared by lora_extract and lora_merge."""
+them, the per-module report, and the commit. Shared by lora_extract and lora_merge.
+
+Factors go to a spill file as each module is made, so memory holds one layer at a time whatever
+the ranks (an SDXL LoRA of rank 1024 is gigabytes); the commit writes the safetensors header,
+which needs every shape, then copies the spill file after it."""
 
 from __future__ import annotations
 
 import math
+import shutil
 from collections import Counter
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
+from mergeprobe.checkpoints.safetensors_layout import build_header
 from mergeprobe.lora.lora_output import LoraLayer
+from mergeprobe.service.errors import Unprocessable
 from mergeprobe.service.kinds import MergedModel
 from worker.context import JobContext
 from worker.lora.low_rank import relative_error
 
 STORED_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+_COPY_CHUNK = 16 << 20
 
 
 class LoraWriter:
-    """Collects modules (their factors cast to the output dtype) and their errors, then writes the
-    file. A module's factors are of the order of rank × (out + in) values: a rank-32 SD1 LoRA is
-    ~75 MB in fp16, held until written."""
+    """Collects modules (their factors cast to the output dtype, spilled to a temp file of the
+    job) and their errors, then writes the LoRA file."""
 
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, ctx: JobContext, name: str, dtype: str) -> None:
+        self.ctx, self.name = ctx, name
         self.dtype = STORED_DTYPES[dtype]
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.entries: list[tuple[str, str, tuple[int, ...]]] = []
         self.reports: list[dict[str, Any]] = []
         self.conv_ranks: list[int] = []  # of the k×k convolutions (LoCon), for the metadata
         self._residual = 0.0
         self._total = 0.0
+        self._spill_path = ctx.library.temp_path(name + ".factors", job_id=ctx.job_id)
+        self._spill = open(self._spill_path, "w+b")  # noqa: SIM115 - closed by close()
+
+    def _put(self, key: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        self.entries.append((key, _SAFETENSORS_DTYPES[tensor.dtype], tuple(tensor.shape)))
+        self._spill.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
     def add(
         self, layer: LoraLayer, up: torch.Tensor, down: torch.Tensor, delta: torch.Tensor
@@ -37,18 +52,25 @@ class LoraWriter:
         """Store `layer` as up (out × r) · down (r × in·kh·kw) with alpha = r; `delta` is the 2-D
         float32 ΔW it stands for, against which the stored (cast) factors' error is reported."""
         up, down = up.to(self.dtype).cpu(), down.to(self.dtype).cpu()
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise Unprocessable(
+                "lora-overflow",
+                "The LoRA does not fit its dtype",
+                f"{layer.name}: its factors overflow {str(self.dtype).removeprefix('torch.')} "
+                "(strengths or alphas too large for it); choose output.dtype fp32 or bf16",
+                field="output.dtype",
+            )
         rank = down.shape[0]
         out, *rest = layer.shape
-        if len(layer.shape) == 4:  # conv: down keeps the kernel (LoCon), up is 1×1
-            down_shape, up_shape = (rank, *rest), (out, rank, 1, 1)
-        else:
-            down_shape, up_shape = (rank, *rest), (out, rank)
+        up_shape = (out, rank, 1, 1) if len(layer.shape) == 4 else (out, rank)  # conv: 1×1 up, LoCon down
         residual, total = relative_error(delta, up.to(delta.device), down.to(delta.device))
         self._residual += residual
         self._total += total
-        self.tensors[f"{layer.name}.lora_down.weight"] = down.reshape(down_shape).contiguous()
-        self.tensors[f"{layer.name}.lora_up.weight"] = up.reshape(up_shape).contiguous()
-        self.tensors[f"{layer.name}.alpha"] = torch.tensor(float(rank), dtype=self.dtype)
+        self._put(f"{layer.name}.lora_down.weight", down.reshape(rank, *rest))
+        self._put(f"{layer.name}.lora_up.weight", up.reshape(up_shape))
+        # alpha in float32 whatever the factors' dtype: bf16 cannot hold 301, fp16 not 2049 exactly,
+        # and alpha / rank must be 1 (readers take it with .item()).
+        self._put(f"{layer.name}.alpha", torch.tensor(float(rank), dtype=torch.float32))
         report = {
             "name": layer.name,
             "key": layer.target.key,
@@ -69,17 +91,31 @@ class LoraWriter:
             "max_relative_error": max((m["relative_error"] for m in self.reports), default=0.0),
         }
 
-    def commit(self, ctx: JobContext, name: str, metadata: dict[str, str]) -> dict[str, Any]:
+    def commit(self, metadata: dict[str, str]) -> dict[str, Any]:
         """Write the file and add it to the library; the result's `model` and `size_bytes`."""
-        library = ctx.library
-        library.check_name_free(name, field="output.name")
-        tmp = library.temp_path(name, job_id=ctx.job_id)
+        library = self.ctx.library
+        library.check_name_free(self.name, field="output.name")
+        header, _ = build_header(self.entries, metadata)
+        tmp = library.temp_path(self.name, job_id=self.ctx.job_id)
         try:
-            save_file(self.tensors, str(tmp), metadata=metadata)  # the commit fsyncs it
-            info = library.commit(tmp, name, field="output.name").info()
+            with open(tmp, "wb") as out:
+                out.write(header)
+                self._spill.seek(0)
+                shutil.copyfileobj(self._spill, out, _COPY_CHUNK)
+            info = library.commit(tmp, self.name, field="output.name").info()  # fsyncs it
         finally:
             tmp.unlink(missing_ok=True)
         return {"model": MergedModel.of(info).model_dump(), "size_bytes": info.size_bytes}
+
+    def close(self) -> None:
+        self._spill.close()
+        self._spill_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> LoraWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def modules_csv(reports: list[dict[str, Any]]) -> bytes:
