@@ -385,6 +385,14 @@ def _documented_headers(names: Iterable[str]) -> dict[str, Any]:
     return {name: {"description": _HEADERS[name], "schema": {"type": "string"}} for name in names}
 
 
+def binary_content(*media_types: str) -> dict[str, Any]:
+    """The OpenAPI `content` of a binary body. application/octet-stream is listed beside the body's
+    own media type: code generators (openapi-python-client) read a body as bytes only under that
+    type, and leave an operation answering `*/*` or application/zip without a response type."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {media_type: dict(binary) for media_type in (*media_types, MODEL_MEDIA_TYPE)}
+
+
 def add_download_routes(
     router: APIRouter,
     path: str,
@@ -397,8 +405,8 @@ def add_download_routes(
     what: str,
 ) -> None:
     """GET and HEAD of one file, documented: the 200's body is binary (so generated clients
-    download it), the HEAD answers the same headers without it."""
-    binary = {"schema": {"type": "string", "format": "binary"}}
+    download it), the HEAD answers the same headers without it. `name` (`ModelFile`) makes the
+    operation ids `downloadModelFile` and `headModelFile`."""
     errors: dict[int | str, dict[str, Any]] = {
         304: {"description": "Not modified (If-None-Match named the ETag)"},
         307: {"description": "Redirect to a presigned object-store URL (s3 backend, redirect downloads)"},
@@ -410,20 +418,19 @@ def add_download_routes(
         path,
         endpoint,
         methods=["GET"],
-        name=f"download_{name}",
-        operation_id=f"download_{name}",
+        operation_id=f"download{name}",
         summary=summary,
         description=description,
         response_class=Response,
         responses={
             200: {
                 "description": what,
-                "content": {media_type: binary},
+                "content": binary_content(media_type),
                 "headers": _documented_headers(_HEADERS),
             },
             206: {
                 "description": "Partial content: one range, or several as multipart/byteranges",
-                "content": {media_type: binary, "multipart/byteranges": binary},
+                "content": binary_content(media_type, "multipart/byteranges"),
             },
             **errors,
         },
@@ -432,8 +439,7 @@ def add_download_routes(
         path,
         endpoint,
         methods=["HEAD"],
-        name=f"head_{name}",
-        operation_id=f"head_{name}",
+        operation_id=f"head{name}",
         summary=f"{summary}: headers only",
         description="The headers the GET answers (size, ETag, ranges), without the body.",
         response_class=Response,

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from app.docs_ui import install_docs
 from app.errors import install_error_handlers
 from app.middleware import BearerAuth, BodyLimit
 from app.openapi_docs import document_problems
 from app.routes import archs, health, jobs, metrics, models, plans
 from app.state import AppState
-from mergeprobe.service.kinds import KINDS
 from mergeprobe.service.settings import Settings
 
 log = logging.getLogger("mergeprobe.api")
@@ -60,9 +60,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             reaper.cancel()
 
-    app = FastAPI(title="mergeprobe", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="mergeprobe",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        # FastAPI's own pages load Swagger UI and ReDoc from a CDN; these serve them from the package.
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.mergeprobe = state
     install_error_handlers(app)
+    install_docs(app)
     for router in (health.router, metrics.router, archs.router, models.router, jobs.router, plans.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
@@ -73,13 +82,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             schema = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for kind in KINDS.values():
-                components[kind.result_model.__name__] = kind.result_model.model_json_schema(
-                    ref_template="#/components/schemas/{model}"
-                )
-                for name, sub in components[kind.result_model.__name__].pop("$defs", {}).items():
-                    components.setdefault(name, sub)
             schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {
                     "type": "http",

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetJsonSchemaHandler, RootModel, create_model
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
+from typing_extensions import TypeAliasType
 
 from mergeprobe.probing.dump_request import MAX_PROMPT_CHARS
+from mergeprobe.service.kinds import KINDS, JobKind
 from mergeprobe.service.request_model import RequestModel
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+# The same, named in the OpenAPI document: one JobStatus enum for the jobs of every kind.
+NamedJobStatus = TypeAliasType("JobStatus", JobStatus)
 
 
 class ProblemModel(BaseModel):
@@ -42,10 +48,12 @@ class Artifact(BaseModel):
     sha256: str = Field(description="Also the download's ETag.", examples=["9f2c" + "0" * 60])
 
 
-class Job(BaseModel):
+class _JobFields(BaseModel):
+    """What every job record holds; each kind's model below narrows `kind` and types `result`."""
+
     id: str = Field(description="24 hex digits, time-ordered.", examples=["0190f2a1b2c3d4e5f6a7b8c9"])
     kind: str = Field(examples=["inspect"])
-    status: JobStatus
+    status: NamedJobStatus
     progress: Progress
     created_at: str = Field(examples=["2026-11-21T05:00:00.000Z"])
     started_at: str | None = None
@@ -59,13 +67,58 @@ class Job(BaseModel):
         examples=[{"model": "tiny-sd1-a.safetensors", "arch": "sd1"}],
     )
     artifacts: list[Artifact] = Field(default_factory=list)
-    result: dict[str, Any] | None = Field(
-        default=None, description="Kind-specific; see the `*Result` schemas (InspectResult for inspect jobs)."
-    )
+    result: dict[str, Any] | None = None
     error: ProblemModel | None = None
     warnings: list[str] = Field(default_factory=list)
     worker: str | None = Field(default=None, description="The worker that ran it.")
     cancel_requested: bool | None = Field(default=None, description="Set on a DELETE of a running job.")
+
+
+class DocumentedAs:
+    """Annotates a `dict | None` field to be documented as `model | None` while it is validated as
+    the dict it is. A job's result was checked against its kind's result model by the worker that
+    stored it (worker/tasks.py `checked_result`); the API answers it as stored, so validating it
+    again could only change what clients get (defaults filled in) or turn a record written by an
+    earlier version into a 500 for the whole listing."""
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return handler(core_schema.nullable_schema(self.model.__pydantic_core_schema__))
+
+
+def _model_name_of(kind: str) -> str:
+    """`lora_extract` → `LoraExtractJob`."""
+    return "".join(part.capitalize() for part in kind.split("_")) + "Job"
+
+
+def _job_model(kind: JobKind) -> type[BaseModel]:
+    result_model = kind.result_model
+    return create_model(
+        _model_name_of(kind.name),
+        __base__=_JobFields,
+        __doc__=f"A job of kind `{kind.name}`: {kind.summary[0].lower()}{kind.summary[1:]}.",
+        kind=(Literal[kind.name], Field(examples=[kind.name])),  # type: ignore[valid-type]
+        result=(
+            Annotated[dict[str, Any] | None, DocumentedAs(result_model)],
+            Field(
+                default=None,
+                description=f"The {result_model.__name__}, once the job has succeeded; null until then, "
+                "and when it failed or was canceled.",
+            ),
+        ),
+    )
+
+
+# Per kind, the job as the API answers it: `MergeJob`, `DumpJob`, ...
+JOB_MODELS: dict[str, type[BaseModel]] = {name: _job_model(kind) for name, kind in KINDS.items()}
+
+
+class Job(RootModel[Annotated[Union[tuple(JOB_MODELS.values())], Field(discriminator="kind")]]):  # type: ignore[misc]  # noqa: UP007
+    """A job of any kind; `kind` tells which, and so what `result` holds."""
 
 
 class JobList(BaseModel):

@@ -33,7 +33,9 @@ def _arch(name: str) -> Architecture:
     return arch
 
 
-@router.get("", response_model=ArchList, summary="Supported architectures and their blocks")
+@router.get(
+    "", response_model=ArchList, summary="Supported architectures and their blocks", operation_id="listArchs"
+)
 def list_archs() -> ArchList:
     return ArchList(
         archs=[
@@ -52,6 +54,7 @@ def list_archs() -> ArchList:
     "/{arch}/blocks",
     response_model=BlockList,
     summary="Block names of an architecture in U-Net order",
+    operation_id="listArchBlocks",
     responses={404: {"model": ProblemModel}},
 )
 def arch_blocks(arch: str) -> BlockList:
@@ -62,6 +65,7 @@ def arch_blocks(arch: str) -> BlockList:
     "/{arch}/elements",
     response_model=ElementTable,
     summary="Element names of every block (for elemental specs)",
+    operation_id="getArchElements",
     description="The key of every tensor of a real full-size checkpoint, relative to its block "
     "(`1.transformer_blocks.0.attn2.to_k.weight`), per U-Net block. Elemental entries match substrings "
     "of these; for BASE the element is the full key.",
@@ -76,6 +80,7 @@ def arch_elements(arch: str) -> dict:
     "/{arch}/tokenize",
     response_model=TokenList,
     summary="The tokens a prompt becomes (to pick token positions for attention maps)",
+    operation_id="tokenizePrompt",
     description="CLIP's byte-level BPE, shipped with the service (no download): the same tokens, ids and "
     "positions as the text encoders of a dump or sweep on this architecture read, so a dump's attention "
     "maps and token heatmaps can be matched to words.",

@@ -9,7 +9,7 @@ from mergeprobe.service.problems import Problem
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health, summary="The API process is up")
+@router.get("/healthz", response_model=Health, summary="The API process is up", operation_id="getHealth")
 def healthz() -> Health:
     return Health(status="ok")
 
@@ -18,6 +18,7 @@ def healthz() -> Health:
     "/readyz",
     response_model=Health,
     summary="Redis reachable and at least one live worker",
+    operation_id="getReadiness",
     responses={503: {"model": ProblemModel, "description": "Not ready"}},
 )
 def readyz(state: AppState = Depends(get_state)) -> Health:

@@ -13,12 +13,13 @@ from app.downloads import (
     ZIP_MEDIA_TYPE,
     add_download_routes,
     artifact_download,
+    binary_content,
     content_disposition,
     download_response,
     zip_stream,
 )
 from app.openapi_docs import REDIS_UNAVAILABLE, SSE_EVENT
-from app.schemas import Job, JobList, JobStatus, ProblemModel
+from app.schemas import JOB_MODELS, Job, JobList, NamedJobStatus, ProblemModel
 from app.state import AppState, get_state
 from mergeprobe.service.jobs import FINAL_STATUSES, body_fingerprint
 from mergeprobe.service.kinds import KINDS, JobKind
@@ -78,18 +79,18 @@ for _kind in KINDS.values():
         _submit_handler(_kind),
         methods=["POST"],
         status_code=202,
-        response_model=Job,
+        response_model=JOB_MODELS[_kind.name],
         summary=_kind.summary,
         description=_kind.description
         + "\n\nAnswers 202 with `Location: /v1/jobs/{id}`; 200 when an Idempotency-Key replays an earlier submission.",
         responses={
             200: {
-                "model": Job,
+                "model": JOB_MODELS[_kind.name],
                 "description": "An Idempotency-Key replay: the job first created with this key and body",
             },
             **_ERRORS,
         },
-        operation_id=f"submit_{_kind.name}_job",
+        operation_id=f"submit{JOB_MODELS[_kind.name].__name__}",  # submitMergeJob, submitLoraExtractJob
         dependencies=[Depends(_admit)],
     )
 
@@ -105,10 +106,10 @@ def submit_unknown_kind(kind: str) -> None:
     )
 
 
-@router.get("", response_model=JobList, summary="Jobs, newest first")
+@router.get("", response_model=JobList, summary="Jobs, newest first", operation_id="listJobs")
 def list_jobs(
     kind: str | None = Query(default=None, description="Only jobs of this kind.", examples=["inspect"]),
-    status: JobStatus | None = Query(default=None, description="Only jobs in this status."),
+    status: NamedJobStatus | None = Query(default=None, description="Only jobs in this status."),
     cursor: str | None = Query(
         default=None, pattern="^[0-9a-f]{24}$", description="`next_cursor` of the previous page."
     ),
@@ -119,7 +120,13 @@ def list_jobs(
     return {"jobs": jobs, "next_cursor": next_cursor}
 
 
-@router.get("/{id}", response_model=Job, summary="One job", responses={404: {"model": ProblemModel}})
+@router.get(
+    "/{id}",
+    response_model=Job,
+    summary="One job",
+    responses={404: {"model": ProblemModel}},
+    operation_id="getJob",
+)
 def get_job(id: str, state: AppState = Depends(get_state)) -> dict:
     return state.store.require(id)
 
@@ -132,6 +139,7 @@ def get_job(id: str, state: AppState = Depends(get_state)) -> dict:
     description="A queued job is canceled at once; a running one is asked to stop and ends within about a "
     "second, its partial files removed. Finished jobs are returned unchanged.",
     responses={404: {"model": ProblemModel}},
+    operation_id="cancelJob",
 )
 def cancel_job(id: str, state: AppState = Depends(get_state)) -> dict:
     return state.store.cancel(id)
@@ -147,6 +155,7 @@ def cancel_job(id: str, state: AppState = Depends(get_state)) -> dict:
         404: {"model": ProblemModel},
     },
     response_class=StreamingResponse,
+    operation_id="streamJobEvents",
 )
 async def job_events(id: str, request: Request, state: AppState = Depends(get_state)) -> StreamingResponse:
     await run_in_threadpool(state.store.require, id)
@@ -189,7 +198,7 @@ add_download_routes(
     router,
     "/{id}/artifacts/{name}",
     get_artifact,
-    name="artifact",
+    name="Artifact",
     summary="Download an artifact",
     description="Supports Range requests (several ranges answer multipart/byteranges); the ETag is the "
     "artifact's sha256 (If-None-Match answers 304). With `MERGEPROBE_ARTIFACTS_BACKEND=s3` and "
@@ -202,7 +211,7 @@ add_download_routes(
 
 @router.get(
     "/{id}/artifacts.zip",
-    operation_id="download_job_artifacts_zip",
+    operation_id="downloadArtifactsZip",
     summary="Download all of a job's artifacts as one zip",
     description="Every artifact the job lists, as one zip streamed while the artifacts are read (nothing is "
     "built in memory or on disk first), entries named by artifact name: CSV and JSON deflated, the others "
@@ -211,8 +220,8 @@ add_download_routes(
     "with no entries).",
     responses={
         200: {
-            "description": "The zip",
-            "content": {ZIP_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+            "description": "The zip, as `Content-Type: application/zip`",
+            "content": binary_content(ZIP_MEDIA_TYPE),
             "headers": {
                 "Content-Disposition": {
                     "description": '`attachment; filename="<job id>-artifacts.zip"`',

@@ -13,6 +13,7 @@ router = APIRouter(tags=["health"])
 @router.get(
     "/metrics",
     summary="Prometheus metrics",
+    operation_id="getMetrics",
     description="Prometheus text format: jobs by kind and status, queue depth and limit, live and busy "
     "workers, job durations by kind (histogram), bytes merges read and wrote, submissions refused "
     "for a full queue. The numbers live in Redis, so every API process answers the same. Needs a key "

@@ -19,12 +19,14 @@ def _described(info: ModelInfo) -> dict:
     return {**info.to_dict(), "download_url": model_file_url(info.id)}
 
 
-@router.get("", response_model=ModelList, summary="Models in the library")
+@router.get("", response_model=ModelList, summary="Models in the library", operation_id="listModels")
 def list_models(state: AppState = Depends(get_state)) -> dict:
     return {"models": [_described(m) for m in state.library.list()]}
 
 
-@router.get("/{id}", response_model=ModelInfoModel, summary="One model", responses=_ERRORS)
+@router.get(
+    "/{id}", response_model=ModelInfoModel, summary="One model", responses=_ERRORS, operation_id="getModel"
+)
 def get_model(id: str, state: AppState = Depends(get_state)) -> dict:
     return _described(state.library.lookup(id, field="id").info())
 
@@ -38,7 +40,7 @@ add_download_routes(
     router,
     "/{id}/file",
     get_model_file,
-    name="model_file",
+    name="ModelFile",
     summary="Download a model's file",
     description="The checkpoint itself (.safetensors or .ckpt), as `Content-Disposition: attachment` with its "
     "name. Supports Range requests (several ranges answer multipart/byteranges); the ETag is the model's "
@@ -55,6 +57,7 @@ add_download_routes(
     status_code=201,
     response_model=ModelInfoModel,
     summary="Upload a model (raw body)",
+    operation_id="uploadModel",
     description=(
         "The body is the file itself (`curl --data-binary @model.safetensors`), streamed to the library's "
         "storage while it is hashed and capped at MERGEPROBE_MAX_UPLOAD_BYTES; then its header is validated "
@@ -93,6 +96,7 @@ async def upload_model(
     "/{id}",
     status_code=204,
     summary="Delete a model",
+    operation_id="deleteModel",
     description="A model that a queued or running job reads (or writes) cannot be deleted: 409 naming the jobs.",
     responses={**_ERRORS, 409: {"model": ProblemModel}},
 )

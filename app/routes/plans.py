@@ -61,6 +61,7 @@ class PresetList(BaseModel):
     "/v1/plans/merge",
     response_model=MergePlanModel,
     summary="Dry run of a merge: what each key would get",
+    operation_id="planMerge",
     description="Answers at once from the safetensors headers alone, with the same validation as a merge job.",
     responses={400: {"model": ProblemModel}, 404: {"model": ProblemModel}, 422: {"model": ProblemModel}},
 )
@@ -88,6 +89,7 @@ class BakePlanModel(BaseModel):
     "/v1/plans/bake",
     response_model=BakePlanModel,
     summary="Dry run of baking LoRAs into a checkpoint: what each LoRA matches",
+    operation_id="planBake",
     description="From the headers alone: for each LoRA, the modules that modify a tensor of the checkpoint "
     "(per block and text encoder), those that match nothing (named), and the strength applied per block. "
     "A LoRA that matches no tensor at all (made for another architecture, or named in a way mergeprobe does "
@@ -98,7 +100,9 @@ def plan_bake_route(body: BakeRequest, state: AppState = Depends(get_state)) -> 
     return plan_bake(body, state.library).to_json()
 
 
-@router.get("/v1/presets", response_model=PresetList, summary="Block-weight presets")
+@router.get(
+    "/v1/presets", response_model=PresetList, summary="Block-weight presets", operation_id="listPresets"
+)
 def presets() -> dict[str, Any]:
     return {
         "presets": {

@@ -1,10 +1,15 @@
-"""Contracts of the package as a whole: no torch in the API, a fresh OpenAPI document."""
+"""Contracts of the package as a whole: no torch in the API, a fresh OpenAPI document, the data
+files in the built wheel."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import zipfile
+
+import pytest
 
 from tests.conftest import REPO
 
@@ -51,7 +56,8 @@ def test_openapi_documents_every_operation():
         "Progress",
     ):
         assert name in schemas
-    for name in ("Job", "ModelInfoModel", "Artifact", "Progress", "InspectRequest"):
+    assert schemas["Job"]["discriminator"]["propertyName"] == "kind"  # one schema per kind: InspectJob, ...
+    for name in ("InspectJob", "MergeJob", "ModelInfoModel", "Artifact", "Progress", "InspectRequest"):
         props = schemas[name]["properties"]
         documented = [
             p
@@ -60,3 +66,33 @@ def test_openapi_documents_every_operation():
         ]
         assert len(documented) >= len(props) // 2, f"{name}: most fields lack descriptions/examples"
     assert "/v1/jobs/inspect" in doc["paths"] and "/v1/jobs/{id}/events" in doc["paths"]
+
+
+def test_the_wheel_ships_the_data_files(tmp_path):
+    """A wheel built from the sources (as `pip install .` and the Docker images build it) holds the
+    configs and the vendored /docs and /redoc assets: an installed API serves them too."""
+    setuptools = pytest.importorskip("setuptools")
+    if tuple(int(p) for p in setuptools.__version__.split(".")[:2]) < (70, 1):
+        pytest.skip(
+            "setuptools < 70.1 builds no wheel without the `wheel` package (torch brings a newer one)"
+        )
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for name in ("app", "mergeprobe", "worker"):
+        shutil.copytree(REPO / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
+        + ["-w", str(tmp_path / "dist"), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "dist").glob("mergeprobe-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("app/static", "mergeprobe/configs"):
+        files = {p.relative_to(REPO).as_posix() for p in (REPO / folder).rglob("*") if p.is_file()}
+        files = {f for f in files if "__pycache__" not in f}
+        assert files and files <= shipped, sorted(files - shipped)[:10]
