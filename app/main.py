@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from app.console import install_console
 from app.docs_ui import install_docs
 from app.errors import install_error_handlers
 from app.middleware import BearerAuth, BodyLimit
@@ -72,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.mergeprobe = state
     install_error_handlers(app)
     install_docs(app)
+    install_console(app)
     for router in (health.router, metrics.router, archs.router, models.router, jobs.router, plans.router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)

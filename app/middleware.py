@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
+from urllib.parse import unquote_to_bytes
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mergeprobe.service.problems import PROBLEM_MEDIA_TYPE, Problem
 
-# The one route a load balancer or orchestrator probes without credentials.
-PUBLIC_PATHS = frozenset({"/healthz"})
+# The one route a load balancer or orchestrator probes without credentials, and the browser
+# console's page (app/console.py): it holds nothing secret and must load for a key to be entered.
+PUBLIC_PATHS = frozenset({"/healthz", "/"})
+PUBLIC_PREFIXES = ("/static/console/",)
+# The console keeps its key in a cookie as well (SameSite=Strict), for what the browser fetches
+# by itself and no script can add a header to: model files and artifacts (<a download>, <img>).
+# It is accepted there only, and only for GET and HEAD: never for a request that changes state.
+KEY_COOKIE = b"mergeprobe_key"
+COOKIE_PATHS = re.compile(r"^/v1/(models/[^/]+/file|jobs/[^/]+/artifacts/[^/]+|jobs/[^/]+/artifacts\.zip)$")
 UPLOAD_PATH = "/v1/models"
 
 
@@ -27,21 +36,31 @@ class BearerAuth:
         self.app = app
         self.keys = [k.encode() for k in keys]
 
+    def _matches(self, token: bytes) -> bool:
+        # Compare against every key so timing does not reveal which one matched.
+        return any([hmac.compare_digest(token, key) for key in self.keys])
+
     def _authorized(self, scope: Scope) -> bool:
+        cookie_allowed = scope["method"] in ("GET", "HEAD") and COOKIE_PATHS.match(scope["path"])
         for name, value in scope.get("headers", []):
             if name == b"authorization" and value[:7].lower() == b"bearer ":
-                token = value[7:].strip()
-                # Compare against every key so timing does not reveal which one matched.
-                return any([hmac.compare_digest(token, key) for key in self.keys])
+                return self._matches(value[7:].strip())
+        if cookie_allowed:
+            for name, value in scope.get("headers", []):
+                if name == b"cookie":
+                    for part in value.split(b";"):
+                        key, _, token = part.strip().partition(b"=")
+                        if key == KEY_COOKIE and token:
+                            return self._matches(unquote_to_bytes(token))
         return False
 
+    @staticmethod
+    def _public(scope: Scope) -> bool:
+        path = scope["path"]
+        return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] != "http"
-            or not self.keys
-            or scope["path"] in PUBLIC_PATHS
-            or self._authorized(scope)
-        ):
+        if scope["type"] != "http" or not self.keys or self._public(scope) or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         problem = Problem(

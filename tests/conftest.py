@@ -146,6 +146,27 @@ def running_service(redis_url: str, data_dir: Path) -> Iterator[Service]:
 
 
 @contextmanager
+def serving(app) -> Iterator[str]:
+    """The app behind uvicorn on a free port, in a thread of this process: its base URL."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", log_config=None)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), timeout=30, interval=0.02)
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+@contextmanager
 def api_client(service: Service):
     from fastapi.testclient import TestClient
 

@@ -14,7 +14,6 @@ import importlib
 import io
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -23,27 +22,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from tests.conftest import install_model, wait_for
+from tests.conftest import install_model, serving
 
 PACKAGE = "mergeprobe_generated_client"
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """The app behind uvicorn on a free port, in a thread of this process."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started or not thread.is_alive(), timeout=30, interval=0.02)
-        assert server.started, "uvicorn did not start"
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 def generate_client(document: Path, out: Path) -> str:

@@ -23,7 +23,7 @@ from mergeprobe.cli import main
 from mergeprobe.client.commands import follow
 from mergeprobe.client.http import ApiClient
 from mergeprobe.client.output import JobProgress, problem_lines
-from tests.conftest import REPO, install_model, running_service, wait_for
+from tests.conftest import REPO, install_model, running_service, serving
 
 API_KEY = "cli-test-key"
 MERGE = {
@@ -42,26 +42,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def _http_server(app) -> Iterator[str]:
-    """The app served by uvicorn on a free port, in a thread of this process."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_for(lambda: server.started, timeout=30, interval=0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 class Live:
@@ -85,8 +65,8 @@ def live(redis_url, tmp_path_factory, tiny_models) -> Iterator[Live]:
         install_model(idle, tiny_models["sd1"])
         svc.start_worker()
         with (
-            _http_server(create_app(svc.settings(api_keys=API_KEY))) as url,
-            _http_server(create_app(idle.settings(api_keys=API_KEY))) as idle_url,
+            serving(create_app(svc.settings(api_keys=API_KEY))) as url,
+            serving(create_app(idle.settings(api_keys=API_KEY))) as idle_url,
         ):
             yield Live(svc, url, idle_url)
 
