@@ -121,6 +121,19 @@ class Job(RootModel[Annotated[Union[tuple(JOB_MODELS.values())], Field(discrimin
     """A job of any kind; `kind` tells which, and so what `result` holds."""
 
 
+class StoredJob(_JobFields):
+    """A job record as the API answers it, whatever its kind: `Job` documents the answer, this
+    reads it. A record of a kind this version does not know (written by a newer one during a
+    rolling upgrade) is answered as stored instead of failing the whole listing."""
+
+    result: dict[str, Any] | None = None
+
+
+def job_json(record: dict[str, Any]) -> dict[str, Any]:
+    """A stored job record as the API answers it (defaults filled in, fields in order)."""
+    return StoredJob.model_validate(record).model_dump(mode="json")
+
+
 class JobList(BaseModel):
     jobs: list[Job]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")

@@ -5,7 +5,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -19,7 +19,7 @@ from app.downloads import (
     zip_stream,
 )
 from app.openapi_docs import REDIS_UNAVAILABLE, SSE_EVENT
-from app.schemas import JOB_MODELS, Job, JobList, NamedJobStatus, ProblemModel
+from app.schemas import JOB_MODELS, Job, JobList, NamedJobStatus, ProblemModel, job_json
 from app.state import AppState, get_state
 from mergeprobe.service.jobs import FINAL_STATUSES, body_fingerprint
 from mergeprobe.service.kinds import KINDS, JobKind
@@ -115,9 +115,10 @@ def list_jobs(
     ),
     limit: int = Query(default=50, ge=1, le=500),
     state: AppState = Depends(get_state),
-) -> dict:
+) -> JSONResponse:
     jobs, next_cursor = state.store.list(kind=kind, status=status, cursor=cursor, limit=limit)
-    return {"jobs": jobs, "next_cursor": next_cursor}
+    # Answered through `job_json`, not validated as the documented union (see StoredJob).
+    return JSONResponse({"jobs": [job_json(job) for job in jobs], "next_cursor": next_cursor})
 
 
 @router.get(
@@ -127,8 +128,8 @@ def list_jobs(
     responses={404: {"model": ProblemModel}},
     operation_id="getJob",
 )
-def get_job(id: str, state: AppState = Depends(get_state)) -> dict:
-    return state.store.require(id)
+def get_job(id: str, state: AppState = Depends(get_state)) -> JSONResponse:
+    return JSONResponse(job_json(state.store.require(id)))
 
 
 @router.delete(
@@ -141,8 +142,8 @@ def get_job(id: str, state: AppState = Depends(get_state)) -> dict:
     responses={404: {"model": ProblemModel}},
     operation_id="cancelJob",
 )
-def cancel_job(id: str, state: AppState = Depends(get_state)) -> dict:
-    return state.store.cancel(id)
+def cancel_job(id: str, state: AppState = Depends(get_state)) -> JSONResponse:
+    return JSONResponse(job_json(state.store.cancel(id)), status_code=202)
 
 
 @router.get(

@@ -174,3 +174,22 @@ def test_a_job_of_an_unknown_kind_is_refused():
 
     with pytest.raises(ValidationError):
         Job.model_validate(_record(kind="nonsense"))
+
+
+def test_a_stored_job_of_a_kind_this_version_does_not_know_is_answered_as_stored(service, client):
+    """Found in review: during a rolling upgrade one record of a newer kind made GET /v1/jobs a 500."""
+    import redis
+
+    from mergeprobe.service.jobs import JobStore
+
+    settings = service.settings()
+    store = JobStore(redis.Redis.from_url(settings.redis_url), settings)
+    known, _ = store.create("inspect", {"model": "x"}, {}, timeout=60)
+    future, _ = store.create("future_kind", {"model": "y"}, {}, timeout=60)
+    listing = client.get("/v1/jobs")
+    assert listing.status_code == 200, listing.text
+    assert {job["kind"] for job in listing.json()["jobs"]} == {"inspect", "future_kind"}
+    answered = client.get(f"/v1/jobs/{future['id']}")
+    assert answered.status_code == 200 and answered.json()["request"] == {"model": "y"}
+    assert client.get(f"/v1/jobs/{known['id']}").json() == Job.model_validate(known).model_dump(mode="json")
+    assert client.delete(f"/v1/jobs/{future['id']}").status_code == 202
