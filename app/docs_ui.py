@@ -1,17 +1,24 @@
 """`/docs` (Swagger UI) and `/redoc` (ReDoc) with their assets served from the package
 (app/static/docs, see its README.md), never from a CDN: the pages work offline.
 
-Like every route but `/healthz`, the pages, `/openapi.json` and the assets need a key when
-MERGEPROBE_API_KEYS is set (app/middleware.py), as FastAPI's own docs routes did.
+The pages and their assets are public (app/middleware.py): they hold nothing secret, and a
+browser's navigation cannot send a Bearer header. `/openapi.json` stays behind the key: the pages
+fetch it with the key the console keeps in this origin's localStorage (`mergeprobe.key`, entered
+at `/`). Swagger UI adds it to every request it sends (a requestInterceptor; the bearer scheme of
+the document's Authorize button, kept with persistAuthorization, takes precedence). ReDoc would
+fetch `spec-url` itself, without headers: the page fetches the document with the key and hands
+it to `Redoc.init` instead (rather than letting a cookie authorise /openapi.json: the download
+cookie stays limited to files and artifacts).
 """
 
 from __future__ import annotations
 
+import html
+import json
 import os
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
@@ -69,27 +76,90 @@ def install_docs(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     def swagger_ui(request: Request) -> HTMLResponse:
         openapi_url, assets = urls(request)
-        page = get_swagger_ui_html(
-            openapi_url=openapi_url,
-            title=f"{app.title} - Swagger UI",
-            swagger_js_url=f"{assets}/{SWAGGER_JS}",
-            swagger_css_url=f"{assets}/{SWAGGER_CSS}",
-            swagger_favicon_url=f"{assets}/{FAVICON}",
+        title = html.escape(f"{app.title} - Swagger UI")
+        options = {
+            "url": openapi_url,
+            "dom_id": "#swagger-ui",
+            "layout": "BaseLayout",
+            "deepLinking": True,
+            "showExtensions": True,
+            "showCommonExtensions": True,
+            "persistAuthorization": True,
             # No "valid" badge: Swagger UI would send the document to validator.swagger.io for it.
-            swagger_ui_parameters={"validatorUrl": None},
-        )
-        page.headers["content-security-policy"] = DOCS_CSP
-        return page
+            "validatorUrl": None,
+        }
+        page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1.0">
+<link type="text/css" rel="stylesheet" href="{assets}/{SWAGGER_CSS}">
+<link rel="shortcut icon" href="{assets}/{FAVICON}">
+<title>{title}</title>
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="{assets}/{SWAGGER_JS}"></script>
+<script>
+{_KEY_JS}
+const ui = SwaggerUIBundle(Object.assign({_js(options)}, {{
+  requestInterceptor: (request) => {{
+    const key = mergeprobeKey();
+    if (key && !request.headers.Authorization) request.headers.Authorization = "Bearer " + key;
+    return request;
+  }},
+  presets: [SwaggerUIBundle.presets.apis, SwaggerUIBundle.SwaggerUIStandalonePreset],
+}}));
+</script>
+</body>
+</html>
+"""
+        return HTMLResponse(page, headers={"content-security-policy": DOCS_CSP})
 
     @app.get("/redoc", include_in_schema=False)
     def redoc(request: Request) -> HTMLResponse:
         openapi_url, assets = urls(request)
-        page = get_redoc_html(
-            openapi_url=openapi_url,
-            title=f"{app.title} - ReDoc",
-            redoc_js_url=f"{assets}/{REDOC_JS}",
-            redoc_favicon_url=f"{assets}/{FAVICON}",
-            with_google_fonts=False,
-        )
-        page.headers["content-security-policy"] = DOCS_CSP
-        return page
+        title = html.escape(f"{app.title} - ReDoc")
+        page = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="shortcut icon" href="{assets}/{FAVICON}">
+<title>{title}</title>
+<style>body {{ margin: 0; padding: 0; }}</style>
+</head>
+<body>
+<noscript>ReDoc requires JavaScript to function. Please enable it to browse the documentation.</noscript>
+<div id="redoc"></div>
+<script src="{assets}/{REDOC_JS}"></script>
+<script>
+{_KEY_JS}
+(async () => {{
+  const root = document.getElementById("redoc");
+  const key = mergeprobeKey();
+  const response = await fetch({_js(openapi_url)}, {{ headers: key ? {{ Authorization: "Bearer " + key }} : {{}} }});
+  if (!response.ok) {{
+    root.textContent = response.status === 401
+      ? "This service needs a key: enter it in the console (" + {_js(request.scope.get("root_path", "").rstrip("/") + "/")} + ") first, then reload."
+      : "The API document could not be loaded (HTTP " + response.status + ").";
+    return;
+  }}
+  Redoc.init(await response.json(), {{}}, root);
+}})();
+</script>
+</body>
+</html>
+"""
+        return HTMLResponse(page, headers={"content-security-policy": DOCS_CSP})
+
+
+# The key the console keeps (app/static/console/api.js), same origin.
+_KEY_JS = """function mergeprobeKey() {
+  try { return localStorage.getItem("mergeprobe.key") || ""; } catch { return ""; }
+}"""
+
+
+def _js(value: object) -> str:
+    """A value as a JavaScript literal that is safe inside <script>."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")

@@ -2,25 +2,45 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import re
-from urllib.parse import unquote_to_bytes
+import time
 
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mergeprobe.service.problems import PROBLEM_MEDIA_TYPE, Problem
 
 # The one route a load balancer or orchestrator probes without credentials, and the browser
 # console's page (app/console.py): it holds nothing secret and must load for a key to be entered.
-PUBLIC_PATHS = frozenset({"/healthz", "/"})
-PUBLIC_PREFIXES = ("/static/console/",)
-# The console keeps its key in a cookie as well (SameSite=Strict), for what the browser fetches
-# by itself and no script can add a header to: model files and artifacts (<a download>, <img>).
-# It is accepted there only, and only for GET and HEAD: never for a request that changes state.
-KEY_COOKIE = b"mergeprobe_key"
-COOKIE_PATHS = re.compile(r"^/v1/(models/[^/]+/file|jobs/[^/]+/artifacts/[^/]+|jobs/[^/]+/artifacts\.zip)$")
+# /docs and /redoc with their assets hold nothing secret either; the pages add the console's key
+# to their own requests (app/docs_ui.py), /openapi.json itself stays behind the key.
+PUBLIC_PATHS = frozenset({"/healthz", "/", "/docs", "/redoc"})
+PUBLIC_PREFIXES = ("/static/console/", "/static/docs/")
+# What the browser fetches by itself, and no script can add a header to: model files and
+# artifacts (<a download>, <img>). The console gets an HttpOnly cookie for them from
+# POST /v1/console/session (app/console.py): never the key itself (cookies are not isolated by
+# port, any other app on this host could read a script-readable one), but a token derived from
+# it that expires, `<expiry>.<HMAC-SHA256(key, "mergeprobe-download:<expiry>")>`. It is accepted
+# for these routes only, and only for GET and HEAD: it can neither change nor list anything.
+DOWNLOAD_COOKIE = "mergeprobe_download"
+DOWNLOAD_TOKEN_SECONDS = 12 * 3600
+COOKIE_PATHS = re.compile(r"/v1/(models/[^/]+/file|jobs/[^/]+/artifacts/[^/]+|jobs/[^/]+/artifacts\.zip)")
 UPLOAD_PATH = "/v1/models"
+
+
+def download_token(key: str | bytes, expiry: int) -> str:
+    """The download cookie's value for `key`, valid until `expiry` (Unix seconds)."""
+    raw = key.encode() if isinstance(key, str) else key
+    mac = hmac.new(raw, f"mergeprobe-download:{expiry}".encode(), hashlib.sha256).hexdigest()
+    return f"{expiry}.{mac}"
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: without the root path (`--root-path`, a proxy's prefix)."""
+    return get_route_path(scope)
 
 
 async def send_problem(send: Send, problem: Problem, path: str) -> None:
@@ -40,8 +60,16 @@ class BearerAuth:
         # Compare against every key so timing does not reveal which one matched.
         return any([hmac.compare_digest(token, key) for key in self.keys])
 
+    def _valid_download_token(self, token: bytes) -> bool:
+        expiry, _, mac = token.partition(b".")
+        if not expiry.isdigit() or len(expiry) > 12 or int(expiry) <= time.time():
+            return False
+        expected = [download_token(key, int(expiry)).encode() for key in self.keys]
+        return any([hmac.compare_digest(token, e) for e in expected])
+
     def _authorized(self, scope: Scope) -> bool:
-        cookie_allowed = scope["method"] in ("GET", "HEAD") and COOKIE_PATHS.match(scope["path"])
+        path = route_path(scope)
+        cookie_allowed = scope["method"] in ("GET", "HEAD") and COOKIE_PATHS.fullmatch(path)
         for name, value in scope.get("headers", []):
             if name == b"authorization" and value[:7].lower() == b"bearer ":
                 return self._matches(value[7:].strip())
@@ -50,13 +78,13 @@ class BearerAuth:
                 if name == b"cookie":
                     for part in value.split(b";"):
                         key, _, token = part.strip().partition(b"=")
-                        if key == KEY_COOKIE and token:
-                            return self._matches(unquote_to_bytes(token))
+                        if key == DOWNLOAD_COOKIE.encode() and token and self._valid_download_token(token):
+                            return True
         return False
 
     @staticmethod
     def _public(scope: Scope) -> bool:
-        path = scope["path"]
+        path = route_path(scope)
         return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -83,7 +111,7 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (scope["path"] == UPLOAD_PATH and scope["method"] == "POST"):
+        if scope["type"] != "http" or (route_path(scope) == UPLOAD_PATH and scope["method"] == "POST"):
             await self.app(scope, receive, send)
             return
         too_large = Problem(

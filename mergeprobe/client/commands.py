@@ -1,8 +1,11 @@
 """`mergeprobe models …` and `mergeprobe jobs …`: the service's API from a terminal or a script.
 
-Output is for people by default and JSON with `--json`; progress and errors go to stderr. Exit
-status: 0 success, 1 an HTTP error, an unreachable service or a job that failed or was canceled,
-2 a usage error (arguments, an unreadable or invalid recipe file), 130 interrupted.
+Output is for people by default and JSON with `--json`; progress and errors go to stderr. What
+the service says (names, metadata, warnings, problems) is shown to people with its control
+characters escaped. Exit status: 0 success, 1 an HTTP error, an unreachable service, a job that
+failed or was canceled, or a local file that could not be written; 2 a usage error (arguments, the
+service URL, an unreadable or invalid recipe or upload, a download directory that is a file),
+130 interrupted.
 The service's URL and API key come from `mergeprobe.cli` (options, then the environment).
 """
 
@@ -18,13 +21,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from mergeprobe.client.http import ApiClient, ApiError, ClientError
+from mergeprobe.client.http import ApiClient, ApiError, ClientError, ExistsError, UrlError
 from mergeprobe.client.output import (
     FINAL_STATUSES,
     JobProgress,
     dump_json,
     human_size,
     job_duration,
+    one_line,
+    printable,
     problem_lines,
     table,
     transfer_progress,
@@ -32,6 +37,8 @@ from mergeprobe.client.output import (
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EVENT_RETRIES = 5
+# Answers from a proxy or a service that is restarting or busy: followed again like a broken stream.
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
 class UsageError(Exception):
@@ -53,10 +60,10 @@ class Context:
         return sys.stderr
 
     def say(self, text: str = "") -> None:
-        self.out.write(text + "\n")
+        self.out.write(printable(text) + "\n")
 
     def note(self, text: str) -> None:
-        self.err.write(text + "\n")
+        self.err.write(printable(text) + "\n")
         self.err.flush()
 
 
@@ -142,31 +149,34 @@ def models_list(ctx: Context) -> int:
 
 
 def _model_lines(ctx: Context, model: dict[str, Any]) -> list[str]:
+    m = {k: one_line(v) for k, v in model.items() if isinstance(v, str | int | float) or v is None}
     variant = model.get("variant") or {}
-    dtypes = ", ".join(f"{k} {v}" for k, v in (model.get("dtypes") or {}).items())
+    dtypes = ", ".join(f"{one_line(k)} {one_line(v)}" for k, v in (model.get("dtypes") or {}).items())
     lines = [
-        f"id:          {model['id']}",
-        f"name:        {model['name']}",
-        f"kind:        {model.get('kind', '?')}",
-        f"arch:        {model.get('arch', '?')}" + (f" ({variant['title']})" if variant.get("title") else ""),
-        f"format:      {model.get('format', '?')}",
-        f"size:        {human_size(model.get('size_bytes'))} ({model.get('size_bytes')} bytes)",
-        f"sha256:      {model.get('sha256')}",
-        f"short hash:  {model.get('short_hash')}",
-        f"keys:        {model.get('key_count')}" + (f" ({dtypes})" if dtypes else ""),
+        f"id:          {m['id']}",
+        f"name:        {m['name']}",
+        f"kind:        {m.get('kind', '?')}",
+        f"arch:        {m.get('arch', '?')}"
+        + (f" ({one_line(variant['title'])})" if variant.get("title") else ""),
+        f"format:      {m.get('format', '?')}",
+        f"size:        {human_size(model.get('size_bytes'))} ({m.get('size_bytes')} bytes)",
+        f"sha256:      {m.get('sha256')}",
+        f"short hash:  {m.get('short_hash')}",
+        f"keys:        {m.get('key_count')}" + (f" ({dtypes})" if dtypes else ""),
     ]
     lora = model.get("lora")
     if lora:
+        formats = ", ".join(one_line(f) for f in lora.get("formats") or [])
         lines.append(
-            f"lora:        {', '.join(lora.get('formats') or [])}, {lora.get('module_count')} modules, "
-            f"ranks {lora.get('ranks')}"
+            f"lora:        {formats}, {one_line(lora.get('module_count'))} modules, "
+            f"ranks {one_line(lora.get('ranks'))}"
         )
     metadata = model.get("metadata") or {}
     if metadata:
         entries = f"{len(metadata)} entr{'y' if len(metadata) == 1 else 'ies'}"
-        lines.append(f"metadata:    {entries}: {', '.join(sorted(metadata))}")
+        lines.append(f"metadata:    {entries}: {', '.join(one_line(k) for k in sorted(metadata))}")
     if model.get("download_url"):
-        lines.append(f"download:    {ctx.client.url_of(model['download_url'])}")
+        lines.append(f"download:    {one_line(ctx.client.url_of(model['download_url']))}")
     return lines
 
 
@@ -183,6 +193,10 @@ def models_upload(ctx: Context) -> int:
     path = Path(ctx.args.file)
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read it: {exc.strerror or exc}") from None
     name = ctx.args.name or path.name
     progress = None if ctx.json else transfer_progress(ctx.err, f"uploading {name}")
     model = ctx.client.upload("/v1/models", path, params={"name": name}, progress=progress)
@@ -190,7 +204,8 @@ def models_upload(ctx: Context) -> int:
         dump_json(model, ctx.out)
     else:
         ctx.say(
-            f"uploaded {model['name']} as {model['id']} ({human_size(model.get('size_bytes'))}, sha256 {model.get('sha256')})"
+            f"uploaded {one_line(model['name'])} as {one_line(model['id'])} "
+            f"({human_size(model.get('size_bytes'))}, sha256 {one_line(model.get('sha256'))})"
         )
     return EXIT_OK
 
@@ -224,7 +239,7 @@ def models_download(ctx: Context) -> int:
     if ctx.json:
         dump_json({"id": model["id"], "path": str(dest), "size_bytes": size, "sha256": sha256}, ctx.out)
     else:
-        ctx.say(f"{dest} ({human_size(size)}, sha256 {sha256})")
+        ctx.say(f"{one_line(dest)} ({human_size(size)}, sha256 {sha256})")
     return EXIT_OK
 
 
@@ -233,7 +248,7 @@ def models_rm(ctx: Context) -> int:
     if ctx.json:
         dump_json({"deleted": ctx.args.id}, ctx.out)
     else:
-        ctx.say(f"deleted {ctx.args.id}")
+        ctx.say(f"deleted {one_line(ctx.args.id)}")
     return EXIT_OK
 
 
@@ -276,14 +291,14 @@ def _result_lines(ctx: Context, job: dict[str, Any]) -> list[str]:
     model = result.get("model")
     writes_model = isinstance(model, dict) and bool(model.get("download_url"))
     if writes_model:
-        lines.append(f"model:      {model.get('name')}  sha256 {model.get('sha256')}")
-        lines.append(f"            {ctx.client.url_of(model['download_url'])}")
+        lines.append(f"model:      {one_line(model.get('name'))}  sha256 {one_line(model.get('sha256'))}")
+        lines.append(f"            {one_line(ctx.client.url_of(model['download_url']))}")
     rest = [(k, v) for k, v in result.items() if not (k == "model" and writes_model)]
     if rest:
         lines.append("result:")
     for key, value in rest:
         shown = value if isinstance(value, str | int | float | bool) or value is None else _compact(value)
-        lines.append(f"  {key}: {shown}")
+        lines.append(f"  {one_line(key)}: {one_line(shown)}")
     artifacts = job.get("artifacts") or []
     if artifacts:
         lines.append("artifacts:")
@@ -294,28 +309,29 @@ def _result_lines(ctx: Context, job: dict[str, Any]) -> list[str]:
 
 def _job_lines(ctx: Context, job: dict[str, Any]) -> list[str]:
     lines = [
-        f"id:         {job['id']}",
-        f"kind:       {job['kind']}",
-        f"status:     {_status_text(job)}" + (" (cancel requested)" if job.get("cancel_requested") else ""),
+        f"id:         {one_line(job['id'])}",
+        f"kind:       {one_line(job['kind'])}",
+        f"status:     {one_line(_status_text(job))}"
+        + (" (cancel requested)" if job.get("cancel_requested") else ""),
     ]
     if job.get("status") == "running":
-        lines.append(f"progress:   {_progress_text(job)}")
-    lines.append(f"created:    {job.get('created_at')}")
+        lines.append(f"progress:   {one_line(_progress_text(job))}")
+    lines.append(f"created:    {one_line(job.get('created_at'))}")
     for key in ("started_at", "finished_at"):
         if job.get(key):
-            lines.append(f"{key.split('_')[0] + ':':<11} {job[key]}")
+            lines.append(f"{key.split('_')[0] + ':':<11} {one_line(job[key])}")
     if job.get("worker"):
-        lines.append(f"worker:     {job['worker']}")
+        lines.append(f"worker:     {one_line(job['worker'])}")
     inputs = [(k, _named_models(v)) for k, v in (job.get("inputs") or {}).items()]
     inputs = [(k, v) for k, v in inputs if v]
     if inputs:
-        lines.append("inputs:     " + ", ".join(f"{k} {v}" for k, v in inputs))
+        lines.append("inputs:     " + ", ".join(f"{one_line(k)} {one_line(v)}" for k, v in inputs))
     lines += _result_lines(ctx, job)
     if job.get("error"):
         lines.append("error:")
         lines += ["  " + line for line in problem_lines(job["error"], job.get("request"))]
     for warning in job.get("warnings") or []:
-        lines.append(f"warning:    {warning}")
+        lines.append(f"warning:    {one_line(warning)}")
     return lines
 
 
@@ -336,7 +352,7 @@ def jobs_list(ctx: Context) -> int:
         ]
         ctx.say(table(rows, ["ID", "KIND", "STATUS", "PROGRESS", "CREATED"]))
     if page.get("next_cursor"):
-        ctx.note(f"more: --cursor {page['next_cursor']}")
+        ctx.note(f"more: --cursor {one_line(page['next_cursor'])}")
     return EXIT_OK
 
 
@@ -354,19 +370,20 @@ def jobs_cancel(ctx: Context) -> int:
     if ctx.json:
         dump_json(job, ctx.out)
     elif job["status"] == "canceled":
-        ctx.say(f"{job['id']} canceled")
+        ctx.say(f"{one_line(job['id'])} canceled")
     elif job.get("cancel_requested") and job["status"] not in FINAL_STATUSES:
-        ctx.say(
-            f"{job['id']} cancel requested; it stops within about a second (mergeprobe jobs watch {job['id']})"
-        )
+        job_id = one_line(job["id"])
+        ctx.say(f"{job_id} cancel requested; it stops within about a second (mergeprobe jobs watch {job_id})")
     else:
-        ctx.say(f"{job['id']} already {job['status']}")
+        ctx.say(f"{one_line(job['id'])} already {one_line(job['status'])}")
     return EXIT_OK
 
 
 def follow(client: ApiClient, job_id: str, on_job) -> dict[str, Any]:
     """Follow a job's events until it ends; return its final state. A stream that breaks off (the
-    service restarting, a proxy's idle timeout) is opened again, a few times in a row at most."""
+    service restarting, a proxy's idle timeout), or an answer 429, 502, 503 or 504 (a proxy before a
+    service that is restarting, a busy service), is tried again with a growing pause, a few times
+    in a row at most."""
     path = f"/v1/jobs/{_segment(job_id)}"
     job: dict[str, Any] | None = None
     failures = 0
@@ -390,14 +407,28 @@ def follow(client: ApiClient, job_id: str, on_job) -> dict[str, Any]:
             on_job(job)
             if job.get("status") in FINAL_STATUSES:
                 return job
-            time.sleep(0.5)
-        except ApiError:
-            raise
+            _pause(0.5)
+        except ApiError as exc:
+            if exc.status not in RETRY_STATUSES:
+                raise
+            failures += 1
+            if failures > EVENT_RETRIES:
+                raise
+            _pause(_backoff(failures))
         except ClientError:
             failures += 1
             if failures > EVENT_RETRIES:
                 raise
-            time.sleep(min(0.5 * 2**failures, 5.0))
+            _pause(_backoff(failures))
+
+
+def _backoff(failures: int) -> float:
+    """Seconds before following a job again after `failures` failures in a row: 1, 2, 4, then 5."""
+    return min(0.5 * 2**failures, 5.0)
+
+
+def _pause(seconds: float) -> None:
+    time.sleep(seconds)
 
 
 def _watch(ctx: Context, job_id: str, *, ndjson: bool = False) -> dict[str, Any] | None:
@@ -440,30 +471,60 @@ def _report_end(
         lines = _result_lines(ctx, job)
         if lines:
             ctx.say("\n".join(lines))
-        for item in downloaded or []:
-            ctx.say(f"downloaded {item['path']} ({human_size(item['size_bytes'])})")
+        _say_downloaded(ctx, downloaded or [])
     if job["status"] == "succeeded":
         return EXIT_OK
     if job.get("error"):
         lines = problem_lines(job["error"], job.get("request"))
-        ctx.note(f"mergeprobe: job {job['id']} {job['status']}: " + lines[0])
+        ctx.note(f"mergeprobe: job {one_line(job['id'])} {one_line(job['status'])}: " + lines[0])
         for line in lines[1:]:
             ctx.note(line)
     else:
-        ctx.note(f"mergeprobe: job {job['id']} {job['status']}")
+        ctx.note(f"mergeprobe: job {one_line(job['id'])} {one_line(job['status'])}")
     return EXIT_FAILED
 
 
+def _say_downloaded(ctx: Context, downloaded: list[dict[str, Any]]) -> None:
+    for item in downloaded:
+        ctx.say(f"downloaded {one_line(item['path'])} ({human_size(item['size_bytes'])})")
+
+
+def _download_dir(value: str) -> Path:
+    """`--download DIR`, `jobs download ID DIR`: a directory, or where one will be made."""
+    directory = Path(value)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory}: not a directory")
+    return directory
+
+
 def download_results(ctx: Context, job: dict[str, Any], directory: Path, force: bool) -> list[dict[str, Any]]:
-    """A finished job's artifacts and, for a job that wrote a model, the model, into `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """A finished job's artifacts and, for a job that wrote a model, the model, into `directory`.
+    Every destination is checked first (a plain name, no two alike, none that exists unless
+    `force`, none a directory): a refusal leaves nothing half downloaded."""
     wanted = [(a["url"], a["name"], a.get("sha256")) for a in job.get("artifacts") or []]
     model = (job.get("result") or {}).get("model")
     if isinstance(model, dict) and model.get("download_url"):
         wanted.append((model["download_url"], model["name"], model.get("sha256")))
-    done = []
+    plan: list[tuple[str, str, str | None, Path]] = []
+    seen: set[str] = set()
     for url, name, sha256 in wanted:
         dest = directory / _safe_name(name)
+        if name in seen:
+            raise ClientError(f"job {one_line(job['id'])} has two files named {name!r}; nothing downloaded")
+        seen.add(name)
+        plan.append((url, name, sha256, dest))
+    dirs = [dest for *_, dest in plan if dest.is_dir()]
+    if dirs:
+        raise ExistsError(f"{dirs[0]} is a directory; nothing downloaded")
+    existing = [dest for *_, dest in plan if dest.exists()]
+    if existing and not force:
+        names = ", ".join(str(d) for d in existing)
+        raise ExistsError(
+            f"{names} exist{'s' if len(existing) == 1 else ''}; nothing downloaded (--force replaces)"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    done = []
+    for url, name, sha256, dest in plan:
         progress = None if ctx.json else transfer_progress(ctx.err, f"downloading {name}")
         size, digest = ctx.client.download(url, dest, expected_sha256=sha256, force=force, progress=progress)
         done.append({"name": name, "path": str(dest), "size_bytes": size, "sha256": digest})
@@ -473,6 +534,7 @@ def download_results(ctx: Context, job: dict[str, Any], directory: Path, force: 
 def jobs_submit(ctx: Context) -> int:
     args = ctx.args
     body = load_recipe(args.recipe)
+    directory = _download_dir(args.download) if args.download is not None else None
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
     try:
         job = ctx.client.request_json(
@@ -481,22 +543,46 @@ def jobs_submit(ctx: Context) -> int:
     except ApiError as exc:
         exc.request = body  # shown with the problem: a caret under the position in a spec string
         raise
-    wait = args.wait or args.download is not None
+    wait = args.wait or directory is not None
     if not wait:
         if ctx.json:
             dump_json(job, ctx.out)
         else:
-            ctx.say(f"{job['id']}  {job['kind']}  {job['status']}")
+            ctx.say(f"{one_line(job['id'])}  {one_line(job['kind'])}  {one_line(job['status'])}")
         return EXIT_OK
     if not ctx.json and not getattr(args, "quiet", False):
-        ctx.note(f"{job['id']}  {job['kind']}  submitted")
+        ctx.note(f"{one_line(job['id'])}  {one_line(job['kind'])}  submitted")
     final = _watch(ctx, job["id"])
     if final is None:
         return EXIT_INTERRUPTED
     downloaded = None
-    if args.download is not None and final["status"] == "succeeded":
-        downloaded = download_results(ctx, final, Path(args.download), args.force)
+    if directory is not None and final["status"] == "succeeded":
+        downloaded = download_results(ctx, final, directory, args.force)
     return _report_end(ctx, final, downloaded)
+
+
+def jobs_download(ctx: Context) -> int:
+    """A finished job's artifacts and the model it wrote, as `jobs submit --download` gets them."""
+    directory = _download_dir(ctx.args.dir)
+    job = ctx.client.get(f"/v1/jobs/{_segment(ctx.args.id)}")
+    job_id, status = one_line(job["id"]), job["status"]
+    if status not in FINAL_STATUSES:
+        raise ClientError(
+            f"job {job_id} is {one_line(status)}: nothing to download until it succeeds "
+            f"(mergeprobe jobs watch {job_id} follows it)"
+        )
+    if status != "succeeded":
+        raise ClientError(
+            f"job {job_id} {one_line(status)}: it has no results (mergeprobe jobs show {job_id})"
+        )
+    downloaded = download_results(ctx, job, directory, ctx.args.force)
+    if ctx.json:
+        dump_json({"id": job["id"], "downloaded": downloaded}, ctx.out)
+    elif downloaded:
+        _say_downloaded(ctx, downloaded)
+    else:
+        ctx.note(f"job {job_id} has no artifacts and wrote no model: nothing to download")
+    return EXIT_OK
 
 
 def jobs_watch(ctx: Context) -> int:
@@ -525,22 +611,26 @@ def _safe_name(name: str) -> str:
 def run(args: argparse.Namespace, url: str, api_key: str | None) -> int:
     """Run a client command; errors become a message on stderr and an exit status."""
     as_json = bool(getattr(args, "json", False))
+
+    def error(text: str) -> None:
+        sys.stderr.write(printable(text) + "\n")
+
     try:
         ctx = Context(args, ApiClient(url, api_key))
         return args.client_func(ctx)
-    except UsageError as exc:
-        sys.stderr.write(f"mergeprobe: {exc}\n")
+    except (UsageError, UrlError) as exc:
+        error(f"mergeprobe: {one_line(exc)}")
         return EXIT_USAGE
     except ApiError as exc:
         lines = problem_lines({"status": exc.status, **exc.problem}, exc.request)
-        sys.stderr.write(f"mergeprobe: {exc.method} {exc.url}: {lines[0]}\n")
+        error(f"mergeprobe: {exc.method} {one_line(exc.url)}: {lines[0]}")
         for line in lines[1:]:
-            sys.stderr.write(line + "\n")
+            error(line)
         if as_json:
             dump_json(exc.problem, sys.stdout)
         return EXIT_FAILED
     except ClientError as exc:
-        sys.stderr.write(f"mergeprobe: {exc}\n")
+        error(f"mergeprobe: {one_line(exc)}")
         return EXIT_FAILED
     except KeyboardInterrupt:
         sys.stderr.write("\nmergeprobe: interrupted\n")
@@ -551,6 +641,20 @@ def run(args: argparse.Namespace, url: str, api_key: str | None) -> int:
         with contextlib.suppress(OSError, ValueError, AttributeError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
+    except OSError as exc:
+        # Here, not the network (http.py makes that a ClientError): a file or directory that could
+        # not be read, made or written (-o into a directory that cannot exist, a full disk).
+        error(f"mergeprobe: {one_line(_os_error_text(exc))}")
+        return EXIT_FAILED
+
+
+def _os_error_text(exc: OSError) -> str:
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None and exc.filename2 is not None:
+        return f"{exc.filename} -> {exc.filename2}: {reason}"
+    if exc.filename is not None:
+        return f"{exc.filename}: {reason}"
+    return reason
 
 
 # -- parsers ------------------------------------------------------------------------------------
@@ -607,7 +711,7 @@ def add_client_parsers(sub: argparse._SubParsersAction, func) -> None:
     rm = leaf(models_sub, "rm", models_rm, "delete a model (refused while a job uses it)")
     rm.add_argument("id", help="name, id, sha256 or short hash")
 
-    jobs = sub.add_parser("jobs", parents=[common], help="jobs (submit, list, show, watch, cancel)")
+    jobs = sub.add_parser("jobs", parents=[common], help="jobs (submit, list, show, watch, cancel, download)")
     jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="COMMAND")
     submit = leaf(
         jobs_sub,
@@ -647,3 +751,12 @@ def add_client_parsers(sub: argparse._SubParsersAction, func) -> None:
     watch.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     cancel = leaf(jobs_sub, "cancel", jobs_cancel, "cancel a queued or running job")
     cancel.add_argument("id")
+    job_download = leaf(
+        jobs_sub,
+        "download",
+        jobs_download,
+        "download a succeeded job's artifacts and the model it wrote into DIR (streamed, sha256 checked)",
+    )
+    job_download.add_argument("id")
+    job_download.add_argument("dir", metavar="DIR", help="the directory to write into (made if need be)")
+    job_download.add_argument("--force", action="store_true", help="replace existing files")

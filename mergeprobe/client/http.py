@@ -55,6 +55,10 @@ class ExistsError(ClientError):
     """A download would overwrite a file."""
 
 
+class UrlError(ClientError):
+    """The service URL given (--url, MERGEPROBE_URL) is not one: a usage error."""
+
+
 class Response:
     """An answer whose body has not been read yet; close it (or use `with`)."""
 
@@ -162,7 +166,11 @@ class ApiClient:
     def __init__(self, url: str = DEFAULT_URL, api_key: str | None = None) -> None:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ClientError(f"not a service URL: {url!r} (expected http://host:port or https://…)")
+            raise UrlError(f"not a service URL: {url!r} (expected http://host:port or https://…)")
+        try:
+            parts.port  # noqa: B018 - parsed here, not at the first request
+        except ValueError:
+            raise UrlError(f"not a service URL: {url!r} (its port is not a number from 0 to 65535)") from None
         self.base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         self.api_key = api_key or None
 
@@ -221,8 +229,12 @@ class ApiClient:
         self, method: str, url: str, body: BinaryIO | bytes | None, headers: dict[str, str], timeout: float
     ) -> Response:
         parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:  # a redirect's Location with a port that is not one
+            raise ClientError(f"{method} {url}: not a URL with a usable port") from None
         conn_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = conn_class(parts.hostname, parts.port, timeout=timeout, blocksize=CHUNK)
+        conn = conn_class(parts.hostname, port, timeout=timeout, blocksize=CHUNK)
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
@@ -282,6 +294,10 @@ class ApiClient:
         """GET a file into `dest`, streamed: written under a temporary name in its directory,
         checked (length, sha256), then given its name; an existing file is kept unless `force`.
         With `stdout` instead of a path, written there. Returns (bytes, sha256)."""
+        if dest is not None and dest.is_dir():
+            raise ExistsError(
+                f"{dest} is a directory; not replaced (name a file, or a directory to put it in)"
+            )
         if dest is not None and not force and dest.exists():
             raise ExistsError(f"{dest} exists; not overwritten (--force replaces it)")
         with self.open("GET", path, timeout=TRANSFER_TIMEOUT) as response:

@@ -4,12 +4,35 @@ durations, and a job's progress (a bar on a terminal, a line per stage otherwise
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from datetime import datetime
 from typing import Any, TextIO
 
 FINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+
+# What a terminal would act on rather than show: C0 controls (ESC starts the sequences that move
+# the cursor, recolour, retitle the window, write the clipboard), DEL, and the C1 controls (CSI is
+# U+009B). Text from the service (names, metadata, warnings, problems) is shown with them escaped.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROLS_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # \t and \n kept
+_NAMED = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or f"\\x{ord(char):02x}"
+
+
+def one_line(value: Any) -> str:
+    """A value as printable text on one line: every control character escaped (`\\x1b`, `\\n`)."""
+    return _CONTROLS.sub(_escape, value if isinstance(value, str) else str(value))
+
+
+def printable(text: str) -> str:
+    """Text for a terminal, its lines and tabs kept, every other control character escaped."""
+    return _CONTROLS_BUT_LINES.sub(_escape, text)
 
 
 def human_size(n: int | None) -> str:
@@ -47,6 +70,7 @@ def job_duration(job: dict[str, Any]) -> float | None:
 
 
 def table(rows: list[list[str]], headers: list[str]) -> str:
+    rows = [[one_line(c) for c in row] for row in rows]
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=False)]
     lines = [
         "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=False)).rstrip()
@@ -79,9 +103,9 @@ def _caret(spec: str, position: int) -> list[str]:
     start = spec.rfind("\n", 0, position) + 1
     end = spec.find("\n", position)
     line = spec[start : end if end >= 0 else len(spec)]
-    column = position - start
+    column = len(one_line(line[: position - start].replace("\t", " ")))  # escapes widen the line
     prefix = f"line {spec.count(chr(10), 0, start) + 1}: " if "\n" in spec else ""
-    shown = line.replace("\t", " ")
+    shown = one_line(line.replace("\t", " "))
     return [f"    {prefix}{shown}", "    " + " " * (len(prefix) + column) + "^"]
 
 
@@ -89,23 +113,25 @@ def problem_lines(problem: dict[str, Any], request: Any = None) -> list[str]:
     """A problem document as lines: title and detail, the field, the position with a caret under
     it in the field's spec string when the request that caused it is known."""
     status = problem.get("status")
-    title = problem.get("title") or "error"
-    slug = str(problem.get("type", "")).rsplit("/", 1)[-1]
+    title = one_line(problem.get("title") or "error")
+    slug = one_line(str(problem.get("type", "")).rsplit("/", 1)[-1])
     head = f"{status} {title}" if status else title
     if slug and slug not in ("about:blank",):
         head += f" ({slug})"
     lines = [head]
     errors = [e for e in problem.get("errors") or [] if isinstance(e, dict) and e.get("message")]
-    if problem.get("detail") and problem["detail"] != title and not errors:  # errors say it again
-        lines.append(f"  {problem['detail']}")
+    detail = one_line(problem["detail"]) if problem.get("detail") else None
+    if detail and detail != title and not errors:  # errors say it again
+        lines.append(f"  {detail}")
     field, position = problem.get("field"), problem.get("position")
     if field is not None:
-        lines.append(f"  field: {field}" + (f", position {position}" if position is not None else ""))
+        where = f", position {one_line(position)}" if position is not None else ""
+        lines.append(f"  field: {one_line(field)}{where}")
         value = _value_at(request, field)
         if isinstance(value, str) and isinstance(position, int) and 0 <= position <= len(value):
             lines += _caret(value, position)
     for error in errors:
-        lines.append(f"  - {error.get('field') or '?'}: {error['message']}")
+        lines.append(f"  - {one_line(error.get('field') or '?')}: {one_line(error['message'])}")
     return lines
 
 
@@ -119,7 +145,7 @@ class JobProgress:
         self.clock = clock
         self.out = out
         self.tty = tty
-        self.label = label
+        self.label = one_line(label)
         self.min_interval = min_interval
         self._key: tuple[str, str] | None = None
         self._stage_start: tuple[float, int] = (0.0, 0)
@@ -136,8 +162,8 @@ class JobProgress:
     def line(self, job: dict[str, Any], now: float) -> str:
         progress = job.get("progress") or {}
         completed, total = int(progress.get("completed") or 0), int(progress.get("total") or 0)
-        stage = progress.get("stage") or ""
-        parts = [f"{self.label}{job.get('status', '?')}"]
+        stage = one_line(progress.get("stage") or "")
+        parts = [f"{self.label}{one_line(job.get('status', '?'))}"]
         if stage and job.get("status") == "running":
             parts.append(stage)
         if total > 0 and job.get("status") == "running":
@@ -179,7 +205,9 @@ class JobProgress:
     def finish(self, job: dict[str, Any]) -> None:
         """The final state: the bar ends its line, and the outcome is said."""
         took = job_duration(job)
-        text = f"{self.label}{job.get('status')}" + (f" in {took:.1f} s" if took is not None else "")
+        text = f"{self.label}{one_line(job.get('status'))}" + (
+            f" in {took:.1f} s" if took is not None else ""
+        )
         if self.tty:
             self._draw(text, self.clock())
             self.out.write("\n")
@@ -197,6 +225,7 @@ def transfer_progress(out: TextIO, label: str):
     """A byte counter for uploads and downloads on a terminal (None elsewhere)."""
     if not out.isatty():
         return None
+    label = one_line(label)
     state = {"last": 0.0, "start": time.monotonic()}
 
     def show(done: int, total: int | None) -> None:

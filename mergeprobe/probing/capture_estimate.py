@@ -12,7 +12,8 @@ What the engine keeps (worker/engines/dump.py): with `save_tensors`, every captu
 batch × heads × queries × 77 tokens per half and transformer layer) until the job ends, then one
 safetensors file serialised in memory (a second copy); `layer_prompt_diff` keeps the plain run's
 block outputs for the difference. PNGs are written as they are made; their size is bounded here
-by 3 bytes a pixel (they compress to less).
+by 3 bytes a pixel (they compress to less); a feature grid's pixels are its picture's, upscaled and
+framed (`mergeprobe.probing.picture_geometry`, the geometry the renderer draws with).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from mergeprobe.checkpoints.archs import Architecture
 from mergeprobe.checkpoints.checkpoint_headers import CheckpointHeader
+from mergeprobe.probing.picture_geometry import feature_grid_size, framed_pixels_bound
 
 TOKENS = 77  # every text encoder's context: the keys of each cross-attention map
 FLOAT32 = 4
@@ -142,10 +144,10 @@ def estimate_dump(request: Any, inputs: Any, geometry: dict[str, BlockGeometry])
         steps = len(inputs.features.steps)
         for block in inputs.features.layers:
             g = geometry[block]
-            pixels = _side(request.height, g.downscale) * _side(request.width, g.downscale)
-            values = batch * halves * g.channels * pixels * steps
-            tiles = math.ceil(math.sqrt(g.channels)) ** 2 * pixels  # the feature grid's pixels
-            images = batch * halves * steps * tiles * PNG_BOUND
+            map_h, map_w = _side(request.height, g.downscale), _side(request.width, g.downscale)
+            values = batch * halves * g.channels * map_h * map_w * steps
+            picture = framed_pixels_bound(*feature_grid_size(g.channels, map_h, map_w))
+            images = batch * halves * steps * picture * PNG_BOUND
             if request.layer_prompt_diff:
                 images *= 2  # a difference image beside each
                 baseline += values * FLOAT32

@@ -209,3 +209,109 @@ def test_auth_on_and_off(service, tiny_models, auth):
         if auth:
             assert_problem(c.get(url), 401)
         assert c.get(url, headers=headers).status_code == 200
+
+
+def _auth_app(keys=("k1", "k2")):
+    """BearerAuth in front of an app that answers 200 for whatever it is let through."""
+    from starlette.responses import PlainTextResponse
+
+    from app.middleware import BearerAuth
+
+    async def ok(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await PlainTextResponse("ok")(scope, receive, send)
+
+    return BearerAuth(ok, list(keys))
+
+
+def _download_cookie(key: str, expiry: int) -> dict[str, str]:
+    from app.middleware import DOWNLOAD_COOKIE, download_token
+
+    return {"Cookie": f"{DOWNLOAD_COOKIE}={download_token(key, expiry)}"}
+
+
+def test_download_token_reads_files_and_artifacts_only():
+    """The console's HttpOnly cookie: a token derived from a key (never the key), accepted for
+    GET/HEAD of model files and artifacts only, while it has not expired and its MAC is a key's."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from app.middleware import DOWNLOAD_COOKIE
+
+    later = int(time.time()) + 3600
+    downloads = ("/v1/models/m/file", "/v1/jobs/j/artifacts/image_0.png", "/v1/jobs/j/artifacts.zip")
+    with TestClient(_auth_app()) as c:
+        for path in downloads:
+            assert c.get(path, headers=_download_cookie("k2", later)).status_code == 200, path
+            assert c.head(path, headers=_download_cookie("k1", later)).status_code == 200, path
+            assert c.get(path).status_code == 401
+            # Expired, forged, signed by a key not configured, or the raw key (as consoles kept it).
+            assert c.get(path, headers=_download_cookie("k1", int(time.time()) - 1)).status_code == 401
+            assert c.get(path, headers=_download_cookie("other", later)).status_code == 401
+            forged = {"Cookie": f"{DOWNLOAD_COOKIE}={later}.{'0' * 64}"}
+            assert c.get(path, headers=forged).status_code == 401
+            assert c.get(path, headers={"Cookie": f"{DOWNLOAD_COOKIE}=k1"}).status_code == 401
+            assert c.get(path, headers={"Cookie": "mergeprobe_key=k1"}).status_code == 401
+            # Never for a change.
+            for method in ("DELETE", "POST", "PUT"):
+                assert c.request(method, path, headers=_download_cookie("k1", later)).status_code == 401
+        for path in ("/v1/models", "/v1/jobs", "/v1/models/m", "/openapi.json", "/v1/console/session"):
+            assert c.get(path, headers=_download_cookie("k1", later)).status_code == 401, path
+        # A path that only starts like a download (a trailing newline matched `$`).
+        assert c.get("/v1/models/m/file%0a", headers=_download_cookie("k1", later)).status_code == 401
+
+
+def test_auth_under_a_root_path():
+    """`--root-path /mp`: the routes are matched without the prefix, as the app routes them."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    with TestClient(_auth_app(), root_path="/mp") as c:
+        assert c.get("/mp/healthz").status_code == 200
+        assert c.get("/mp/docs").status_code == 200
+        assert c.get("/mp/static/console/main.js").status_code == 200
+        assert c.get("/mp/v1/models").status_code == 401
+        assert c.get("/mp/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 200
+        later = int(time.time()) + 3600
+        assert c.get("/mp/v1/models/m/file", headers=_download_cookie("k1", later)).status_code == 200
+
+
+def test_console_session_sets_an_httponly_download_cookie(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from app.middleware import DOWNLOAD_TOKEN_SECONDS, download_token
+    from mergeprobe.service.settings import Settings
+
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path, api_keys="k1,secret-key")
+    for root in ("", "/mp"):
+        with TestClient(create_app(settings), root_path=root) as c:
+            assert_problem(c.post(f"{root}/v1/console/session"), 401, "Authorization")
+            response = c.post(f"{root}/v1/console/session", headers={"Authorization": "Bearer secret-key"})
+            assert response.status_code == 204
+            (cookie,) = response.headers.get_list("set-cookie")
+            assert "secret-key" not in cookie
+            name_value, *attributes = [a.strip() for a in cookie.split(";")]
+            name, _, token = name_value.partition("=")
+            assert name == "mergeprobe_download"
+            expiry = int(token.split(".")[0])
+            assert token == download_token("secret-key", expiry)
+            attrs = {a.split("=")[0].lower(): a.partition("=")[2] for a in attributes}
+            assert "httponly" in attrs and attrs["samesite"].lower() == "strict"
+            assert attrs["path"] == f"{root}/v1/" and attrs["max-age"] == str(DOWNLOAD_TOKEN_SECONDS)
+            assert "secure" not in attrs  # plain http here; https gets Secure
+            https = c.post(
+                f"https://testserver{root}/v1/console/session", headers={"Authorization": "Bearer k1"}
+            )
+            assert "secure" in https.headers["set-cookie"].lower()
+            # "Forget key": the server drops what no script can.
+            gone = c.delete(f"{root}/v1/console/session", headers={"Authorization": "Bearer k1"})
+            assert gone.status_code == 204
+            assert "max-age=0" in gone.headers["set-cookie"].lower()
+            assert f"path={root}/v1/" in gone.headers["set-cookie"].lower()

@@ -11,6 +11,7 @@ Screenshots go to a temporary directory, and to MERGEPROBE_SCREENSHOTS_DIR when 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -172,7 +173,7 @@ def test_merge_with_sliders_progress_and_download(console, tmp_path):
     assert job["request"]["alpha"][18] == 0.9 and job["request"]["model_b"] == "tiny-sd1-b"  # OUT05
 
     with page.expect_download() as info:
-        page.click("#result-download")  # a plain link: the key cookie authorises it
+        page.click("#result-download")  # a plain link: the download cookie authorises it
     target = tmp_path / "downloaded.safetensors"
     info.value.save_as(target)
     assert hashlib.sha256(target.read_bytes()).hexdigest() == job["result"]["model"]["sha256"]
@@ -247,25 +248,102 @@ def test_sweep_grid(console):
     assert console.errors == []
 
 
-def test_the_key_cookie_only_reads_downloads(console):
+def test_the_key_never_goes_into_a_cookie(console):
+    """Cookies are not isolated by port: any other app on this host could read a script-readable
+    one. The console's only cookie is the service's HttpOnly download token, under /v1/."""
+    page = console.page
+    page.goto(console.base + "/#/library")
+    page.wait_for_selector('#models tr[data-model="tiny-sd1-a"]')
+    assert KEY not in page.evaluate("document.cookie")
+    cookies = page.context.cookies()
+    assert all(KEY not in c["value"] for c in cookies), cookies
+    (download,) = [c for c in cookies if c["name"] == "mergeprobe_download"]
+    assert download["httpOnly"] and download["path"] == "/v1/" and download["sameSite"] == "Strict"
+    assert not any(c["name"] == "mergeprobe_key" for c in cookies)
+    # The console's page asks for no inline style (the CSP has no 'unsafe-inline' for styles).
+    csp = httpx.get(console.base + "/").headers["content-security-policy"]
+    assert "'unsafe-inline'" not in csp
+    assert console.errors == []
+
+
+def test_the_download_cookie_only_reads_downloads(console):
     """The console's cookie authorises GET/HEAD of files and artifacts only, never a change."""
-    cookies = {"mergeprobe_key": KEY}
-    with httpx.Client(base_url=console.base, cookies=cookies, timeout=30) as browser_like:
+    session = console.api.post("/v1/console/session")
+    assert session.status_code == 204 and KEY not in session.headers["set-cookie"]
+    token = session.cookies["mergeprobe_download"]
+    with httpx.Client(base_url=console.base, timeout=30) as browser_like:
+        browser_like.cookies.set("mergeprobe_download", token)  # no path: httpx sends it everywhere
         assert browser_like.get("/").status_code == 200  # the page itself needs no key
         assert browser_like.head("/v1/models/tiny-sd1-a/file").status_code == 200
         assert browser_like.get("/v1/models").status_code == 401
+        assert browser_like.get("/openapi.json").status_code == 401
         assert browser_like.delete("/v1/models/tiny-sd1-b").status_code == 401
         assert browser_like.post("/v1/jobs/inspect", json={"model": "tiny-sd1-a"}).status_code == 401
-    with httpx.Client(base_url=console.base, cookies={"mergeprobe_key": "wrong"}, timeout=30) as wrong:
-        assert wrong.head("/v1/models/tiny-sd1-a/file").status_code == 401
+    for wrong in ("wrong", KEY, f"{token.split('.')[0]}.{'0' * 64}"):
+        with httpx.Client(base_url=console.base, cookies={"mergeprobe_download": wrong}, timeout=30) as c:
+            assert c.head("/v1/models/tiny-sd1-a/file").status_code == 401, wrong
+    with httpx.Client(base_url=console.base, cookies={"mergeprobe_key": KEY}, timeout=30) as old:
+        assert old.head("/v1/models/tiny-sd1-a/file").status_code == 401
 
 
-def test_docs_render_offline(console):
-    """/docs (Swagger UI from the package) renders its operations with every request that would
-    leave this host refused."""
-    page = console.page.context.browser.new_page(
-        viewport=VIEWPORT, extra_http_headers={"Authorization": f"Bearer {KEY}"}
-    )
+def test_follow_reopens_a_stream_cut_off_before_its_end(console):
+    """A stream that closes without its `end` event (a proxy's timeout, a restart) is not the job's
+    end: the console asks for the job and follows it again; a 401 brings back the key form."""
+    page = console.page
+    page.goto(console.base + "/#/library")
+    page.wait_for_selector('#models tr[data-model="tiny-sd1-a"]')
+    job = {"id": "cutoff", "kind": "merge", "status": "running", "progress": 0.5}
+    opened: list[str] = []
+
+    def events(route) -> None:
+        opened.append(route.request.url)
+        body = f"event: job\ndata: {json.dumps(job)}\n\n"  # and then the stream just closes
+        route.fulfill(status=200, headers={"content-type": "text/event-stream"}, body=body)
+
+    polls = iter([job, {**job, "status": "succeeded", "progress": 1.0}])
+    page.route("**/v1/jobs/cutoff/events", events)
+    page.route("**/v1/jobs/cutoff", lambda route: route.fulfill(json=next(polls)))
+    page.route("**/v1/jobs/refused/events", lambda route: route.fulfill(status=401, json={"status": 401}))
+    try:
+        seen = page.evaluate(
+            """async () => {
+                const { follow } = await import('./static/console/jobs.js');
+                const seen = [];
+                await follow('cutoff', (j) => seen.push(j.status), undefined, { pause: 10 });
+                return seen;
+            }"""
+        )
+        assert seen == ["running", "running", "running", "succeeded"] and len(opened) == 2
+        refused = page.evaluate(
+            """async () => {
+                const { follow } = await import('./static/console/jobs.js');
+                let unauthorized = false;
+                addEventListener('mergeprobe:unauthorized', () => (unauthorized = true), { once: true });
+                const error = await follow('refused', () => {}, undefined, { pause: 10 }).catch((e) => e);
+                return [String(error?.problem?.status), unauthorized];
+            }"""
+        )
+        assert refused == ["401", True]
+        page.wait_for_selector("#api-key")  # the key form is back
+    finally:
+        page.unroute("**/v1/jobs/cutoff/events")
+        page.unroute("**/v1/jobs/cutoff")
+        page.unroute("**/v1/jobs/refused/events")
+    page.fill("#api-key", KEY)
+    page.click("text=Use key")
+    page.wait_for_selector('#models tr[data-model="tiny-sd1-a"]')
+    console.errors[:] = [e for e in console.errors if "status of 401" not in e]
+    assert console.errors == []
+
+
+@pytest.mark.parametrize(
+    "path,ready", [("/docs", "#operations-jobs-submitMergeJob"), ("/redoc", "[data-section-id]")]
+)
+def test_docs_render_offline(console, path, ready):
+    """/docs (Swagger UI) and /redoc (ReDoc) from the package load like a real browser's after a
+    key was entered in the console (no header added by the test: the pages send the console's
+    key themselves), with every request that would leave this host refused."""
+    page = console.page.context.new_page()  # the console's origin: its localStorage has the key
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     blocked: list[str] = []
@@ -279,9 +357,27 @@ def test_docs_render_offline(console):
 
     page.route("**/*", only_here)
     try:
-        page.goto(console.base + "/docs")
-        page.wait_for_selector("#operations-jobs-submitMergeJob", timeout=30_000)
-        assert page.locator(".opblock").count() > 20
+        page.goto(console.base + path)
+        assert page.evaluate("localStorage.getItem('mergeprobe.key')") == KEY
+        page.wait_for_selector(ready, timeout=30_000)
+        if path == "/docs":
+            assert page.locator(".opblock").count() > 20
         assert blocked == [] and errors == []
     finally:
         page.close()
+
+
+def test_forget_key_drops_the_download_cookie(console):
+    page = console.page
+    page.goto(console.base + "/#/library")
+    page.wait_for_selector('#models tr[data-model="tiny-sd1-a"]')
+    assert any(c["name"] == "mergeprobe_download" for c in page.context.cookies())
+    page.click("#key-forget")
+    page.wait_for_selector("#api-key")
+    assert not any(c["name"] == "mergeprobe_download" for c in page.context.cookies())
+    assert page.evaluate("localStorage.getItem('mergeprobe.key')") is None
+    page.fill("#api-key", KEY)
+    page.click("text=Use key")
+    page.wait_for_selector('#models tr[data-model="tiny-sd1-a"]')
+    assert any(c["name"] == "mergeprobe_download" for c in page.context.cookies())
+    assert console.errors == []

@@ -53,12 +53,19 @@ def test_pages_load_only_same_origin_assets(app_client, page, assets):
 
 def test_swagger_ui_loads_the_document_and_asks_no_validator(app_client):
     html = app_client.get("/docs").text
-    assert "url: '/openapi.json'" in html
+    assert '"url": "/openapi.json"' in html
     assert '"validatorUrl": null' in html  # else Swagger UI sends the document to validator.swagger.io
+    # The console's key goes with every request Swagger UI sends (the document's fetch too), and
+    # what the Authorize button is given is kept across reloads.
+    assert "requestInterceptor" in html and 'localStorage.getItem("mergeprobe.key")' in html
+    assert '"persistAuthorization": true' in html
 
 
-def test_redoc_loads_the_document(app_client):
-    assert '<redoc spec-url="/openapi.json">' in app_client.get("/redoc").text
+def test_redoc_loads_the_document_with_the_key(app_client):
+    html = app_client.get("/redoc").text
+    assert "spec-url" not in html  # ReDoc would fetch it without the key
+    assert 'fetch("/openapi.json"' in html and "Redoc.init(" in html
+    assert 'localStorage.getItem("mergeprobe.key")' in html
 
 
 def test_pages_honour_the_root_path(tmp_path):
@@ -66,6 +73,9 @@ def test_pages_honour_the_root_path(tmp_path):
     with TestClient(create_app(settings), root_path="/mergeprobe") as client:
         html = client.get("/docs").text
     assert f"/mergeprobe{DOCS_ASSETS_PATH}/{SWAGGER_JS}" in html and "/mergeprobe/openapi.json" in html
+    with TestClient(create_app(settings), root_path="/mergeprobe") as client:
+        html = client.get("/mergeprobe/redoc").text
+    assert f"/mergeprobe{DOCS_ASSETS_PATH}/{REDOC_JS}" in html and 'fetch("/mergeprobe/openapi.json"' in html
 
 
 @pytest.mark.parametrize("asset", sorted(ASSETS))
@@ -120,15 +130,32 @@ def test_vendored_files_match_their_checksums():
 
 
 @pytest.mark.parametrize("auth", [True, False])
-def test_docs_need_a_key_like_every_route_but_healthz(tmp_path, auth):
-    """As FastAPI's own /docs and /redoc did: with MERGEPROBE_API_KEYS set, the pages, the document
-    and the assets answer 401 without a key."""
+def test_docs_pages_are_public_the_document_is_not(tmp_path, auth):
+    """A browser's navigation cannot send a Bearer header: with MERGEPROBE_API_KEYS set the pages
+    and their assets still load (they hold nothing secret) and fetch the document with the key;
+    /openapi.json itself answers 401 without one."""
     settings = Settings(redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path, api_keys="k1" if auth else "")
     with TestClient(create_app(settings)) as client:
-        for path in ("/docs", "/redoc", "/openapi.json", f"{DOCS_ASSETS_PATH}/{SWAGGER_JS}"):
-            response = client.get(path)
-            if auth:
-                assert response.status_code == 401, path
-                assert client.get(path, headers={"Authorization": "Bearer k1"}).status_code == 200, path
-            else:
-                assert response.status_code == 200, path
+        for path in ("/docs", "/redoc", f"{DOCS_ASSETS_PATH}/{SWAGGER_JS}", f"{DOCS_ASSETS_PATH}/{REDOC_JS}"):
+            assert client.get(path).status_code == 200, path
+        assert client.get("/openapi.json").status_code == (401 if auth else 200)
+        assert client.get("/openapi.json", headers={"Authorization": "Bearer k1"}).status_code == 200
+
+
+def test_console_csp_allows_images_from_s3_redirects(tmp_path):
+    """With S3 downloads by redirect, artifacts (<img>) come from the bucket's endpoint."""
+    from app.console import console_csp
+
+    def img_src(**fields) -> str:
+        settings = Settings(redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path, **fields)
+        with TestClient(create_app(settings)) as client:
+            csp = client.get("/").headers["content-security-policy"]
+        assert csp == console_csp(settings) and "'unsafe-inline'" not in csp
+        return next(d for d in csp.split(";") if d.strip().startswith("img-src")).strip()
+
+    s3 = {"artifacts_backend": "s3", "s3_bucket": "b", "s3_endpoint_url": "http://minio:9000/"}
+    assert img_src() == "img-src 'self' data: blob:"
+    assert img_src(**s3) == "img-src 'self' data: blob:"  # proxied: the API streams them
+    assert img_src(**s3, s3_downloads="redirect") == "img-src 'self' data: blob: http://minio:9000"
+    public = {"s3_public_endpoint_url": "https://s3.example.com:8443/x"}
+    assert img_src(**s3, **public, s3_downloads="redirect").endswith(" https://s3.example.com:8443")

@@ -186,7 +186,7 @@ def test_a_lora_study_gives_the_u_and_leaves_the_cached_pipeline_as_loaded(setup
     baseline per seed, the U layout, influence.csv and the ranking; then the cached pipeline holds
     the tiny model's weights bit for bit, also after a canceled sweep."""
     from worker.context import LocalReporter
-    from worker.probing.sweep_render import label_cell, u_geometry, u_layout
+    from worker.probing.sweep_render import Cell, render_cells, u_geometry, u_layout
 
     body = {
         "model_a": "tiny-sd1-a",
@@ -215,7 +215,14 @@ def test_a_lora_study_gives_the_u_and_leaves_the_cached_pipeline_as_loaded(setup
     assert ctx.warnings == []
 
     grid = Image.open(io.BytesIO(setup.artifact(ctx, "grid.png"))).convert("RGB")
-    cell = label_cell([Image.open(io.BytesIO(setup.artifact(ctx, "OUT11_s1.png"))).convert("RGB")], "OUT11")
+    changed = {r["variant"]: r["changed_share"] for r in result["ranking"]}
+    shown = {
+        name: Cell(
+            (Image.open(io.BytesIO(setup.artifact(ctx, f"{name}_s1.png"))).convert("RGB"),), name, (1,), share
+        )
+        for name, share in [("OUT11", changed["OUT11"]), ("baseline", None)]
+    }
+    cell = render_cells(shown)["OUT11"]  # the block, its changed share, its seed
     geometry = u_geometry(SD1_BLOCKS, cell.size)
     assert grid.size == (geometry.width, geometry.height)
     row, col = u_layout(SD1_BLOCKS)["OUT11"]

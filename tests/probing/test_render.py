@@ -8,21 +8,41 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from mergeprobe.probing.colorize import Colorize
 from mergeprobe.probing.colorize_render import colorize
-from worker.probing.render import (
-    GAP_COLOR,
+from mergeprobe.probing.picture_geometry import (
+    FRAME_HEIGHT_BOUND,
+    MAX_PICTURE_PX,
     MIN_CELL_PX,
+    READABLE_PX,
+    attention_scale,
+    feature_grid_size,
+    framed_pixels_bound,
+    grid_shape,
+    upscale_factor,
+)
+from worker.probing.render import (
+    BAR_HEIGHT,
+    GAP_COLOR,
+    LABEL_PAD,
+    TEXT_COLOR,
+    Capture,
     attention_grid,
     attention_layout,
+    colour_scale,
     feature_grid,
-    grid_shape,
+    feature_layout,
+    feature_title,
     heatmap_overlay,
     jet,
+    label_font,
     normalize_heat,
     png_bytes,
+    text_block_height,
+    title_font,
+    wrap_label,
 )
 
 RNG = np.random.default_rng(1234)
@@ -35,9 +55,48 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
+def crop(image: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
+    return pixels(image.crop(box))
+
+
+def drawn_width(text: str, font=None) -> int:
+    """The width of `text` as ImageDraw draws it with the renderers' font."""
+    left, _, right, _ = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox(
+        (0, 0), text, font=font or label_font()
+    )
+    return right - left
+
+
+def has_text(region: np.ndarray, background) -> bool:
+    return bool((region != np.asarray(background)).any())
+
+
 def test_render_does_not_import_torch():
     code = "import sys, worker.probing.render; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# --- labels ----------------------------------------------------------------------------------------------
+
+
+def test_wrap_label_fits_and_keeps_every_character():
+    font = label_font()
+    text = "a cat sitting on a windowsill IN04:attn2:0_extra_long_identifier_without_spaces"
+    for width in (40, 64, 100, 300):
+        lines = wrap_label(font, text, width)
+        assert all(drawn_width(line) <= width for line in lines), (width, lines)
+        assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+    assert wrap_label(font, "alpha=0.25", 1000) == ["alpha=0.25"]
+    assert wrap_label(font, "", 50) == [] and wrap_label(font, "   ", 50) == []
+
+
+def test_wrap_label_breaks_long_words_after_punctuation_not_in_numbers():
+    font = label_font()
+    width = drawn_width("alpha=0.2")  # "alpha=0.25" is a little wider
+    assert wrap_label(font, "alpha=0.25", width) == ["alpha=", "0.25"]
+    assert wrap_label(font, "OUT05:attn2:0", drawn_width("OUT05:attn2")) == ["OUT05:", "attn2:0"]
+    assert wrap_label(font, "x" * 30, drawn_width("x" * 10)) == ["x" * 10] * 3
+    assert wrap_label(font, "日本", 100) == ["??"]  # the built-in font draws ASCII (and ·) only
 
 
 # --- feature grid ----------------------------------------------------------------------------------------
@@ -53,40 +112,145 @@ def test_grid_shape(tiles, shape):
     assert rows * cols >= tiles
 
 
-def test_feature_grid_four_channels_non_square():
+def grid_long_side(rows: int, cols: int, h: int, w: int, scale: int) -> int:
+    return max(cols * (w * scale + 1) - 1, rows * (h * scale + 1) - 1)
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "h", "w"),
+    [(2, 3, 2, 3), (1, 2, 5, 7), (18, 18, 8, 8), (36, 36, 4, 4), (18, 18, 64, 64), (2, 1, 12, 700)],
+)
+def test_upscale_factor_reaches_the_readable_size(rows, cols, h, w):
+    scale = upscale_factor(rows, cols, h, w)
+    long_side = grid_long_side(rows, cols, h, w, scale)
+    if grid_long_side(rows, cols, h, w, 1) >= READABLE_PX:
+        assert scale == 1  # never shrunk, never enlarged when already readable
+    else:
+        assert READABLE_PX <= long_side <= MAX_PICTURE_PX
+        assert grid_long_side(rows, cols, h, w, scale - 1) < READABLE_PX  # the smallest such factor
+    assert upscale_factor(1, 2, 1, 5000) == 1  # past MAX_PICTURE_PX already: left as it is
+
+
+def test_feature_grid_upscales_tiles_with_one_pixel_gaps():
     c, h, w = 4, 2, 3
     feature = RNG.standard_normal((c, h, w)).astype(np.float32)
     spec = Colorize(method="red_blue", transform="auto11")
     image = feature_grid(feature, spec)
-    # mean + 4 channels = 5 tiles → cols = ceil(sqrt(5)) = 3, rows = 2, 1-px gaps
-    assert image.size == (3 * w + 2, 2 * h + 1) == (11, 5)
-    px = pixels(image)
+    layout = feature_layout(feature, spec)
+    # mean + 4 channels = 5 tiles → cols = ceil(sqrt(5)) = 3, rows = 2; 3·(3s + 1) − 1 ≥ 512 → s = 57
+    assert (layout.rows, layout.cols, layout.scale) == (2, 3, 57)
+    assert (layout.tile_w, layout.tile_h) == (171, 114)
+    assert image.size == (layout.frame.width, layout.frame.height)
+    assert layout.frame.content_w == 3 * 171 + 2 >= READABLE_PX
     mean = feature.astype(np.float64).mean(axis=0)
-    np.testing.assert_array_equal(px[0:h, 0:w], colorize(mean, spec))
-    for k in range(c):
-        row, col = divmod(k + 1, 3)
-        tile = px[row * (h + 1) : row * (h + 1) + h, col * (w + 1) : col * (w + 1) + w]
-        np.testing.assert_array_equal(tile, colorize(feature[k], spec))
-    # gap column after each tile, gap row between rows, unused last cell: all GAP_COLOR
-    assert (px[:, w] == GAP_COLOR).all() and (px[:, 2 * w + 1] == GAP_COLOR).all()
-    assert (px[h] == GAP_COLOR).all()
-    assert (px[h + 1 :, 2 * (w + 1) :] == GAP_COLOR).all()
+    for index, values in enumerate([mean, *feature]):
+        expected = colorize(values, spec).repeat(57, axis=0).repeat(57, axis=1)
+        np.testing.assert_array_equal(crop(image, layout.tile_box(index)), expected)
+    # the gap column after the first tile and the gap row between the rows; the unused last cell
+    x0, y0, x1, y1 = layout.tile_box(0)
+    assert (crop(image, (x1, y0, x1 + 1, y1)) == GAP_COLOR).all()
+    assert (crop(image, (x0, y1, x1, y1 + 1)) == GAP_COLOR).all()
+    assert (crop(image, layout.tile_box(5)) == GAP_COLOR).all()
 
 
-def test_feature_grid_tall_maps_and_per_tile_auto():
+@pytest.mark.parametrize("shape", [(320, 8, 8), (1280, 4, 4), (4, 2, 3), (1, 5, 7), (3, 12, 1)])
+def test_feature_grid_is_at_least_the_readable_size(shape):
+    image = feature_grid(RNG.standard_normal(shape).astype(np.float32), Colorize())
+    layout = feature_layout(np.zeros(shape), Colorize())
+    assert max(layout.frame.content_w, layout.frame.content_h) >= READABLE_PX
+    assert max(image.size) >= READABLE_PX and max(image.size) <= MAX_PICTURE_PX + 200
+
+
+def test_the_frame_stays_within_the_estimates_bound():
+    """The capture estimate counts a picture as framed_pixels_bound of its grid: the longest title and
+    note a dump writes fit in FRAME_HEIGHT_BOUND, at the narrowest frame."""
+    worst = Capture("OUT11", 150, "uncond", 15, "difference: block prompts - plain prompt")
+    spec = Colorize(method="custom", transform="sigmoid", gain=-1.2345, offset=-0.98765)
+    feature = np.array([[[-1.2345e-30, 9.8765e30]]] * 1280, dtype=np.float32)
+    layout = feature_layout(feature, spec, worst)
+    frame = layout.frame
+    assert (frame.content_w, frame.content_h) == feature_grid_size(1280, 1, 2)
+    assert frame.height - frame.content_h <= FRAME_HEIGHT_BOUND
+    assert frame.width * frame.height <= framed_pixels_bound(frame.content_w, frame.content_h)
+    probs = np.zeros((20, 77, 1, 2), dtype=np.float32)
+    attention = attention_layout(probs, ["<|startoftext|>"] * 77, spec, worst).frame
+    assert attention.height - attention.content_h <= FRAME_HEIGHT_BOUND
+
+
+def test_feature_grid_per_tile_auto():
     feature = np.stack([np.arange(12.0).reshape(4, 3), np.arange(12.0).reshape(4, 3) * 1000 + 5])
     image = feature_grid(feature, Colorize())
-    assert image.size == (2 * 3 + 1, 2 * 4 + 1)  # 3 tiles → 2×2
-    px = pixels(image)
-    # row 0: mean, channel 0; row 1: channel 1, an empty cell
-    mean, first, second = px[0:4, 0:3], px[0:4, 4:7], px[5:9, 0:3]
+    layout = feature_layout(feature, Colorize())
+    assert (layout.rows, layout.cols) == (2, 2)  # 3 tiles → 2×2
+    mean, first, second = (crop(image, layout.tile_box(i)) for i in range(3))
     np.testing.assert_array_equal(first, second)  # channels 0 and 1 look the same: auto01 per tile
     np.testing.assert_array_equal(mean, first)  # so does their mean (an affine map of channel 0)
     assert first[0, 0].tolist() == [0, 0, 0] and first[-1, -1].tolist() == [255, 255, 255]
-    assert (px[5:9, 4:7] == GAP_COLOR).all()
+    assert (crop(image, layout.tile_box(3)) == GAP_COLOR).all()
 
 
-def test_feature_grid_single_channel_and_torch_like_input():
+def test_feature_grid_title_strip():
+    capture = Capture("IN04", 5, "cond")
+    assert feature_title(320, capture) == "IN04 · step 5 · cond · channels 0-319 (mean first)"
+    assert feature_title(1) == "channel 0 (mean first)"
+    assert (
+        Capture("M00", 12, "uncond", 1, "difference").title()
+        == "M00 · step 12 · uncond · image 1 · difference"
+    )
+    feature = RNG.standard_normal((320, 8, 8)).astype(np.float32)
+    image = feature_grid(feature, Colorize(), capture)
+    frame = feature_layout(feature, Colorize(), capture).frame
+    assert frame.title == ("IN04 · step 5 · cond · channels 0-319 (mean first)",)  # one line: it fits
+    assert frame.content_top == frame.title_height >= 16
+    strip = crop(image, (0, 0, frame.width, frame.content_top))
+    assert has_text(strip, GAP_COLOR)
+    assert (strip == TEXT_COLOR[0]).any()  # light text on the dark strip ("L": one grey)
+    # A title too long for the width is wrapped over lines, not cut.
+    long = Capture("IN04", 5, "cond", what="difference: " + " ".join(["block prompts - plain prompt"] * 4))
+    title = feature_layout(np.zeros((3, 2, 2)), Colorize(), long).frame.title
+    assert len(title) > 1 and " ".join(title) == feature_title(3, long)
+
+
+def bar_pixels(image: Image.Image, feature: np.ndarray, spec: Colorize) -> np.ndarray:
+    return crop(image, feature_layout(feature, spec).frame.bar)
+
+
+def test_feature_grid_colour_bar_white_black():
+    feature = RNG.standard_normal((6, 4, 4)).astype(np.float32) * 3
+    spec = Colorize()
+    image = feature_grid(feature, spec)
+    frame = feature_layout(feature, spec).frame
+    bar = bar_pixels(image, feature, spec)
+    assert bar.shape[0] == BAR_HEIGHT and bar.shape[1] == frame.width - 2 * 6
+    assert (bar == bar[:1]).all()  # every row the same ramp
+    grey = bar[0, :, 0].astype(int)
+    assert (np.diff(grey) >= 0).all() and grey[0] == 0 and grey[-1] == 255  # black → white, monotonic
+    assert frame.colours.ticks == ("tile min", "", "tile max")
+    low, high = float(feature.min()), float(feature.max())
+    assert frame.colours.note.endswith(f"values here {low:.3g} to {high:.3g}")
+    assert " ".join(frame.note) == frame.colours.note
+    below = crop(image, (0, frame.ticks_top, frame.width, frame.height))
+    assert has_text(below, GAP_COLOR)  # the bar's labels and the note are drawn
+
+
+def test_feature_grid_colour_bar_red_blue_and_fixed_scales():
+    feature = RNG.standard_normal((3, 4, 4)).astype(np.float32)
+    spec = Colorize(method="red_blue", transform="auto11")
+    bar = bar_pixels(feature_grid(feature, spec), feature, spec)[0].astype(int)
+    assert bar[0].tolist() == [0, 0, 255] and bar[-1].tolist() == [255, 0, 0]  # blue … red
+    assert (np.diff(bar[:, 0]) >= 0).all() and (np.diff(bar[:, 2]) <= 0).all()
+    assert bar[len(bar) // 2].tolist() == [255, 255, 255] or bar[len(bar) // 2 - 1].min() >= 250  # white at 0
+    assert colour_scale(spec, feature).ticks == ("-max|v|", "0", "+max|v|")
+    linear = Colorize(method="white_black", transform="linear", min=-2, max=2)
+    assert colour_scale(linear, feature).ticks == ("-2", "0", "2")
+    assert "clamped to [-2, 2]" in colour_scale(linear, feature).note
+    sigmoid = Colorize(transform="sigmoid", gain=2.0, offset=1.0)
+    scale = colour_scale(sigmoid, feature)
+    assert (scale.low, scale.high, scale.ticks[1]) == (-2.0, 4.0, "1")
+    assert colour_scale(Colorize(), np.array([np.nan])).note.endswith("no finite values")
+
+
+def test_feature_grid_torch_like_input():
     class FakeTensor:  # what the worker hands over: a torch tensor, converted by duck typing
         def __init__(self, array):
             self.array = array
@@ -105,8 +269,9 @@ def test_feature_grid_single_channel_and_torch_like_input():
 
     feature = RNG.standard_normal((1, 5, 7)).astype(np.float32)
     image = feature_grid(FakeTensor(feature), Colorize())
-    assert image.size == (2 * 7 + 1, 5)
-    np.testing.assert_array_equal(pixels(image)[:, :7], pixels(image)[:, 8:])  # mean of one channel = it
+    layout = feature_layout(feature, Colorize())
+    assert image.size == (layout.frame.width, layout.frame.height)
+    np.testing.assert_array_equal(crop(image, layout.tile_box(0)), crop(image, layout.tile_box(1)))
 
 
 def test_feature_grid_rejects_wrong_shapes():
@@ -119,7 +284,8 @@ def test_feature_grid_rejects_wrong_shapes():
 def test_feature_grid_deterministic():
     feature = RNG.standard_normal((6, 4, 4))
     spec = Colorize(method="custom", transform="sigmoid")
-    assert png_bytes(feature_grid(feature, spec)) == png_bytes(feature_grid(feature, spec))
+    capture = Capture("OUT11", 3, "uncond")
+    assert png_bytes(feature_grid(feature, spec, capture)) == png_bytes(feature_grid(feature, spec, capture))
 
 
 # --- attention grid --------------------------------------------------------------------------------------
@@ -129,43 +295,53 @@ def test_attention_grid_geometry_and_cells():
     heads, tokens, h, w = 2, 3, 8, 4
     probs = RNG.random((heads, tokens, h, w)).astype(np.float32)
     spec = Colorize(method="white_black", transform="auto01")
-    image = attention_grid(probs, ["a", "cute", "girl"], spec)
-    layout = attention_layout(heads, tokens, h, w)
-    assert layout.scale == 4 == MIN_CELL_PX // h
-    assert (layout.cell_w, layout.cell_h) == (16, 32)
-    assert layout.width == layout.left + tokens * 16 + (tokens - 1)
-    assert layout.height == layout.top + heads * 32 + (heads - 1)
+    labels = ["a", "cute", "girl"]
+    image = attention_grid(probs, labels, spec, Capture("M00", 2, "cond"))
+    layout = attention_layout(probs, labels, spec, Capture("M00", 2, "cond"))
+    assert layout.scale == 8 == MIN_CELL_PX // h
+    assert (layout.cell_w, layout.cell_h) == (32, 64)
     assert image.size == (layout.width, layout.height)
-    px = pixels(image)
+    title = "M00 · step 2 · cond · attention of 2 heads (rows) to 3 tokens (columns)"
+    assert " ".join(layout.frame.title) == title  # wrapped to the frame's width (MIN_FRAME_WIDTH)
+    assert all(drawn_width(line, title_font()) <= layout.width for line in layout.frame.title)
     for head in range(heads):
         for token in range(tokens):
             y = layout.top + head * (layout.cell_h + 1)
             x = layout.left + token * (layout.cell_w + 1)
-            cell = px[y : y + layout.cell_h, x : x + layout.cell_w]
-            expected = colorize(probs[head, token], spec).repeat(4, axis=0).repeat(4, axis=1)
+            cell = crop(image, (x, y, x + layout.cell_w, y + layout.cell_h))
+            expected = colorize(probs[head, token], spec).repeat(8, axis=0).repeat(8, axis=1)
             np.testing.assert_array_equal(cell, expected)
 
 
-def test_attention_grid_draws_labels():
+def test_attention_labels_wrap_to_the_cell_and_are_drawn():
     probs = RNG.random((2, 3, 8, 8)).astype(np.float32)
-    layout = attention_layout(2, 3, 8, 8)
-    labeled = pixels(attention_grid(probs, ["pink", "hair", "<|endoftext|>"], Colorize()))
-    blank = pixels(attention_grid(probs, ["", "", ""], Colorize()))
-    strip = labeled[: layout.top, layout.left :]
-    assert len({tuple(p) for p in strip.reshape(-1, 3)}) > 1  # text drawn, not a uniform strip
-    assert (blank[: layout.top, layout.left :] == GAP_COLOR).all()
-    head_column = labeled[layout.top :, : layout.left]
-    assert len({tuple(p) for p in head_column.reshape(-1, 3)}) > 1  # head indices drawn
-    # Labels stay in the strip and the head column: the cells are untouched.
-    np.testing.assert_array_equal(labeled[layout.top :, layout.left :], blank[layout.top :, layout.left :])
+    labels = ["pink", "hair", "<|endoftext|>"]
+    layout = attention_layout(probs, labels, Colorize())
+    image = attention_grid(probs, labels, Colorize())
+    room = layout.cell_w - 2 * LABEL_PAD
+    assert layout.labels[:2] == (("pink",), ("hair",))
+    assert len(layout.labels[2]) > 1 and "".join(layout.labels[2]) == "<|endoftext|>"  # wrapped, not cut
+    assert all(drawn_width(line) <= room for lines in layout.labels for line in lines)
+    strip_top = layout.frame.content_top
+    assert layout.top - strip_top >= text_block_height(max(map(len, layout.labels)), label_font())
+    for t in range(3):
+        x = layout.left + t * (layout.cell_w + 1)
+        assert has_text(crop(image, (x, strip_top, x + layout.cell_w, layout.top)), GAP_COLOR)
+    head_column = crop(
+        image, (layout.frame.content_left, layout.top, layout.left, layout.top + layout.cell_h)
+    )
+    assert has_text(head_column, GAP_COLOR)  # head index drawn
 
 
 def test_attention_grid_odd_labels_and_shapes():
     probs = RNG.random((1, 2, 3, 20)).astype(np.float32)  # wide, very small maps
-    image = attention_grid(probs, ["日本語", "x" * 200], Colorize(method="red_blue", transform="auto11"))
-    layout = attention_layout(1, 2, 3, 20)
-    assert layout.scale == 11 and (layout.cell_w, layout.cell_h) == (220, 33)
+    labels = ["日本語", "x" * 200]
+    layout = attention_layout(probs, labels, Colorize(method="red_blue", transform="auto11"))
+    image = attention_grid(probs, labels, Colorize(method="red_blue", transform="auto11"))
+    assert layout.scale == 22 and (layout.cell_w, layout.cell_h) == (440, 66)
     assert image.size == (layout.width, layout.height)
+    assert layout.labels[0] == ("???",)
+    assert len(layout.labels[1]) > 1 and "".join(layout.labels[1]) == "x" * 200
     with pytest.raises(ValueError):
         attention_grid(probs, ["only one"], Colorize())
     with pytest.raises(ValueError):
@@ -173,7 +349,7 @@ def test_attention_grid_odd_labels_and_shapes():
 
 
 def test_attention_grid_large_maps_are_not_scaled():
-    assert attention_layout(8, 77, 64, 64).scale == 1
+    assert attention_scale(64) == 1 and attention_scale(8) == 8 and attention_scale(3) == 22
 
 
 # --- overlay ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import install_model, run_succeeding, shared_worker_client
-from worker.probing.sweep_render import label_cell, u_geometry, u_layout, xy_geometry
+from worker.probing.sweep_render import Cell, render_cells, u_geometry, u_layout, xy_geometry
 
 SD1_BLOCKS = [f"IN{i:02d}" for i in range(12)] + ["M00"] + [f"OUT{i:02d}" for i in range(12)]
 SMALL = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64}
@@ -53,17 +53,24 @@ def test_layer_influence_study_u_grid(sweep_client):
         (r["changed_share"] for r in ranking), reverse=True
     )
 
-    # Each block's cell sits where the study puts it: IN down the left, M00 at the bottom, OUT up the right.
+    # Each block's cell sits where the study puts it: IN down the left, M00 at the bottom, OUT up the
+    # right; it shows the block, its seeds and its changed share (the ranking's), the baseline's its seeds.
     grid = _image(client, job, "grid.png")
-    cells = {
-        b: label_cell([_image(client, job, f"{b}_s{s}.png") for s in (1, 2)], b)
-        for b in ("IN00", "M00", "OUT11")
+    changed = {r["variant"]: r["changed_share"] for r in ranking}
+    shown = {
+        b: Cell(tuple(_image(client, job, f"{b}_s{s}.png") for s in (1, 2)), b, (1, 2), changed[b])
+        for b in SD1_BLOCKS
     }
+    shown["baseline"] = Cell(
+        tuple(_image(client, job, f"baseline_s{s}.png") for s in (1, 2)), "baseline", (1, 2)
+    )
+    cells = render_cells(shown)
     geometry = u_geometry(SD1_BLOCKS, cells["IN00"].size)
     assert grid.size == (geometry.width, geometry.height)
     layout = u_layout(SD1_BLOCKS)
     assert layout["IN00"] == (0, 0) and layout["M00"][0] == 12 and layout["OUT11"] == (0, 2)
-    for block, cell in cells.items():
+    for block in ("IN00", "M00", "OUT11", "baseline"):
+        cell = cells[block]
         row, col = layout[block]
         x, y = geometry.origin(row, col)
         assert grid.crop((x, y, x + cell.width, y + cell.height)).tobytes() == cell.tobytes(), block
@@ -106,7 +113,9 @@ def test_xy_sweep_grid_is_2_by_3(sweep_client):
     job = run_succeeding(client, "sweep", body)
     assert len(job["result"]["variants"]) == 6
     grid = _image(client, job, "grid.png")
-    cell = label_cell([_image(client, job, "x1_y2_s3.png")], "alpha=0.75 | seed=3")
+    changed = {r["variant"]: r["changed_share"] for r in job["result"]["ranking"]}
+    shown = Cell((_image(client, job, "x1_y2_s3.png"),), "", (3,), changed["x1_y2"])
+    cell = render_cells({"x1_y2": shown})["x1_y2"]
     geometry = xy_geometry(
         cell.size,
         ["alpha=0.25", "alpha=0.75"],
@@ -115,6 +124,8 @@ def test_xy_sweep_grid_is_2_by_3(sweep_client):
         y_title="seed",
     )
     assert (geometry.rows, geometry.cols) == (3, 2) and grid.size == (geometry.width, geometry.height)
+    x, y = geometry.origin(2, 1)
+    assert grid.crop((x, y, x + cell.width, y + cell.height)).tobytes() == cell.tobytes()
 
 
 def test_per_element_sweep_rows(sweep_client):

@@ -455,3 +455,186 @@ def test_watch_follows_a_job_across_a_broken_event_stream():
     assert final["status"] == "succeeded"
     assert calls == ["/v1/jobs/j/events", "/v1/jobs/j", "/v1/jobs/j/events"]
     assert seen == ["running", "running", "succeeded"]
+
+
+# -- local errors, retries, escaping, downloads all or nothing ---------------------------------
+
+
+def _one_line_error(run: Run) -> None:
+    assert run.err.count("\n") == 1 and "Traceback" not in run.err, run
+
+
+def test_local_errors_are_one_line(cli, live, tmp_path, monkeypatch):
+    name = cli("models", "show", "tiny-sd1-a", "--json").json()["name"]
+    nowhere = cli("models", "download", "tiny-sd1-a", "-o", "/proc/nonexistent/")
+    assert nowhere.rc == 1 and "/proc/nonexistent" in nowhere.err, nowhere
+    _one_line_error(nowhere)
+    (tmp_path / "out" / name).mkdir(parents=True)
+    onto_dir = cli("models", "download", "tiny-sd1-a", "-o", f"{tmp_path / 'out'}/", "--force")
+    assert onto_dir.rc == 1 and "is a directory" in onto_dir.err, onto_dir
+    _one_line_error(onto_dir)
+
+    bad_port = cli("models", "list", "--url", "http://h:80x0")
+    assert bad_port.rc == 2 and "port" in bad_port.err, bad_port
+    _one_line_error(bad_port)
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"model": "tiny-sd1-a"}))
+    before = len(cli("jobs", "list", "--url", live.idle_url, "--json").json()["jobs"])
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    into_file = cli("jobs", "submit", "inspect", recipe, "--download", a_file, "--url", live.idle_url)
+    assert into_file.rc == 2 and "not a directory" in into_file.err, into_file
+    _one_line_error(into_file)
+    assert len(cli("jobs", "list", "--url", live.idle_url, "--json").json()["jobs"]) == before
+
+    unreadable = tmp_path / "locked.safetensors"
+    unreadable.write_bytes(b"x")
+    real_open = Path.open
+
+    def refusing_open(self, *args, **kwargs):
+        if self == unreadable:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refusing_open)
+    refused = cli("models", "upload", unreadable)
+    assert refused.rc == 2 and "cannot read it: Permission denied" in refused.err, refused
+    _one_line_error(refused)
+
+
+def _job(status: str, **extra) -> dict:
+    return {"id": "j", "kind": "inspect", "status": status, "progress": {}, **extra}
+
+
+def test_watch_retries_gateway_errors_with_backoff(monkeypatch):
+    from mergeprobe.client import commands
+
+    pauses: list[float] = []
+    monkeypatch.setattr(commands, "_pause", pauses.append)
+    answers = [503, 502, 429, 504, 200]
+
+    class Api(_Quiet):
+        def do_GET(self):
+            status = answers.pop(0) if answers else 200
+            if status != 200:
+                self.send_body(status, b'{"title": "gateway"}')
+                return
+            event = f"event: job\ndata: {json.dumps(_job('succeeded'))}\n\nevent: end\ndata: {{}}\n\n"
+            self.send_body(200, event.encode(), "text/event-stream")
+
+    with _stub(Api) as url:
+        assert follow(ApiClient(url), "j", lambda j: None)["status"] == "succeeded"
+        assert pauses == [1.0, 2.0, 4.0, 5.0]
+        # Bounded: more than EVENT_RETRIES in a row, and the last answer is the error.
+        answers[:] = [503] * (commands.EVENT_RETRIES + 1)
+        with pytest.raises(commands.ApiError) as failed:
+            follow(ApiClient(url), "j", lambda j: None)
+        assert failed.value.status == 503
+        # Anything else is not retried.
+        pauses.clear()
+        answers[:] = [500]
+        with pytest.raises(commands.ApiError):
+            follow(ApiClient(url), "j", lambda j: None)
+        assert pauses == []
+
+
+def _service(routes: dict[str, tuple[int, bytes]]):
+    class Api(_Quiet):
+        def do_GET(self):
+            status, body = routes.get(self.path.split("?")[0], (404, b'{"title": "Not Found"}'))
+            kind = "application/json" if body[:1] in (b"{", b"[") else "application/octet-stream"
+            self.send_body(status, body, kind)
+
+    return _stub(Api)
+
+
+def test_service_text_is_escaped_for_people_not_in_json(cli, monkeypatch):
+    esc = "\x1b]0;pwned\x07\x1b[2J"
+    model = {
+        "id": "m",
+        "name": f"m{esc}\nsha256:      forged",
+        "sha256": "0" * 64,
+        "metadata": {f"key{esc}": f"value{esc}", "k\x9b2": "v"},
+    }
+    job = _job(
+        "failed",
+        warnings=[f"careful{esc}\nwarning:    forged"],
+        error={"status": 400, "title": f"Bad{esc}", "detail": f"detail\x7f{esc}"},
+    )
+    routes = {
+        "/v1/models/m": (200, json.dumps(model).encode()),
+        "/v1/jobs/j": (200, json.dumps(job).encode()),
+        "/v1/models": (200, json.dumps({"models": [model]}).encode()),
+        "/v1/models/gone": (404, json.dumps({"title": "Not Found", "detail": f"no{esc}"}).encode()),
+    }
+    with _service(routes) as url:
+        for argv in (
+            ["models", "show", "m"],
+            ["models", "list"],
+            ["jobs", "show", "j"],
+            ["models", "show", "gone"],
+        ):
+            run = cli(*argv, "--url", url)
+            text = run.out + run.err
+            assert not any(c in text for c in "\x1b\x07\x7f\x9b\r"), (argv, run)
+            assert "\\x1b" in text, (argv, run)
+            assert "\nsha256:      forged" not in text and "\nwarning:    forged" not in text, run
+        shown = cli("models", "show", "m", "--url", url)
+        assert "metadata:    2 entries: key\\x1b]0;pwned\\x07\\x1b[2J, k\\x9b2" in shown.out, shown
+        as_json = cli("models", "show", "m", "--url", url, "--json")
+        assert as_json.json() == model
+
+
+def test_job_download_checks_every_destination_first(cli, tmp_path):
+    files = {"a.csv": b"a" * 10, "b.csv": b"b" * 20, "m.safetensors": b"m" * 30}
+
+    def sha(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    artifacts = [{"name": n, "url": f"/files/{n}", "sha256": sha(files[n])} for n in ("a.csv", "b.csv")]
+    model = {
+        "name": "m.safetensors",
+        "download_url": "/files/m.safetensors",
+        "sha256": sha(files["m.safetensors"]),
+    }
+    job = _job("succeeded", artifacts=artifacts, result={"model": model})
+    routes = {f"/files/{n}": (200, data) for n, data in files.items()}
+    routes["/v1/jobs/j"] = (200, json.dumps(job).encode())
+    routes["/v1/jobs/q"] = (200, json.dumps(_job("queued", id="q")).encode())
+    twice = _job("succeeded", id="d", artifacts=[artifacts[0], {**artifacts[1], "name": "a.csv"}])
+    routes["/v1/jobs/d"] = (200, json.dumps(twice).encode())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.csv").write_bytes(b"mine")
+    with _service(routes) as url:
+        refused = cli("jobs", "download", "j", out, "--url", url)
+        assert refused.rc == 1 and "b.csv exists" in refused.err and "nothing downloaded" in refused.err
+        assert sorted(p.name for p in out.iterdir()) == ["b.csv"], "nothing half downloaded"
+        assert (out / "b.csv").read_bytes() == b"mine"
+
+        dup = cli("jobs", "download", "d", tmp_path / "dup", "--url", url)
+        assert dup.rc == 1 and "two files named 'a.csv'" in dup.err and not (tmp_path / "dup").exists(), dup
+        queued = cli("jobs", "download", "q", tmp_path / "q", "--url", url)
+        assert queued.rc == 1 and "queued" in queued.err and "jobs watch q" in queued.err, queued
+
+        forced = cli("jobs", "download", "j", out, "--force", "--url", url, "--json")
+        assert forced.rc == 0, forced
+        assert {d["name"] for d in forced.json()["downloaded"]} == set(files)
+        assert all((out / n).read_bytes() == data for n, data in files.items())
+        fresh = cli("jobs", "download", "j", tmp_path / "new" / "dir", "--url", url)
+        assert fresh.rc == 0 and fresh.out.count("downloaded ") == 3, fresh
+
+
+def test_jobs_download_a_finished_job(cli, tmp_path):
+    done = cli("jobs", "submit", "inspect", "-", "--wait", "--json", stdin='{"model": "tiny-sd1-a"}')
+    assert done.rc == 0, done
+    job = done.json()
+    out = tmp_path / "results"
+    got = cli("jobs", "download", job["id"], out)
+    assert got.rc == 0 and f"downloaded {out / 'blocks.csv'}" in got.out, got
+    blocks = next(a for a in job["artifacts"] if a["name"] == "blocks.csv")
+    assert _sha256(out / "blocks.csv") == blocks["sha256"]
+    again = cli("jobs", "download", job["id"], out)
+    assert again.rc == 1 and "exists" in again.err, again
+    assert cli("jobs", "download", job["id"], out, "--force").rc == 0

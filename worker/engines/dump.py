@@ -27,12 +27,16 @@ from worker.context import JobContext
 from worker.probing.generation import PromptEncoder, get_pipeline, make_scheduler
 from worker.probing.pipeline_weights import PipelineWeights, apply_plan
 from worker.probing.probe import Probe, ProbeState
-from worker.probing.render import attention_grid, feature_grid, heatmap_overlay, png_bytes
+from worker.probing.render import Capture, attention_grid, feature_grid, heatmap_overlay, png_bytes
 
 
 def _safe(text: str) -> str:
     """A token's text as part of an artifact name."""
     return re.sub(r"[^A-Za-z0-9]+", "", text)[:24] or "x"
+
+
+DIFF_COLORIZE = Colorize(method="red_blue", transform="auto11")
+DIFF_TITLE = "difference: block prompts - plain prompt"
 
 
 class _Recorder:
@@ -95,9 +99,10 @@ class _Recorder:
                 self.shapes[name] = list(part.shape)
             for b in range(part.shape[0]):
                 suffix = f"_b{b}" if self.batch > 1 else ""
+                capture = Capture(block, step, half, b if self.batch > 1 else None)
                 self._image_later(
                     f"features_{block}_step{step:03d}_{half}{suffix}.png",
-                    partial(feature_grid, part[b].numpy(), spec.colorize),
+                    partial(feature_grid, part[b].numpy(), spec.colorize, capture),
                     kind="features",
                     block=block,
                     step=step,
@@ -111,11 +116,10 @@ class _Recorder:
                     self.tensors[f"diff/{block}/step{step:03d}/{half}"] = diff.contiguous()
                 for b in range(diff.shape[0]):
                     suffix = f"_b{b}" if self.batch > 1 else ""
+                    capture = Capture(block, step, half, b if self.batch > 1 else None, DIFF_TITLE)
                     self._image_later(
                         f"diff_{block}_step{step:03d}_{half}{suffix}.png",
-                        partial(
-                            feature_grid, diff[b].numpy(), Colorize(method="red_blue", transform="auto11")
-                        ),
+                        partial(feature_grid, diff[b].numpy(), DIFF_COLORIZE, capture),
                         kind="layer_prompt_diff",
                         block=block,
                         step=step,
@@ -143,7 +147,9 @@ class _Recorder:
             if index == 0:
                 self._image_later(
                     f"attention_{block}_step{step:03d}.png",
-                    partial(attention_grid, per_token.numpy(), labels, spec.colorize),
+                    partial(
+                        attention_grid, per_token.numpy(), labels, spec.colorize, Capture(block, step, half)
+                    ),
                     kind="attention",
                     block=block,
                     step=step,

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,10 +37,10 @@ from worker.probing.pipeline_weights import PipelineWeights as _Weights
 from worker.probing.pipeline_weights import apply_plan as _apply_baseline
 from worker.probing.render import png_bytes
 from worker.probing.sweep_render import (
+    Cell,
     difference_image,
     flip_gif,
     influence,
-    label_cell,
     rows_grid,
     u_grid,
     xy_grid,
@@ -137,7 +138,7 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
         return images
 
     rows: list[dict[str, Any]] = []
-    cells: dict[str, Any] = {}
+    cells: dict[str, Cell] = {}  # variant name → its images and seeds, for the grid
     baseline_images: dict[tuple[str, int], Any] = {}
     try:
         ctx.progress(0, total, "merging the baseline")
@@ -156,7 +157,7 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
                     )
 
         def record(variant: Variant, prompt: str, seeds: list[int], images: list[Any]) -> None:
-            cells[variant.name] = label_cell(images, variant.label)
+            cells[variant.name] = Cell(tuple(images), variant.label, tuple(seeds))
             for seed, image in zip(seeds, images, strict=True):
                 base = baseline_images[(prompt, seed)]
                 metrics = influence(base, image, request.diff_threshold)
@@ -224,13 +225,17 @@ def run_sweep(ctx: JobContext) -> dict[str, Any]:
             source.close()
 
     baseline_cell = (
-        label_cell([baseline_images[(request.prompt, s)] for s in request.seeds], "baseline")
+        Cell(
+            tuple(baseline_images[(request.prompt, s)] for s in request.seeds),
+            "baseline",
+            tuple(request.seeds),
+        )
         if all((request.prompt, s) in baseline_images for s in request.seeds)
         else None
     )
-    grid = _grid(request, variants, cells, baseline_cell, get_arch(arch))
-    save("grid.png", png_bytes(grid), "image/png", kind="grid")
     ranking = _ranking(rows)
+    grid = _grid(request, variants, _with_influence(cells, ranking), baseline_cell, get_arch(arch))
+    save("grid.png", png_bytes(grid), "image/png", kind="grid")
     save("influence.csv", _csv(rows), "text/csv", kind="influence")
     manifest = {"arch": arch, "variants": [v.to_json() for v in variants], "artifacts": artifacts}
     ctx.write_artifact("manifest.json", json.dumps(manifest, indent=1).encode(), "application/json")
@@ -256,7 +261,9 @@ def _prompt_tag(prompt: str, main: str) -> str:
     return "" if prompt == main else "_p" + hashlib.sha256(prompt.encode()).hexdigest()[:6]
 
 
-def _grid(request: SweepRequest, variants: list[Variant], cells: dict[str, Any], baseline_cell, arch):
+def _grid(
+    request: SweepRequest, variants: list[Variant], cells: dict[str, Cell], baseline_cell: Cell | None, arch
+):
     spec = request.variants
     if isinstance(spec, XYVariants):
         by_position = {v.position: cells[v.name] for v in variants}
@@ -267,7 +274,14 @@ def _grid(request: SweepRequest, variants: list[Variant], cells: dict[str, Any],
         return xy_grid(by_position, x_labels, y_labels, x_title=spec.x.kind, y_title=spec.y.kind)
     if hasattr(spec, "blocks"):
         return u_grid({v.name: cells[v.name] for v in variants}, baseline_cell, list(arch.unet_blocks))
-    return rows_grid([(v.label, cells[v.name]) for v in variants], baseline_cell)
+    return rows_grid([cells[v.name] for v in variants], baseline_cell)
+
+
+def _with_influence(cells: dict[str, Cell], ranking: list[dict[str, Any]]) -> dict[str, Cell]:
+    """Each variant's cell with its influence figure: its mean changed share over its seeds (the
+    ranking's, from the rows of influence.csv)."""
+    changed = {r["variant"]: r["changed_share"] for r in ranking}
+    return {name: replace(cell, changed_share=changed[name]) for name, cell in cells.items()}
 
 
 def _ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

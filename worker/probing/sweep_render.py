@@ -7,30 +7,46 @@ numpy + PIL only (torch is never imported); every function is deterministic.
   more than a threshold of 20 on 0–255, the mean absolute difference) plus SSIM.
 * `difference_image` and `flip_gif` are what the checker shows: the difference, and a
   two-frame animation that flips between the two images.
-* `label_cell` puts a variant's seeds side by side under a label; `u_grid` lays the
-  per-block cells out in a U as the layer-influence study does (IN blocks down the left,
-  M00 at the bottom, OUT blocks up the right, the baseline in the middle), `xy_grid` an
-  X × Y plot and `rows_grid` one row per element.
+* A `Cell` is what one grid position shows: a variant's images side by side at their own size
+  (one per seed), its label over them with its influence figure ("changed 12.3 %", the mean
+  `changed_share` over its seeds, as influence.csv and the ranking have it), and each image's
+  seed under it. `u_grid` lays the per-block cells out in a U as the layer-influence study does
+  (IN blocks down the left, M00 at the bottom, OUT blocks up the right, the baseline in the
+  middle), `xy_grid` an X × Y plot and `rows_grid` one row per element.
 
 Layout conventions (unlike `worker.probing.render`'s dark grids, these mimic the white sheets of
 the studies): the background and the gaps are white, text is black, a position that is
-part of a layout but has no image (a block that was not rendered) is light grey. All
-geometry is exposed (`GridGeometry`, `u_layout`, `u_geometry`, `xy_geometry`,
-`rows_geometry`, `label_height`) so that callers and tests can find every cell.
+part of a layout but has no image (a block that was not rendered) is light grey. Images are
+never shrunk: a cell is at least as large as its images (and MIN_CELL_WIDTH wide). Text is never
+cut: labels wrap over lines (`worker.probing.render.wrap_label`) to the width they have (a cell,
+a column), and every strip is as high as the most lines drawn in it, the same for every cell of
+a grid (`CellStrips`) so that images line up. All geometry and text is exposed (`GridGeometry`,
+`u_layout`, `u_geometry`, `xy_headers`, `xy_geometry`, `rows_headers`, `rows_geometry`,
+`cell_text`, `cell_strips`, `render_cells`) so that callers and tests can find every cell and
+every line.
 """
 
 from __future__ import annotations
 
 import io
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from worker.probing.render import clean_label, fit_label, label_font, png_bytes, text_width
+from worker.probing.render import (
+    LABEL_PAD,
+    clean_label,
+    draw_lines,
+    fit_label,
+    label_font,
+    png_bytes,
+    text_block_height,
+    text_width,
+    wrap_label,
+)
 
 __all__ = [
     "BACKGROUND",
@@ -38,23 +54,33 @@ __all__ = [
     "EMPTY_COLOR",
     "GRID_GAP",
     "LABEL_PAD",
+    "MIN_CELL_WIDTH",
     "SSIM_WINDOW",
+    "Cell",
+    "CellStrips",
+    "CellText",
     "GridGeometry",
+    "Headers",
+    "cell_strips",
+    "cell_text",
     "difference_image",
     "flip_gif",
     "influence",
-    "label_cell",
-    "label_height",
+    "influence_text",
     "luminance",
     "png_bytes",
+    "render_cell",
+    "render_cells",
     "rows_geometry",
     "rows_grid",
+    "rows_headers",
     "ssim_index",
     "u_geometry",
     "u_grid",
     "u_layout",
     "xy_geometry",
     "xy_grid",
+    "xy_headers",
 ]
 
 BACKGROUND = (255, 255, 255)
@@ -66,9 +92,9 @@ GAP = 4
 GRID_GAP = GAP
 """Pixels between the cells of `u_grid`, `xy_grid`, `rows_grid` (and between their headers and cells)."""
 CELL_GAP = 1
-"""Pixels between the seeds inside a `label_cell`."""
-LABEL_PAD = 2
-"""Padding around every text line."""
+"""Pixels between the seeds inside a cell."""
+MIN_CELL_WIDTH = 64
+"""A cell is at least this wide (its images left-aligned), so that its text has room next to tiny images."""
 
 SSIM_WINDOW = 7
 SSIM_C1 = (0.01 * 255) ** 2
@@ -197,63 +223,131 @@ def difference_image(
     return Image.fromarray(np.floor(out + 0.5).astype(np.uint8), "RGB")
 
 
-# --- text ------------------------------------------------------------------------------------------------
+# --- cells ---------------------------------------------------------------------------------------------
 
 
-def _line_height(font: Any) -> int:
-    _, _, _, bottom = font.getbbox("Ag|y0")
-    return int(math.ceil(bottom))
+def influence_text(changed_share: float) -> str:
+    """A variant's influence figure as its cell shows it: "changed 12.3 %" (share × 100, one decimal)."""
+    return f"changed {100.0 * changed_share:.1f} %"
 
 
-def label_height() -> int:
-    """Height of one text strip: the font's line plus 2·LABEL_PAD (the label strip of `label_cell`)."""
-    return _line_height(label_font()) + 2 * LABEL_PAD
+@dataclass(frozen=True)
+class Cell:
+    """What one grid position shows: `images` (a variant's, one per seed) side by side at their own
+    size, CELL_GAP apart, top-aligned; `label` over them, then the influence figure
+    (`influence_text(changed_share)`) when known; "seed N" under each image when `seeds` are given
+    (one per image)."""
+
+    images: tuple[Image.Image, ...]
+    label: str
+    seeds: tuple[int, ...] = ()
+    changed_share: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.images:
+            raise ValueError("a cell needs at least one image")
+        if self.seeds and len(self.seeds) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.seeds)} seeds")
+
+    @property
+    def image_lefts(self) -> tuple[int, ...]:
+        """x of each image in the cell: Σ_{j<i} (wⱼ + CELL_GAP)."""
+        lefts, x = [], 0
+        for image in self.images:
+            lefts.append(x)
+            x += image.width + CELL_GAP
+        return tuple(lefts)
+
+    @property
+    def width(self) -> int:
+        """Σ wᵢ + (n − 1)·CELL_GAP, at least MIN_CELL_WIDTH."""
+        return max(
+            sum(image.width for image in self.images) + CELL_GAP * (len(self.images) - 1), MIN_CELL_WIDTH
+        )
+
+    @property
+    def image_height(self) -> int:
+        return max(image.height for image in self.images)
 
 
-def _draw_text(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], text: str, *, center: bool) -> None:
-    """`text` (cleaned, cut to fit) in box (x0, y0, x1, y1): vertically centred, left-aligned or centred."""
+@dataclass(frozen=True)
+class CellText:
+    """The text of a cell, in lines no wider than the room they have: `caption` over the images (the
+    label's lines, then the influence figure's), `seeds` under them (each image's "seed N" lines)."""
+
+    caption: tuple[str, ...]
+    seeds: tuple[tuple[str, ...], ...]
+
+
+def cell_text(cell: Cell) -> CellText:
+    """The caption wrapped to the cell's width less 2·LABEL_PAD; each seed to the room its image has
+    (to the next image, the last one to the cell's right edge) less 2·LABEL_PAD."""
     font = label_font()
-    x0, y0, x1, y1 = box
-    text = fit_label(font, clean_label(text), x1 - x0 - 2 * LABEL_PAD)
-    if not text:
-        return
-    width = text_width(font, text)
-    x = x0 + (x1 - x0 - width) // 2 if center else x0 + LABEL_PAD
-    y = y0 + max(0, (y1 - y0 - _line_height(font)) // 2)
-    draw.text((x, y), text, fill=TEXT_COLOR, font=font)
+    room = cell.width - 2 * LABEL_PAD
+    caption = wrap_label(font, cell.label, room)
+    if cell.changed_share is not None:
+        caption += wrap_label(font, influence_text(cell.changed_share), room)
+    rights = [*cell.image_lefts[1:], cell.width + CELL_GAP]
+    seeds = tuple(
+        tuple(wrap_label(font, f"seed {seed}", right - CELL_GAP - left - 2 * LABEL_PAD))
+        for seed, left, right in zip(cell.seeds, cell.image_lefts, rights, strict=False)
+    )
+    return CellText(tuple(caption), seeds)
 
 
-# --- cells -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellStrips:
+    """The heights of a grid's cell strips: the caption strip over the images and the seed strip
+    under them, each `text_block_height` of the most lines any cell of the grid draws there."""
+
+    caption: int
+    seeds: int
 
 
-def label_cell(images: Sequence[Image.Image], label: str) -> Image.Image:
-    """The images (a variant's seeds) side by side, CELL_GAP (1) pixel apart, under a label strip.
+def cell_strips(texts: Sequence[CellText]) -> CellStrips:
+    font = label_font()
+    caption = max(len(text.caption) for text in texts)
+    seeds = max((len(lines) for text in texts for lines in text.seeds), default=0)
+    return CellStrips(text_block_height(caption, font), text_block_height(seeds, font))
 
-    Width = Σ wᵢ + (n − 1); height = `label_height()` + max hᵢ. The strip shows `label`
-    (printable ASCII, others as `?`, cut with `..` to the width), left-aligned; images are
-    top-aligned at x = Σ_{j<i} (wⱼ + 1), y = `label_height()`; gaps are white.
-    """
-    if not images:
-        raise ValueError("label_cell needs at least one image")
-    rgb = [image.convert("RGB") for image in images]
-    strip = label_height()
-    width = sum(image.width for image in rgb) + CELL_GAP * (len(rgb) - 1)
-    height = strip + max(image.height for image in rgb)
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
-    x = 0
-    for image in rgb:
-        canvas.paste(image, (x, strip))
-        x += image.width + CELL_GAP
-    _draw_text(ImageDraw.Draw(canvas), (0, 0, width, strip), label, center=False)
+
+def render_cell(cell: Cell, text: CellText, strips: CellStrips) -> Image.Image:
+    """`cell` drawn: width `cell.width`, height strips.caption + cell.image_height + strips.seeds;
+    the caption left-aligned in the top strip, image i at (image_lefts[i], strips.caption), its
+    seed lines centred under it; white elsewhere."""
+    height = strips.caption + cell.image_height + strips.seeds
+    canvas = Image.new("RGB", (cell.width, height), BACKGROUND)
+    for image, x in zip(cell.images, cell.image_lefts, strict=True):
+        canvas.paste(image.convert("RGB"), (x, strips.caption))
+    draw = ImageDraw.Draw(canvas)
+    font = label_font()
+    draw_lines(draw, (0, 0, cell.width, strips.caption), text.caption, font=font, fill=TEXT_COLOR)
+    seeds_top = strips.caption + cell.image_height
+    for image, x, lines in zip(cell.images, cell.image_lefts, text.seeds, strict=False):
+        box = (x, seeds_top, x + image.width, height)
+        draw_lines(draw, box, lines, font=font, fill=TEXT_COLOR, center=True)
     return canvas
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+def render_cells(cells: Mapping[K, Cell]) -> dict[K, Image.Image]:
+    """Every cell drawn as a grid draws it: with the same `cell_strips` for all, so that their images
+    line up (a grid's position is the largest of these images, each one top-left in it)."""
+    texts = {key: cell_text(cell) for key, cell in cells.items()}
+    strips = cell_strips(list(texts.values()))
+    return {key: render_cell(cell, texts[key], strips) for key, cell in cells.items()}
 
 
 @dataclass(frozen=True)
 class GridGeometry:
-    """Pixel geometry of a grid of equal cells: cell (row, col) has its top-left corner at
+    """Pixel geometry of a grid of equal positions: position (row, col) has its top-left corner at
     (left + col·(cell_w + gap), top + row·(cell_h + gap)); the image is width × height,
     i.e. width = left + cols·cell_w + (cols − 1)·gap, height = top + rows·cell_h + (rows − 1)·gap.
-    `left` / `top` are the header column / rows (0 for `u_grid`), the gap after them included.
+    A position is as large as the largest cell drawn (each cell top-left in it), and as high as
+    its row label's lines. `left` / `top` are the header column / rows (0 for `u_grid`), the gap
+    after them included.
     """
 
     rows: int
@@ -282,11 +376,17 @@ class GridGeometry:
         return x, y, x + self.cell_w, y + self.cell_h
 
 
-def _cell_size(images: Sequence[Image.Image], what: str) -> tuple[int, int]:
-    sizes = {image.size for image in images}
-    if len(sizes) != 1:
-        raise ValueError(f"{what}: all cells must have the same size, got {sorted(sizes)}")
-    return sizes.pop()
+def _slot_size(images: Sequence[Image.Image]) -> tuple[int, int]:
+    """The size of a grid position: the widest and the highest of the drawn cells."""
+    return max(image.width for image in images), max(image.height for image in images)
+
+
+def _paste(canvas: Image.Image, image: Image.Image | None, box: tuple[int, int, int, int]) -> None:
+    """`image` top-left in the position `box`; a missing image leaves the position EMPTY_COLOR."""
+    if image is None:
+        ImageDraw.Draw(canvas).rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=EMPTY_COLOR)
+    else:
+        canvas.paste(image, box[:2])
 
 
 # --- U layout --------------------------------------------------------------------------------------------
@@ -360,43 +460,96 @@ def u_geometry(arch_blocks: Sequence[str], cell_size: tuple[int, int]) -> GridGe
     )
 
 
-def u_grid(cells: dict[str, Image.Image], baseline: Image.Image, arch_blocks: Sequence[str]) -> Image.Image:
-    """The layer-influence study's U: every block's cell at its `u_layout` position.
+def u_grid(cells: Mapping[str, Cell], baseline: Cell, arch_blocks: Sequence[str]) -> Image.Image:
+    """The layer-influence study's U: every block's cell at its `u_layout` position, the baseline's
+    (label "baseline", its seeds, no figure) in the middle.
 
-    `cells` maps block → `label_cell` output (all the same size). `baseline` is the
-    baseline's cell of that size, or the bare seed strip that `label_cell(..., "baseline")`
-    turns into one. Geometry: `u_geometry(arch_blocks, cell size)`. Blocks of
-    `arch_blocks` without a cell are light grey (EMPTY_COLOR); unused positions and the
-    gaps are white. ValueError for a cell whose block is not in `arch_blocks`.
+    `cells` maps block → its `Cell` (label the block, its seeds, its changed share). Cells are
+    drawn by `render_cells` (baseline included); geometry: `u_geometry(arch_blocks, the largest
+    drawn cell's size)`. Blocks of `arch_blocks` without a cell are light grey (EMPTY_COLOR);
+    unused positions and the gaps are white. ValueError for a cell whose block is not in
+    `arch_blocks`.
     """
     layout = u_layout(arch_blocks)
-    unknown = sorted(set(cells) - set(layout) - {"baseline"})
+    unknown = sorted(set(cells) - set(layout))
     if unknown:
         raise ValueError(f"cells for blocks not in arch_blocks: {unknown}")
-    images = {block: image.convert("RGB") for block, image in cells.items() if block != "baseline"}
-    size = _cell_size(list(images.values()), "u_grid") if images else None
-    base = baseline.convert("RGB")
-    if size is None:
-        size = base.size
-    if base.size != size:
-        labelled = label_cell([base], "baseline")
-        if labelled.size != size:
-            raise ValueError(f"baseline {base.size} fits neither the cell size {size} nor its image strip")
-        base = labelled
-    images["baseline"] = base
-    geometry = u_geometry(arch_blocks, size)
+    drawn = render_cells({**cells, "baseline": baseline})
+    geometry = u_geometry(arch_blocks, _slot_size(list(drawn.values())))
     canvas = Image.new("RGB", (geometry.width, geometry.height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
     for block, (row, col) in layout.items():
-        x, y = geometry.origin(row, col)
-        if block in images:
-            canvas.paste(images[block], (x, y))
-        else:
-            draw.rectangle((x, y, x + size[0] - 1, y + size[1] - 1), fill=EMPTY_COLOR)
+        _paste(canvas, drawn.get(block), geometry.box(row, col))
     return canvas
 
 
 # --- X × Y and rows --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Headers:
+    """The text of a grid's headers, in lines: the title over the columns, each column's label, each
+    row's label, and the corner's text (left of the column labels, over the row labels)."""
+
+    title: tuple[str, ...] = ()
+    columns: tuple[tuple[str, ...], ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()
+    corner: tuple[str, ...] = ()
+
+    @property
+    def title_height(self) -> int:
+        return text_block_height(len(self.title), label_font())
+
+    @property
+    def column_height(self) -> int:
+        """The strip of the column labels and the corner: their most lines (at least one)."""
+        lines = max(1, len(self.corner), *(len(label) for label in self.columns))
+        return text_block_height(lines, label_font())
+
+    @property
+    def row_width(self) -> int:
+        """The column of the row labels and the corner: their widest line + 2·LABEL_PAD."""
+        font = label_font()
+        lines = [line for label in (*self.rows, self.corner) for line in label]
+        return max((text_width(font, line) for line in lines), default=0) + 2 * LABEL_PAD
+
+    def row_height(self, cell_h: int) -> int:
+        """A row's height: the cells' or its label's lines', the higher."""
+        font = label_font()
+        return max([cell_h, *(text_block_height(len(label), font) for label in self.rows)])
+
+
+def _wrapped(texts: Sequence[str], width: int) -> tuple[tuple[str, ...], ...]:
+    font = label_font()
+    return tuple(tuple(wrap_label(font, text, width - 2 * LABEL_PAD)) for text in texts)
+
+
+def xy_headers(
+    cell_size: tuple[int, int],
+    x_labels: Sequence[str],
+    y_labels: Sequence[str],
+    *,
+    x_title: str,
+    y_title: str,
+) -> Headers:
+    """`xy_grid`'s header text: the x and y labels and y_title wrapped to the cell width (less
+    2·LABEL_PAD), x_title to the width of all the columns."""
+    cell_w = cell_size[0]
+    columns_width = len(x_labels) * cell_w + (len(x_labels) - 1) * GRID_GAP
+    (title,) = _wrapped([x_title], columns_width)
+    (corner,) = _wrapped([y_title], cell_w)
+    return Headers(title, _wrapped(x_labels, cell_w), _wrapped(y_labels, cell_w), corner)
+
+
+def _header_geometry(headers: Headers, rows: int, cols: int, cell_size: tuple[int, int]) -> GridGeometry:
+    top = headers.title_height + headers.column_height + GRID_GAP if headers.columns else 0
+    return GridGeometry(
+        rows=rows,
+        cols=cols,
+        cell_w=cell_size[0],
+        cell_h=headers.row_height(cell_size[1]),
+        left=headers.row_width + GRID_GAP,
+        top=top,
+    )
 
 
 def xy_geometry(
@@ -407,26 +560,39 @@ def xy_geometry(
     x_title: str,
     y_title: str,
 ) -> GridGeometry:
-    """`xy_grid`'s geometry (rows = len(y_labels), cols = len(x_labels)).
+    """`xy_grid`'s geometry for drawn cells of `cell_size` (rows = len(y_labels), cols = len(x_labels)),
+    headers as `xy_headers`: top = the x title's lines (if any) + the most lines of an x label or
+    the y title, + GRID_GAP; left = the widest line of the y labels and the y title + 2·LABEL_PAD
+    + GRID_GAP; cell_h = the cells' height or a y label's lines', the higher; cell_w the cells'."""
+    headers = xy_headers(cell_size, x_labels, y_labels, x_title=x_title, y_title=y_title)
+    return _header_geometry(headers, len(y_labels), len(x_labels), cell_size)
 
-    top = (2 if x_title else 1)·`label_height()` + GRID_GAP (a title line, then the x
-    labels); left = the widest of the y labels and y_title (as drawn) + 2·LABEL_PAD + GRID_GAP.
-    """
+
+def _draw_headers(canvas: Image.Image, headers: Headers, g: GridGeometry) -> None:
+    """The title centred over the columns, each column label centred over its column, the corner
+    text left of them, each row label left of its row, vertically centred."""
+    draw = ImageDraw.Draw(canvas)
     font = label_font()
-    widest = max(text_width(font, clean_label(text)) for text in [*y_labels, y_title])
-    lines = 2 if x_title else 1
-    return GridGeometry(
-        rows=len(y_labels),
-        cols=len(x_labels),
-        cell_w=cell_size[0],
-        cell_h=cell_size[1],
-        left=widest + 2 * LABEL_PAD + GRID_GAP,
-        top=lines * label_height() + GRID_GAP,
+    title_bottom = headers.title_height
+    labels_bottom = g.top - GRID_GAP
+    draw_lines(
+        draw, (g.left, 0, g.width, title_bottom), headers.title, font=font, fill=TEXT_COLOR, center=True
     )
+    draw_lines(
+        draw, (0, title_bottom, g.left - GRID_GAP, labels_bottom), headers.corner, font=font, fill=TEXT_COLOR
+    )
+    for col, lines in enumerate(headers.columns):
+        x0, _ = g.origin(0, col)
+        box = (x0, title_bottom, x0 + g.cell_w, labels_bottom)
+        draw_lines(draw, box, lines, font=font, fill=TEXT_COLOR, center=True)
+    for row, lines in enumerate(headers.rows):
+        _, y0 = g.origin(row, 0)
+        box = (0, y0, g.left - GRID_GAP, y0 + g.cell_h)
+        draw_lines(draw, box, lines, font=font, fill=TEXT_COLOR, middle=True)
 
 
 def xy_grid(
-    cells: dict[tuple[int, int], Image.Image],
+    cells: Mapping[tuple[int, int], Cell],
     x_labels: Sequence[str],
     y_labels: Sequence[str],
     *,
@@ -435,11 +601,13 @@ def xy_grid(
 ) -> Image.Image:
     """An X × Y plot: cell (x, y) (x = column index into x_labels, y = row index into y_labels).
 
-    Geometry: `xy_geometry`; cell (x, y) is at `geometry.origin(y, x)`. The x title
-    (if any) is centred over the cells on the top line, the x labels centred over their
-    columns (cut to the cell width) on the next; the y title sits in the corner on the
-    x-label line, the y labels in the left column, vertically centred on their rows.
-    Missing cells are light grey. ValueError for cells outside the grid or of unequal size.
+    Cells are drawn by `render_cells` without their labels (the headers say them in full): their
+    images at their own size, their figures and seeds; every position is as large as the largest
+    drawn cell, so never smaller than the images in it. Geometry: `xy_geometry`; cell (x, y) is at `geometry.origin(y, x)`. Headers
+    (`xy_headers`): the x title (if any) centred over the cells on the top lines, the x labels
+    centred over their columns on the next, the y title in the corner beside them, the y labels in
+    the left column, vertically centred on their rows; all wrapped, none cut. Missing cells are
+    light grey. ValueError for cells outside the grid or no cells at all.
     """
     if not x_labels or not y_labels:
         raise ValueError("xy_grid needs at least one x label and one y label")
@@ -448,65 +616,47 @@ def xy_grid(
         raise ValueError(f"cells outside the {len(x_labels)} × {len(y_labels)} grid: {outside}")
     if not cells:
         raise ValueError("xy_grid needs at least one cell")
-    images = {key: image.convert("RGB") for key, image in cells.items()}
-    size = _cell_size(list(images.values()), "xy_grid")
-    g = xy_geometry(size, x_labels, y_labels, x_title=x_title, y_title=y_title)
+    drawn = render_cells({key: replace(cell, label="") for key, cell in cells.items()})
+    size = _slot_size(list(drawn.values()))
+    headers = xy_headers(size, x_labels, y_labels, x_title=x_title, y_title=y_title)
+    g = _header_geometry(headers, len(y_labels), len(x_labels), size)
     canvas = Image.new("RGB", (g.width, g.height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    line = label_height()
-    label_top = g.top - GRID_GAP - line
-    if x_title:
-        _draw_text(draw, (g.left, 0, g.width, line), x_title, center=True)
-    _draw_text(draw, (0, label_top, g.left - GRID_GAP, label_top + line), y_title, center=False)
-    for x, label in enumerate(x_labels):
-        x0, _ = g.origin(0, x)
-        _draw_text(draw, (x0, label_top, x0 + g.cell_w, label_top + line), label, center=True)
-    for y, label in enumerate(y_labels):
-        _, y0 = g.origin(y, 0)
-        _draw_text(draw, (0, y0, g.left - GRID_GAP, y0 + g.cell_h), label, center=False)
+    _draw_headers(canvas, headers, g)
     for y in range(len(y_labels)):
         for x in range(len(x_labels)):
-            x0, y0 = g.origin(y, x)
-            if (x, y) in images:
-                canvas.paste(images[(x, y)], (x0, y0))
-            else:
-                draw.rectangle((x0, y0, x0 + g.cell_w - 1, y0 + g.cell_h - 1), fill=EMPTY_COLOR)
+            _paste(canvas, drawn.get((x, y)), g.box(y, x))
     return canvas
 
 
+def rows_headers(labels: Sequence[str], cell_size: tuple[int, int]) -> Headers:
+    """`rows_grid`'s row labels, wrapped to the cell width (less 2·LABEL_PAD)."""
+    return Headers(rows=_wrapped(labels, cell_size[0]))
+
+
 def rows_geometry(labels: Sequence[str], cell_size: tuple[int, int]) -> GridGeometry:
-    """`rows_grid`'s geometry for row labels `labels` ("baseline" first, then the elements):
-    one column, left = the widest label + 2·LABEL_PAD + GRID_GAP, top = 0."""
-    font = label_font()
-    widest = max(text_width(font, clean_label(text)) for text in labels)
-    return GridGeometry(
-        rows=len(labels),
-        cols=1,
-        cell_w=cell_size[0],
-        cell_h=cell_size[1],
-        left=widest + 2 * LABEL_PAD + GRID_GAP,
-        top=0,
-    )
+    """`rows_grid`'s geometry for row labels `labels` ("baseline" first, then the elements) and drawn
+    cells of `cell_size`: one column, left = the widest line of the labels (`rows_headers`) +
+    2·LABEL_PAD + GRID_GAP, top = 0, cell_h = the cells' height or a label's lines', the higher."""
+    return _header_geometry(rows_headers(labels, cell_size), len(labels), 1, cell_size)
 
 
-def rows_grid(rows: Sequence[tuple[str, Image.Image]], baseline: Image.Image) -> Image.Image:
-    """Per-element sweeps: a row "baseline" (the baseline's seed strip) first, then one row per
-    (label, image) in order, the label left of its image, vertically centred.
+def rows_grid(rows: Sequence[Cell], baseline: Cell) -> Image.Image:
+    """Per-element sweeps: the baseline's row first, then one row per cell in order, each cell's label
+    (wrapped) left of it, vertically centred; the cells drawn without their label (it is the
+    row's), with their seeds and figures (`render_cells`).
 
-    All images must have the same size. Geometry: `rows_geometry(["baseline", *labels], size)`;
-    the baseline row is row 0, rows[i] is row i + 1.
+    Geometry: `rows_geometry([baseline.label, *labels], the largest drawn cell's size)`; the
+    baseline is row 0, rows[i] is row i + 1.
     """
-    entries = [("baseline", baseline.convert("RGB"))] + [
-        (label, image.convert("RGB")) for label, image in rows
-    ]
-    size = _cell_size([image for _, image in entries], "rows_grid")
-    g = rows_geometry([label for label, _ in entries], size)
+    entries = [baseline, *rows]
+    drawn = render_cells({i: replace(cell, label="") for i, cell in enumerate(entries)})
+    size = _slot_size(list(drawn.values()))
+    headers = rows_headers([cell.label for cell in entries], size)
+    g = _header_geometry(headers, len(entries), 1, size)
     canvas = Image.new("RGB", (g.width, g.height), BACKGROUND)
-    draw = ImageDraw.Draw(canvas)
-    for row, (label, image) in enumerate(entries):
-        x, y = g.origin(row, 0)
-        canvas.paste(image, (x, y))
-        _draw_text(draw, (0, y, g.left - GRID_GAP, y + g.cell_h), label, center=False)
+    _draw_headers(canvas, headers, g)
+    for row in range(len(entries)):
+        _paste(canvas, drawn[row], g.box(row, 0))
     return canvas
 
 
@@ -521,7 +671,9 @@ def _corner_label(image: Image.Image, text: str) -> Image.Image:
     if text:
         draw = ImageDraw.Draw(frame)
         width = text_width(font, text) + 2 * LABEL_PAD
-        draw.rectangle((0, 0, min(width, frame.width) - 1, label_height() - 1), fill=_GIF_LABEL_BG)
+        draw.rectangle(
+            (0, 0, min(width, frame.width) - 1, text_block_height(1, font) - 1), fill=_GIF_LABEL_BG
+        )
         draw.text((LABEL_PAD, LABEL_PAD), text, fill=_GIF_LABEL_FG, font=font)
     return frame
 

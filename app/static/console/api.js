@@ -1,27 +1,38 @@
-// The API client: the key (localStorage, plus a SameSite=Strict cookie that the service accepts
-// only for GET/HEAD of model files and artifacts), JSON calls, problem details, uploads with
-// progress and Server-Sent Events read through fetch (EventSource cannot send a header).
+// The API client: the key (localStorage; sent as a Bearer header), the download cookie, JSON
+// calls, problem details, uploads with progress and Server-Sent Events read through fetch
+// (EventSource cannot send a header).
+//
+// What the browser fetches by itself (<a download>, <img>) cannot carry a header: for those the
+// service sets an HttpOnly cookie (POST v1/console/session), a token derived from the key that
+// expires and is good for GET/HEAD of model files and artifacts only. The key itself is never put
+// in a cookie: cookies are not isolated by port, any other app on this host could read it.
 
 const STORAGE = "mergeprobe.key";
-const COOKIE = "mergeprobe_key";
 
 export function getKey() {
   return localStorage.getItem(STORAGE) || "";
 }
 
-export function setKey(key) {
+/** Keeps `key` (or forgets it: ""); the download cookie follows (dropped before the key goes,
+ * since dropping it needs the key). */
+export async function setKey(key) {
+  if (!key && getKey()) await endSession();
   if (key) localStorage.setItem(STORAGE, key);
   else localStorage.removeItem(STORAGE);
-  syncCookie();
+  if (key) await startSession();
 }
 
-export function syncCookie() {
-  const key = getKey();
-  const secure = location.protocol === "https:" ? "; Secure" : "";
-  document.cookie = key
-    ? `${COOKIE}=${encodeURIComponent(key)}; path=/; SameSite=Strict${secure}`
-    : `${COOKIE}=; path=/; max-age=0; SameSite=Strict${secure}`;
+/** Asks for a fresh download cookie (12 h); a refused key brings back the key form. */
+export async function startSession() {
+  if (getKey()) await api("v1/console/session", { method: "POST" }).catch(() => {});
 }
+
+async function endSession() {
+  await fetch("v1/console/session", { method: "DELETE", headers: authHeaders() }).catch(() => {});
+}
+
+// Consoles before the download cookie kept the raw key in a script-readable cookie: drop it.
+document.cookie = "mergeprobe_key=; path=/; max-age=0; SameSite=Strict";
 
 /** An RFC 9457 problem as an Error: `problem.field`, `problem.position`, `problem.detail`. */
 export class ApiError extends Error {
@@ -81,10 +92,14 @@ export function uploadModel(file, name, onProgress) {
 }
 
 /** Reads a text/event-stream with fetch; calls onEvent(name, data) per event until it ends or
- * `signal` aborts. Resolves when the stream ends. */
+ * `signal` aborts. Resolves when the stream ends: whether by an `end` event or cut off (a proxy's
+ * idle timeout, the service restarting) is for the caller to tell. */
 export async function readEvents(path, onEvent, signal) {
   const response = await fetch(path, { headers: authHeaders({ Accept: "text/event-stream" }), signal });
-  if (!response.ok || !response.body) throw new ApiError(await response.json().catch(() => ({ status: response.status })));
+  if (!response.ok || !response.body) {
+    if (response.status === 401) window.dispatchEvent(new CustomEvent("mergeprobe:unauthorized"));
+    throw new ApiError(await response.json().catch(() => ({ status: response.status })));
+  }
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {

@@ -1,7 +1,7 @@
 // Jobs: the list, live (polled, and Server-Sent Events for the jobs still running), with
 // progress bars, stages and cancel; a job's page: its request, result, warnings, error and
 // artifacts, live until it ends, and the views of inspect, dump and sweep results.
-import { api, readEvents } from "./api.js";
+import { ApiError, api, readEvents } from "./api.js";
 import { bytes, clear, h, json, jobProgress, problemBox, updateJobProgress, when } from "./ui.js";
 import { renderDump, renderInspect, renderSweep } from "./probe.js";
 
@@ -24,10 +24,53 @@ function cancelButton(job, status) {
   }, "Cancel");
 }
 
-/** Follows a job by SSE until it ends or `signal` aborts; onJob(job) per change. */
-export async function follow(id, onJob, signal) {
+const FINAL = new Set(["succeeded", "failed", "canceled"]);
+const EVENT_RETRIES = 5; // streams in a row that fail to open before giving up (as the CLI's follow)
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener("abort", () => {
+      clearTimeout(timer);
+      reject(new DOMException("aborted", "AbortError"));
+    }, { once: true });
+  });
+}
+
+/** Follows a job by SSE until it ends or `signal` aborts; onJob(job) per change. A stream that
+ * breaks off before its `end` event (a proxy's idle timeout, the service restarting) is not the
+ * job's end: the job is asked for, then followed again, with a growing pause while streams fail.
+ * A refusal from the API (401: the key form is back; 404) ends it with that error. */
+export async function follow(id, onJob, signal, { pause = 500 } = {}) {
+  let failures = 0;
   try {
-    await readEvents(`v1/jobs/${id}/events`, (name, data) => name === "job" && onJob(data), signal);
+    for (;;) {
+      let ended = false;
+      let last = null;
+      try {
+        await readEvents(`v1/jobs/${id}/events`, (name, data) => {
+          if (name === "end") ended = true;
+          else if (name === "job") {
+            last = data;
+            failures = 0;
+            onJob(data);
+          }
+        }, signal);
+      } catch (error) {
+        // A refusal (401, 404) is final; a network error or a 5xx (a proxy while the service
+        // restarts) is tried again, a few times in a row at most.
+        if (error.name === "AbortError" || (error instanceof ApiError && !(error.problem?.status >= 500))) throw error;
+        if (++failures > EVENT_RETRIES) throw error;
+        await sleep(Math.min(pause * 2 ** failures, 5000), signal);
+        continue;
+      }
+      if (ended || FINAL.has(last?.status)) return;
+      // Cut off: where is the job now?
+      const job = await api(`v1/jobs/${id}`, { signal });
+      onJob(job);
+      if (FINAL.has(job.status)) return;
+      await sleep(pause, signal);
+    }
   } catch (error) {
     if (error.name !== "AbortError") throw error;
   }

@@ -1,6 +1,6 @@
 // The console's entry: the key form, the hash router (#/library, #/merge, #/jobs, #/jobs/<id>)
 // and the views' lifetimes (each view gets an AbortSignal that ends its streams and timers).
-import { api, getKey, setKey, syncCookie } from "./api.js";
+import { api, getKey, setKey, startSession } from "./api.js";
 import { clear, h, installZoom, problemBox } from "./ui.js";
 import { renderJob, renderJobs } from "./jobs.js";
 import { renderLibrary } from "./library.js";
@@ -17,12 +17,12 @@ function keyForm(message) {
     {
       onsubmit: async (e) => {
         e.preventDefault();
-        setKey(input.value.trim());
         try {
+          await setKey(input.value.trim());
           await api("v1/models");
           route();
         } catch (error) {
-          setKey("");
+          await setKey("");
           clear(status, problemBox(error));
         }
       },
@@ -79,18 +79,20 @@ async function route() {
 
 window.addEventListener("hashchange", route);
 window.addEventListener("mergeprobe:unauthorized", () => {
-  setKey("");
+  setKey("").catch(() => {});
   keyless = false;
   sessionStorage.removeItem("mergeprobe.keyless");
   current?.abort();
   clear(view, keyForm("The key was refused: enter a valid one."));
 });
-document.getElementById("key-forget").addEventListener("click", () => {
-  setKey("");
+document.getElementById("key-forget").addEventListener("click", async () => {
+  await setKey("");
   keyless = false;
   sessionStorage.removeItem("mergeprobe.keyless");
   route();
 });
 installZoom();
-syncCookie();
+// The download cookie lasts 12 hours: a fresh one on every load, and while the page stays open.
+startSession();
+setInterval(startSession, 6 * 3600 * 1000);
 route();
