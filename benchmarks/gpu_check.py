@@ -251,13 +251,19 @@ def check_extract(root: Path, size: str, sizes: Sizes) -> None:
         for rep in range(repeat):
             output = f"gpu-check-extract-{svd}-{rep}.safetensors"
             request = ExtractRequest(
-                model_tuned=merge_bench.MODEL_B, model_base=merge_bench.MODEL_A, rank=32, svd=svd, output={"name": output}
+                model_tuned=merge_bench.MODEL_B,
+                model_base=merge_bench.MODEL_A,
+                rank=32,
+                svd=svd,
+                output={"name": output},
             )
             took, result = run_job("lora_extract", run_lora_extract, request)
             (root / "models" / output).unlink(missing_ok=True)
             seconds.append(took)
             layers.append(result["seconds"])
-            log(f"extract {svd} {rep + 1}/{repeat}: {took:.2f} s on {result['device']}, {len(result['modules'])} modules")
+            log(
+                f"extract {svd} {rep + 1}/{repeat}: {took:.2f} s on {result['device']}, {len(result['modules'])} modules"
+            )
         figure(f"extract_{svd}_s", statistics.median(seconds), "s")
         figure(f"extract_{svd}_layers_s", statistics.median(layers), "s")
 
